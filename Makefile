@@ -1,0 +1,18 @@
+# Two entry points: `make repro` (the pipeline) and `make test` (the suite).
+# Both create .venv once from the pinned lock file and reuse it afterwards.
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+
+.PHONY: repro test
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+repro: $(VENV)/.installed
+	PATH=$(BIN):$$PATH dvc repro
+
+test: $(VENV)/.installed
+	PATH=$(BIN):$$PATH python -m pytest -q

@@ -1,0 +1,107 @@
+"""`lipdd prepare | train | stats`: the commands DVC stages and people both run.
+
+Flags are generated from the config fields, under the seed README's spellings, so
+`python train.py --label-noise=0.2 ...` becomes `lipdd train --label-noise=0.2 ...`.
+Heavy libraries (torch, mlflow) are imported inside the commands, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from . import config
+from .config import Config, ConfigError, StatsConfig
+
+GROUPS = {
+    "prepare": ("data", "run"),
+    "train": ("data", "model", "train", "run"),
+    "stats": ("data", "model", "train", "run", "stats"),
+}
+DESCRIPTIONS = {
+    "prepare": "Turn a dataset into the prepared format: uint8 arrays, clean and noisy labels, splits, meta.json.",
+    "train": "Train one network; log params, per-batch loss, evaluations and checkpoints to one MLflow run.",
+    "stats": "Compute per-sample statistics (Jacobian operator norm, ...) of a run's checkpoints.",
+}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, like every other bad input
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_field(parser, f, dest: str) -> None:
+    meta = f.metadata
+    names = [f"--{f.name.replace('_', '-')}", *meta["flags"]]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kw = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"])
+    if meta.get("choices"):
+        kw["metavar"] = "{" + ",".join(meta["choices"]) + "}"
+    if isinstance(default, bool):
+        parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+    elif f.type.startswith("list"):
+        parser.add_argument(*names, nargs="*" if f.name == "checkpoint" else "+", **kw)
+    else:
+        parser.add_argument(*names, **kw)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="lipdd", description="Lipschitz estimates of trained networks and double descent.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for command, groups in GROUPS.items():
+        p = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command])
+        p.add_argument("--params", metavar="FILE", help="params.yaml to start from (flags override it)")
+        taken = set()
+        if "stats" in groups:  # stats flags win: --batch-size is the stats batch size here, as in the seed
+            g = p.add_argument_group("statistics")
+            for f in config.field_specs(StatsConfig):
+                add_field(g, f, f"stats.{f.name}")
+                taken.add(f.name)
+        for group in groups:
+            if group == "stats":
+                continue
+            g = p.add_argument_group(group)
+            for f in config.field_specs(Config):
+                if f.metadata["group"] == group and f.name not in taken:
+                    add_field(g, f, f.name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
+    try:
+        cfg = config.build(overrides, params_file=args.params)
+        return COMMANDS[args.command](cfg) or 0
+    except ConfigError as e:  # DataError is one too
+        print(f"lipdd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_prepare(cfg: Config) -> None:
+    from .data import prepare
+
+    meta = prepare(cfg.prepared_path, cfg.data, cfg.data_dir, cfg.verify_checksums, cfg.label_noise,
+                   cfg.label_seed, cfg.train_split, cfg.val_split, cfg.data_split_seed)
+    print(f"prepared {cfg.data} in {cfg.prepared_path}: {meta['splits']}, "
+          f"{meta['n_corrupted']} corrupted training labels")
+
+
+def cmd_train(cfg: Config) -> None:
+    from .train import train
+
+    print(f"run {train(cfg)} finished")
+
+
+def cmd_stats(cfg: Config) -> None:
+    from .stats import compute_stats
+
+    for path in compute_stats(cfg):
+        print(path)
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "stats": cmd_stats}
+
+if __name__ == "__main__":
+    sys.exit(main())

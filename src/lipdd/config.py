@@ -1,0 +1,346 @@
+"""One typed, validated configuration for every command.
+
+Precedence: built-in defaults <- `--params FILE` (params.yaml) <- environment (SAVE_DIR,
+NAME, DATA_DIR, DEVICE, WORKERS) <- command-line flags. Each field declares its help text,
+its seed-README flag spellings and its choices once; the CLI and the validation are built
+from those declarations, so a params.yaml key and its flag cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SOURCES = ("digits", "cifar10", "cifar100")
+OPTIMIZERS = ("sgd", "adam")
+MODEL_ADDITIONS = ("batch_norm",)
+WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
+SPLITS = ("train", "val", "test")
+METRICS = ("jacobian_operator_norm", "jacobian", "accuracy", "crossentropy", "confidence")
+NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy")
+ENV_VARS = {"SAVE_DIR": "save_dir", "NAME": "name", "DATA_DIR": "data_dir", "DEVICE": "device",
+            "WORKERS": "workers"}
+
+
+class ConfigError(ValueError):
+    """Invalid input: the CLI prints it on one line and exits with status 2."""
+
+
+def opt(default, help, group, flags=(), choices=None, kind=None):
+    """A config field. `kind` is the element parser for list fields and the parser for
+    fields whose default is None; `flags` are extra CLI spellings (the seed's aliases)."""
+    meta = dict(help=help, group=group, flags=tuple(flags), choices=choices, kind=kind)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StatsConfig:
+    metric: list[str] = opt(list(METRICS), "statistics to compute", "stats", choices=METRICS, kind=str)
+    normalization: list[str] = opt(
+        ["none", "softmax"], "output normalisation(s) for the Jacobian metrics", "stats",
+        choices=NORMALIZATIONS, kind=str)
+    target_logit_only: bool = opt(False, "Jacobian of the labelled output only", "stats")
+    dataset_split: str = opt("train", "split the samples come from", "stats", choices=SPLITS)
+    num_samples: int | None = opt(None, "samples to use, a multiple of batch_size (default: whole split)",
+                                  "stats", kind=int)
+    batch_size: int = opt(100, "samples per batch (one result file per shard)", "stats")
+    skip: int = opt(0, "leave out the first SKIP selected samples (manual data parallelism)", "stats")
+    mc_sample_seed: int = opt(0, "seed of the sample order", "stats")
+    checkpoint: list[int] | None = opt(
+        None, "checkpoint ordinals (0 = initial); default all; the flag with no value lists them",
+        "stats", kind=int)
+    checkpoint_by_step: bool = opt(False, "read --checkpoint as global steps, not ordinals", "stats")
+    nsteps_per_epoch: int | None = opt(None, "steps per epoch for --checkpoint-by-step (default: from the run)",
+                                       "stats", kind=int)
+    bigmem: bool = opt(False, "all K output gradients in one pass (memory x K) instead of bounded chunks",
+                       "stats")
+    num_power_iters: int = opt(0, "kept for seed compatibility; the operator norm is always exact", "stats")
+    outname: str | None = opt(None, "result file prefix (default: METRIC_NORMALIZATION_SPLIT_epochNNNN)",
+                              "stats", kind=str)
+    output_dir: str | None = opt(None, "directory of the per-sample results (default: the seed layout "
+                                 "SAVE_DIR/NAME/MODEL/DATA/SETTING/seed-SEED)", "stats", kind=str)
+    run_id: str | None = opt(None, "MLflow run to analyse (default: results/train/run.json, else the "
+                             "latest finished run matching the identifying flags)", "stats", kind=str)
+
+
+@dataclass
+class Config:
+    # data
+    data: str = opt("digits", "dataset", "data", choices=SOURCES)
+    data_dir: str = opt("data/raw", "where raw datasets are read from / downloaded to (env DATA_DIR)", "data")
+    verify_checksums: bool = opt(True, "check CIFAR files against torchvision's md5 sums", "data")
+    prepared_dir: str = opt("data/prepared", "where prepared arrays are written (one folder per dataset)",
+                            "data")
+    label_noise: float = opt(0.2, "fraction of training labels replaced by another class", "data")
+    label_seed: int = opt(0, "seed of the label corruption", "data")
+    train_split: int = opt(0, "training samples drawn from the training set (0 = all, no validation)", "data")
+    val_split: int = opt(0, "validation samples drawn from the training set (with train_split)", "data")
+    data_split_seed: int = opt(0, "seed of the train/validation split", "data")
+    # model
+    model: str = opt("cnn5", "cnn5 | resnet18 | resnet34, or a combined name such as cnn5_16", "model")
+    width: int | None = opt(None, "width k (default: from the model name, else 64)", "model", kind=int)
+    model_additions: list[str] = opt([], "extra layers, e.g. batch_norm", "model",
+                                     choices=MODEL_ADDITIONS, kind=str)
+    weight_init: str = opt("pytorch", "weight initialisation", "model", choices=WEIGHT_INITS)
+    # training
+    optimizer: str = opt("sgd", "optimizer", "train", choices=OPTIMIZERS)
+    learning_rate: float = opt(0.01, "learning rate after warmup", "train")
+    momentum: float = opt(0.9, "SGD momentum", "train")
+    weight_decay: float = opt(0.0, "optimizer weight decay", "train")
+    l1_regularization: float = opt(0.0, "coefficient of the L1 norm of the weights added to the loss", "train")
+    l2_regularization: float = opt(0.0, "coefficient of the squared L2 norm of the weights added to the loss",
+                                   "train")
+    lr_warmup_epochs: int = opt(0, "epochs of linear warmup from lr_warmup_initial", "train")
+    lr_warmup_initial: float = opt(0.001, "learning rate of the first warmup epoch", "train")
+    lr_step: int = opt(0, "decay the learning rate every LR_STEP epochs after warmup (0 = never)", "train")
+    lr_decay_rate: float = opt(0.1, "factor of each step decay", "train")
+    batch_size: int = opt(128, "training batch size", "train")
+    epochs: int = opt(100, "training epochs", "train")
+    augmentation: bool = opt(False, "random crop (4-pixel zero padding) and horizontal flip", "train")
+    eval_every: int = opt(10, "evaluate train/val/test loss and accuracy every N epochs (and at the end)",
+                          "train")
+    early_exit_accuracy: bool = opt(False, "stop once training accuracy reaches the threshold", "train")
+    stop_by_accuracy_threshold: float = opt(1.0, "training accuracy that stops early", "train")
+    early_exit_loss: bool = opt(False, "stop once training loss falls to the threshold", "train")
+    stop_by_loss_threshold: float = opt(0.001, "training loss that stops early", "train")
+    save_checkpoint: list[int] = opt([0], "0: initial and final; N: every N epochs too; several: those epochs",
+                                     "train", kind=int)
+    loss_checkpoint: int = opt(1, "log the training loss every N batches", "train")
+    resume_from: str | None = opt(None, "MLflow run id whose last checkpoint training continues from",
+                                  "train", kind=str)
+    seed: int = opt(42, "seed of initialisation, batch order and augmentation", "train")
+    # where things run and land
+    device: str = opt("auto", "cpu | cuda | cuda:N | auto (env DEVICE)", "run")
+    workers: int = opt(1, "accepted for seed compatibility (env WORKERS); data is device-resident, "
+                       "so no loader workers run", "run")
+    name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run")
+    save_dir: str = opt("results/runs", "root of the seed layout for stats files and exported "
+                        "checkpoints (env SAVE_DIR)", "run")
+    results_dir: str = opt("results", "pipeline outputs: train/run.json, metrics, histories", "run")
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else "
+                                   "sqlite:///<project root>/mlflow.db)", "run", kind=str)
+    stats: StatsConfig = field(default_factory=StatsConfig, metadata=dict(group=None))
+
+    # --- derived -------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return f"{self.model}_{self.width}"
+
+    @property
+    def prepared_path(self) -> Path:
+        return Path(self.prepared_dir) / self.data
+
+    @property
+    def training_setting(self) -> str:
+        """The seed layout's TRAINING_SETTING path component."""
+        return "augmentation" if self.augmentation else "no-augmentation"
+
+    def run_name(self) -> str:
+        return f"{self.model_name}-{self.data}-noise{self.label_noise:g}-seed{self.seed}"
+
+    def flat(self) -> dict[str, Any]:
+        """Every resolved training parameter under a stable key: the MLflow run's params.
+        Stats options are not among them: one run is analysed many ways."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "stats"}
+
+
+def parse_model(name: str, width: int | None) -> tuple[str, int]:
+    """'cnn5_16' -> ('cnn5', 16); 'resnet18' -> ('resnet18', 64); width given separately wins
+    only when the name carries none."""
+    family, _, suffix = name.partition("_")
+    if family not in ("cnn5", "resnet18", "resnet34"):
+        raise ConfigError(f"model: {name!r} is not one of cnn5, resnet18, resnet34 (optionally _WIDTH)")
+    if suffix:
+        if not suffix.isdigit() or int(suffix) < 1:
+            raise ConfigError(f"model: {name!r} has width {suffix!r}; the width must be a positive integer")
+        if width is not None and width != int(suffix):
+            raise ConfigError(f"model: {name!r} says width {suffix} but width is {width}")
+        return family, int(suffix)
+    return family, 64 if width is None else width
+
+
+# --- building ---------------------------------------------------------------------------
+
+def field_specs(cls=Config):
+    return [f for f in fields(cls) if f.name != "stats"]
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
+    """Turn a YAML / env / flag value into the field's type, or raise ConfigError."""
+    name = f"{where}{f.name}"
+    kind = f.metadata.get("kind")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    is_list = isinstance(default, list) or f.type.startswith("list")
+    if value is None:
+        if default is None:
+            return None
+        if is_list:
+            return []
+        raise ConfigError(f"{name}: null is not allowed; expected a {type(default).__name__}")
+    if is_list:
+        items = value if isinstance(value, (list, tuple)) else str(value).split(",") if isinstance(value, str) \
+            else [value]
+        return [_scalar(kind, x, name) for x in items]
+    return _scalar(kind or type(default), value, name)
+
+
+def _scalar(kind, value, name):
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {kind.__name__}") from None
+
+
+def load_params(path: str | os.PathLike) -> dict[str, Any]:
+    """params.yaml as a flat {key: value} dict with stats.* keys; unknown keys are errors."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"--params: file {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--params: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--params: {path} must hold a mapping of parameter names to values")
+    flat = {k: v for k, v in raw.items() if k != "stats"}
+    stats = raw.get("stats") or {}
+    if not isinstance(stats, dict):
+        raise ConfigError(f"--params: 'stats' in {path} must be a mapping")
+    flat.update({f"stats.{k}": v for k, v in stats.items()})
+    known = {f.name for f in field_specs()} | {f"stats.{f.name}" for f in field_specs(StatsConfig)}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ConfigError(f"--params: unknown parameter {unknown[0]!r} in {path}")
+    return flat
+
+
+def build(overrides: dict[str, Any] | None = None, params_file: str | None = None,
+          environ: dict[str, str] | None = None) -> Config:
+    """Resolve a Config from the four layers and validate it. `overrides` are flat keys
+    (`label_noise`, `stats.batch_size`) from the command line."""
+    layers: dict[str, Any] = {}
+    if params_file:
+        layers.update(load_params(params_file))
+    env = os.environ if environ is None else environ
+    layers.update({key: env[var] for var, key in ENV_VARS.items() if env.get(var)})
+    layers.update(overrides or {})
+    cfg, stats = Config(), StatsConfig()
+    specs = {f.name: f for f in field_specs()}
+    stats_specs = {f.name: f for f in field_specs(StatsConfig)}
+    for key, value in layers.items():
+        if key.startswith("stats."):
+            f = stats_specs[key[6:]]
+            setattr(stats, f.name, _coerce(f, value, "stats."))
+        else:
+            setattr(cfg, key, _coerce(specs[key], value, ""))
+    cfg.stats = stats
+    validate(cfg)
+    cfg.model, cfg.width = parse_model(cfg.model, cfg.width)  # 'cnn5_16' -> 'cnn5', 16: one spelling per run
+    return cfg
+
+
+def from_flat(params: dict[str, str]) -> Config:
+    """Rebuild a run's Config from its MLflow params (all strings); unknown keys are ignored
+    so runs from older versions still load."""
+    specs = {f.name: f for f in field_specs()}
+    specs.update({f"stats.{f.name}": f for f in field_specs(StatsConfig)})
+    values = {k: _from_param_string(specs[k], v) for k, v in params.items() if k in specs}
+    return build(values, environ={})
+
+
+def _from_param_string(f: dataclasses.Field, text: str) -> Any:
+    if text == "None":
+        return None
+    if f.type.startswith("str"):  # keep e.g. run ids and paths verbatim
+        return text
+    return yaml.safe_load(text)
+
+
+# --- validation ---------------------------------------------------------------------------
+
+def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {value!r} is not allowed; expected {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Every rule that can be checked before any work starts."""
+    for cls, obj, prefix in ((Config, cfg, ""), (StatsConfig, cfg.stats, "stats.")):
+        for f in field_specs(cls):
+            choices, value = f.metadata.get("choices"), getattr(obj, f.name)
+            if choices:
+                for v in value if isinstance(value, list) else [value]:
+                    _check(v in choices, prefix + f.name, v, "one of " + ", ".join(choices))
+    parse_model(cfg.model, cfg.width)
+    _check(cfg.width is None or cfg.width >= 1, "width", cfg.width, "a positive integer")
+    _check(0.0 <= cfg.label_noise <= 1.0, "label_noise", cfg.label_noise, "a fraction in [0, 1]")
+    _check(cfg.train_split >= 0, "train_split", cfg.train_split, "an integer >= 0")
+    _check(cfg.val_split >= 0, "val_split", cfg.val_split, "an integer >= 0")
+    _check((cfg.train_split > 0) == (cfg.val_split > 0), "val_split", cfg.val_split,
+           f"a positive value together with train_split={cfg.train_split} (both or neither)")
+    if cfg.weight_init in ("fixup", "mfixup"):
+        _check(not cfg.model.startswith("cnn5"), "weight_init", cfg.weight_init, "pytorch or nkaiming for cnn5 "
+               "(fixup needs residual blocks)")
+        _check("batch_norm" not in cfg.model_additions, "weight_init", cfg.weight_init,
+               "pytorch or nkaiming with batch_norm (fixup replaces normalisation)")
+    positive = dict(learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
+                    loss_checkpoint=cfg.loss_checkpoint, lr_decay_rate=cfg.lr_decay_rate)
+    for name, value in positive.items():
+        _check(value > 0 and math.isfinite(value), name, value, "a positive number")
+    non_negative = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
+                        l1_regularization=cfg.l1_regularization, l2_regularization=cfg.l2_regularization,
+                        lr_warmup_epochs=cfg.lr_warmup_epochs, lr_warmup_initial=cfg.lr_warmup_initial,
+                        lr_step=cfg.lr_step, workers=cfg.workers)
+    for name, value in non_negative.items():
+        _check(value >= 0 and math.isfinite(value), name, value, "a number >= 0")
+    _check(cfg.momentum < 1, "momentum", cfg.momentum, "a number in [0, 1)")
+    _check(0 <= cfg.stop_by_accuracy_threshold <= 1, "stop_by_accuracy_threshold",
+           cfg.stop_by_accuracy_threshold, "a fraction in [0, 1]")
+    _check(cfg.stop_by_loss_threshold >= 0, "stop_by_loss_threshold", cfg.stop_by_loss_threshold, ">= 0")
+    ckpt = cfg.save_checkpoint
+    _check(len(ckpt) > 0 and all(e >= 0 for e in ckpt), "save_checkpoint", ckpt,
+           "0, a period N > 0, or a list of epochs >= 0")
+    if len(ckpt) > 1:
+        _check(max(ckpt) <= cfg.epochs, "save_checkpoint", ckpt, f"epochs within 0..{cfg.epochs}")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda"
+           or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
+           "device", cfg.device, "cpu, cuda, cuda:N or auto")
+
+    s = cfg.stats
+    _check(s.batch_size > 0, "stats.batch_size", s.batch_size, "a positive integer")
+    _check(s.skip >= 0 and s.skip % s.batch_size == 0, "stats.skip", s.skip,
+           f"a multiple of stats.batch_size={s.batch_size} (the result file's batch id is skip / batch_size)")
+    if s.num_samples is not None:
+        _check(s.num_samples > 0 and s.num_samples % s.batch_size == 0, "stats.num_samples", s.num_samples,
+               f"a positive multiple of stats.batch_size={s.batch_size}")
+        _check(s.skip < s.num_samples, "stats.skip", s.skip, f"less than stats.num_samples={s.num_samples}")
+    _check(len(s.metric) > 0, "stats.metric", s.metric, "at least one metric")
+    _check(len(s.normalization) > 0, "stats.normalization", s.normalization, "at least one normalization")
+    _check(s.num_power_iters >= 0, "stats.num_power_iters", s.num_power_iters, "an integer >= 0")
+    if s.checkpoint is not None:
+        _check(all(c >= 0 for c in s.checkpoint), "stats.checkpoint", s.checkpoint, "ordinals >= 0")
+    if s.nsteps_per_epoch is not None:
+        _check(s.nsteps_per_epoch > 0, "stats.nsteps_per_epoch", s.nsteps_per_epoch, "a positive integer")

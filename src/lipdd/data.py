@@ -1,0 +1,329 @@
+"""Datasets: read a source, split it, corrupt labels, write/read the prepared format, batch on device.
+
+Sources
+-------
+- ``digits``: scikit-learn's bundled 8x8 handwritten digits (offline), 1,797 images with
+  values 0..16, stored as uint8 ``round(x * 255 / 16)`` of shape (N, 8, 8, 1), 10 classes.
+  It has no official split, so we fix one: ``np.random.default_rng(0).permutation(1797)``;
+  the first 1,297 samples of that permutation are the training set, the last 500 the test set.
+  The source index of a sample is its index in ``load_digits`` order.
+- ``cifar10`` / ``cifar100``: torchvision's on-disk python-pickle format under ``data_dir``
+  (``cifar-10-batches-py/data_batch_1..5, test_batch``; ``cifar-100-python/train, test``,
+  fine labels). The source index is the position in the original train (or test) file order.
+
+Prepared format (a directory written by :func:`prepare`)
+--------------------------------------------------------
+``train.npz``, optionally ``val.npz``, ``test.npz``, each with ``images`` uint8 (N, H, W, C),
+``labels`` int64 (noisy for train), ``clean_labels`` int64 and ``index`` int64 (source index);
+and ``meta.json`` (see :func:`prepare`) whose ``content_hash`` pins the array bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import Config, ConfigError
+
+DIGITS_N_TRAIN = 1297  # the remaining 500 digits are the test set
+ARRAYS = ("images", "labels", "clean_labels", "index")  # fixed order for content_hash
+PREPARE_HINT = "run `lipdd prepare` (or `dvc repro prepare`)"
+
+
+class DataError(ConfigError):
+    """A data problem the user can fix; the CLI prints it as one line and exits with status 2."""
+
+
+@dataclass
+class Split:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    labels: np.ndarray  # int64, possibly noisy
+    clean_labels: np.ndarray  # int64
+    index: np.ndarray  # int64 index into the source's train (or test) set
+
+    @property
+    def corrupted(self) -> np.ndarray:
+        return self.labels != self.clean_labels
+
+
+@dataclass
+class Prepared:
+    meta: dict
+    splits: dict[str, Split]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _load_digits() -> tuple[Split, Split, int]:
+    from sklearn.datasets import load_digits  # slow import, only needed here
+
+    digits = load_digits()
+    images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
+    labels = digits.target.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(labels))
+    train, test = perm[:DIGITS_N_TRAIN], perm[DIGITS_N_TRAIN:]
+    return _split(images[train], labels[train], train), _split(images[test], labels[test], test), 10
+
+
+def _read_cifar(paths: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate CIFAR python pickles: rows of 3072 bytes (R, G, B planes, each 32x32 row-major)."""
+    data, labels = [], []
+    for path in paths:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")  # the originals are Python 2 pickles
+        data.append(np.asarray(entry[b"data"], dtype=np.uint8))
+        labels.extend(entry[label_key])
+    images = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)
+
+
+def _ensure_cifar_verified(cls, name: str, data_dir: Path, folder: Path, files: list) -> None:
+    """Make sure the original files are in `folder` with the right md5, downloading if any is missing."""
+    from torchvision.datasets.utils import check_integrity
+
+    without_check = (
+        "or pass --no-verify-checksums (verify_checksums: false) to read derived files without the md5 check"
+    )
+    names = ", ".join(f for f, _ in files)
+    if any(not (folder / f).is_file() for f, _ in files):
+        try:
+            cls(root=str(data_dir), train=True, download=True)
+        except Exception as e:  # any failure (no network, disk, bad archive) ends in the same manual fix
+            raise DataError(
+                f"{name} files are missing in {folder} and could not be downloaded ({type(e).__name__}): "
+                f"extract {cls.url} into {data_dir} so that {folder} holds {names}; {without_check}"
+            ) from e
+    bad = [f for f, md5 in files if not check_integrity(str(folder / f), md5)]
+    if bad:
+        raise DataError(
+            f"{name} files in {folder} fail the md5 checksum check ({', '.join(bad)}): "
+            f"replace them with the originals from {cls.url}; {without_check}"
+        )
+
+
+def _load_cifar(data: str, data_dir: Path, verify_checksums: bool) -> tuple[Split, Split, int]:
+    import torchvision.datasets as tvd  # slow import, only needed here
+
+    cls, name, label_key, num_classes = {
+        "cifar10": (tvd.CIFAR10, "CIFAR-10", b"labels", 10),
+        "cifar100": (tvd.CIFAR100, "CIFAR-100", b"fine_labels", 100),
+    }[data]
+    folder = data_dir / cls.base_folder
+    files = cls.train_list + cls.test_list
+    if verify_checksums:
+        _ensure_cifar_verified(cls, name, data_dir, folder, files)
+    else:
+        missing = [folder / f for f, _ in files if not (folder / f).is_file()]
+        if missing:
+            names = ", ".join(f for f, _ in files)
+            raise DataError(f"{name} file {missing[0]} not found; put the python-format files {names} in {folder}")
+    out = []
+    for files in (cls.train_list, cls.test_list):
+        images, labels = _read_cifar([folder / f for f, _ in files], label_key)
+        out.append(_split(images, labels, np.arange(len(labels))))
+    return out[0], out[1], num_classes
+
+
+def _split(images: np.ndarray, labels: np.ndarray, index: np.ndarray) -> Split:
+    return Split(images, labels, labels.copy(), index.astype(np.int64))
+
+
+def _load_source(data: str, data_dir, verify_checksums: bool) -> tuple[Split, Split, int]:
+    if data == "digits":
+        return _load_digits()
+    if data in ("cifar10", "cifar100"):
+        return _load_cifar(data, Path(data_dir), verify_checksums)
+    raise DataError(f"unknown data {data!r}; expected one of digits, cifar10, cifar100")
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def corrupt_labels(labels: np.ndarray, num_classes: int, label_noise: float, seed: int) -> np.ndarray:
+    """Replace exactly round(label_noise * n) labels by a different class, uniform over the other K-1."""
+    if not 0 <= label_noise <= 1:
+        raise DataError(f"label_noise={label_noise} must be in [0, 1]")
+    n = len(labels)
+    n_corrupt = round(label_noise * n)
+    rng = np.random.default_rng(seed)
+    pos = rng.choice(n, n_corrupt, replace=False)
+    noisy = labels.astype(np.int64)  # astype copies, so `labels` stays clean
+    noisy[pos] = (noisy[pos] + rng.integers(1, num_classes, n_corrupt)) % num_classes
+    return noisy
+
+
+def _validation_split(train: Split, train_split, val_split, seed: int) -> dict[str, Split]:
+    n = len(train.labels)
+    ts, vs = train_split or 0, val_split or 0
+    if ts == 0 and vs == 0:
+        return {"train": train}
+    if ts <= 0 or vs <= 0 or ts + vs > n:
+        raise DataError(
+            f"train_split={train_split} and val_split={val_split}: give both as positive counts "
+            f"with train_split + val_split <= {n} (the training set size), or neither"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+
+    def take(idx):
+        return Split(*(getattr(train, a)[idx] for a in ARRAYS))
+
+    return {"train": take(perm[:ts]), "val": take(perm[ts : ts + vs])}
+
+
+def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of images/255, without a float copy of the whole set (CIFAR: 1.2 GB)."""
+    x = images.reshape(-1, images.shape[-1])
+    # Sums of integers below 2**53 are exact in float64; only the final E[x^2] - E[x]^2 rounds (~1e-16).
+    s = x.sum(0, dtype=np.float64)
+    ss = np.einsum("ij,ij->j", x, x, dtype=np.float64, casting="unsafe")
+    mean = s / len(x) / 255
+    std = np.sqrt(np.maximum(ss / len(x) / 255**2 - mean**2, 0))
+    return mean.tolist(), std.tolist()
+
+
+def content_hash(splits: dict[str, Split]) -> str:
+    """sha256 over each split (sorted by name): its name, then the raw bytes of its arrays in ARRAYS order."""
+    h = hashlib.sha256()
+    for name in sorted(splits):
+        h.update(name.encode())
+        for a in ARRAYS:
+            h.update(np.ascontiguousarray(getattr(splits[name], a)).data)
+    return h.hexdigest()
+
+
+def prepare(
+    out_dir,
+    data: str,
+    data_dir,
+    verify_checksums: bool = True,
+    label_noise: float = 0.0,
+    label_seed: int = 0,
+    train_split: int | None = 0,
+    val_split: int | None = 0,
+    data_split_seed: int = 0,
+) -> dict:
+    """Write the prepared dataset into `out_dir` (replacing it atomically) and return its meta."""
+    train, test, num_classes = _load_source(data, data_dir, verify_checksums)
+    splits = _validation_split(train, train_split, val_split, data_split_seed)
+    tr = splits["train"]
+    tr.labels = corrupt_labels(tr.clean_labels, num_classes, label_noise, label_seed)
+    splits["test"] = test
+    mean, std = _channel_stats(tr.images)
+    meta = {
+        "dataset": data,
+        "num_classes": num_classes,
+        "image_shape": list(tr.images.shape[1:]),
+        "splits": {k: len(v.labels) for k, v in splits.items()},
+        "mean": mean,
+        "std": std,
+        "label_noise": float(label_noise),
+        "n_corrupted": int(tr.corrupted.sum()),
+        "label_seed": label_seed,
+        "data_split_seed": data_split_seed,
+        "train_split": train_split or 0,
+        "val_split": val_split or 0,
+        "content_hash": content_hash(splits),
+    }
+
+    # Write beside out_dir, then swap with renames: a killed prepare leaves the old data or none,
+    # never a mix (load_prepared also refuses any mix through the content hash).
+    out_dir = Path(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    for d in (tmp, old):  # leftovers of an earlier run that had our pid
+        shutil.rmtree(d, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name, s in splits.items():
+            np.savez(tmp / f"{name}.npz", **{a: getattr(s, a) for a in ARRAYS})
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)  # only once the new data is in place
+    return meta
+
+
+def load_prepared(path, verify: bool = True) -> Prepared:
+    """Read a directory written by `prepare`; with `verify`, refuse arrays that don't match meta.json."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"no prepared data in {path} ({meta_path} not found); {PREPARE_HINT}")
+    meta = json.loads(meta_path.read_text())
+    splits = {}
+    for name in meta["splits"]:
+        f = path / f"{name}.npz"
+        try:
+            with np.load(f) as z:
+                splits[name] = Split(*(z[a] for a in ARRAYS))
+        except Exception as e:  # missing, truncated, bad CRC, missing array: all fixed by re-preparing
+            raise DataError(f"cannot read {f} ({type(e).__name__}: {e}); {PREPARE_HINT}") from e
+    if verify and content_hash(splits) != meta["content_hash"]:
+        raise DataError(f"prepared data in {path} does not match its meta.json content hash; re-run `lipdd prepare`")
+    return Prepared(meta, splits)
+
+
+def ensure_prepared(cfg: Config) -> Prepared:
+    """The prepared data `cfg` asks for: what is on disk when its meta matches (always the case
+    under `dvc repro`, whose prepare stage ran first), else prepared now, so `lipdd train` and
+    `lipdd stats` also work as drop-ins for the seed scripts, with no separate prepare step."""
+    wanted = dict(dataset=cfg.data, label_noise=float(cfg.label_noise), label_seed=cfg.label_seed,
+                  train_split=cfg.train_split, val_split=cfg.val_split, data_split_seed=cfg.data_split_seed)
+    meta_path = cfg.prepared_path / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if any(meta.get(k) != v for k, v in wanted.items()):
+        print(f"preparing {cfg.data} in {cfg.prepared_path} (label_noise={cfg.label_noise:g})")
+        prepare(cfg.prepared_path, cfg.data, cfg.data_dir, cfg.verify_checksums, cfg.label_noise,
+                cfg.label_seed, cfg.train_split, cfg.val_split, cfg.data_split_seed)
+    return load_prepared(cfg.prepared_path)
+
+
+# ----------------------------------------------------------------------------- on-device batches
+
+
+def to_device(split: Split, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images as contiguous uint8 NCHW, labels and clean labels as int64, all on `device`."""
+    # Move the uint8 HWC array first (4x less traffic than float), then permute on the device.
+    images = torch.from_numpy(split.images).to(device).permute(0, 3, 1, 2).contiguous()
+    labels = torch.from_numpy(split.labels).to(device, torch.int64)
+    clean = torch.from_numpy(split.clean_labels).to(device, torch.int64)
+    return images, labels, clean
+
+
+def normalize(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
+    """images/255, minus the per-channel mean, over the per-channel std (mean/std: lists or tensors)."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images_u8.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images_u8.device).view(1, -1, 1, 1)
+    return (images_u8.float() / 255 - mean) / std
+
+
+def random_crop_flip(images_u8: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random HxW crop of the zero-padded batch and a random horizontal flip, per sample, in one gather."""
+    n, c, h, w = images_u8.shape
+    dev = images_u8.device
+    padded = F.pad(images_u8, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=dev)
+    flip = torch.rand(n, 1, generator=generator, device=dev) < 0.5
+    rows = dy + torch.arange(h, device=dev)  # (n, h)
+    cols = dx + torch.arange(w, device=dev)  # (n, w)
+    cols = torch.where(flip, cols.flip(1), cols)  # flipping the crop = reading its columns backwards
+    return padded[
+        torch.arange(n, device=dev)[:, None, None, None],
+        torch.arange(c, device=dev)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]

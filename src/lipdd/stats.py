@@ -1,0 +1,211 @@
+"""Statistics of trained networks on their data points, pulled from MLflow by run id.
+
+For each chosen checkpoint, the samples of one split (order drawn with mc_sample_seed,
+the first `skip` left out) go through `jacobian.sample_stats` in batches; each (statistic,
+checkpoint) gets one result file per shard and MLflow gets per-batch means
+(step = batch index) and per-checkpoint summaries (step = epoch) on the training run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import config as configlib
+from . import data as datalib
+from . import files, tracking
+from .config import Config, ConfigError
+from .jacobian import JACOBIAN_METRICS, sample_stats
+from .train import make_model, resolve_device
+
+# Params that identify a training run the seed's way (compute_stats.py's flags).
+IDENTIFYING = ("data", "model", "width", "label_noise", "augmentation", "seed", "train_split", "val_split",
+               "data_split_seed", "label_seed")
+
+
+def stat_name(metric: str, normalization: str, target_logit_only: bool) -> str:
+    if metric not in JACOBIAN_METRICS:
+        return metric
+    return f"{metric}_{normalization}" + ("_target" if target_logit_only else "")
+
+
+def resolve_run(cfg: Config, client) -> str:
+    """--run-id; else results/train/run.json when its run matches the identifying params;
+    else the latest finished run in the experiment whose identifying params match."""
+    if cfg.stats.run_id:
+        try:
+            client.get_run(cfg.stats.run_id)
+        except Exception:
+            raise ConfigError(f"stats.run_id: {cfg.stats.run_id!r} is not a run in the store "
+                              f"{client.tracking_uri}") from None
+        return cfg.stats.run_id
+    wanted = {k: str(v) for k, v in cfg.flat().items() if k in IDENTIFYING}
+    run_file = Path(cfg.results_dir) / "train" / "run.json"
+    if run_file.exists():
+        run_id = json.loads(run_file.read_text())["run_id"]
+        try:
+            params = client.get_run(run_id).data.params
+        except Exception:
+            params = {}
+        if all(params.get(k) == v for k, v in wanted.items()):
+            return run_id
+    exp = client.get_experiment_by_name(cfg.name)
+    query = " and ".join(f"params.{k} = '{v}'" for k, v in wanted.items())
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], f"{query} and attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise ConfigError(f"stats.run_id: no finished run in experiment {cfg.name!r} has "
+                          f"{', '.join(f'{k}={v}' for k, v in wanted.items())}; pass --run-id")
+    return runs[0].info.run_id
+
+
+def list_checkpoints(client, run_id: str) -> list[tuple[int, str]]:
+    """(epoch, artifact path) of every checkpoint of the run, by epoch."""
+    found = []
+    for item in client.list_artifacts(run_id, "checkpoints"):
+        m = re.fullmatch(r"checkpoints/epoch_(\d+)\.pt", item.path)
+        if m:
+            found.append((int(m.group(1)), item.path))
+    return sorted(found)
+
+
+def select_checkpoints(cfg: Config, available: list[tuple[int, str]], steps_per_epoch: int):
+    s = cfg.stats
+    if s.checkpoint is None:
+        return available
+    if s.checkpoint_by_step:
+        per_epoch = s.nsteps_per_epoch or steps_per_epoch
+        by_epoch = dict(available)
+        wanted = []
+        for step in s.checkpoint:
+            if step % per_epoch or step // per_epoch not in by_epoch:
+                raise ConfigError(f"stats.checkpoint: step {step} is no checkpoint of this run; it has steps "
+                                  f"{[e * per_epoch for e, _ in available]}")
+            wanted.append((step // per_epoch, by_epoch[step // per_epoch]))
+        return wanted
+    for i in s.checkpoint:
+        if i >= len(available):
+            raise ConfigError(f"stats.checkpoint: ordinal {i} is out of range; the run has {len(available)} "
+                              f"checkpoints (ordinals 0..{len(available) - 1})")
+    return [available[i] for i in s.checkpoint]
+
+
+def sample_selection(cfg: Config, n_split: int) -> np.ndarray:
+    """Positions in the split: a permutation drawn with mc_sample_seed, cut to num_samples,
+    the first `skip` left out."""
+    s = cfg.stats
+    n = n_split if s.num_samples is None else s.num_samples
+    if n > n_split:
+        raise ConfigError(f"stats.num_samples: {n} is more than the {n_split} samples of split "
+                          f"{s.dataset_split!r}")
+    if s.skip >= n:
+        raise ConfigError(f"stats.skip: {s.skip} leaves no samples of the {n} selected")
+    return np.random.default_rng(s.mc_sample_seed).permutation(n_split)[s.skip:n]
+
+
+def summarize(values: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
+    out = dict(mean=values.mean(), median=np.median(values), std=values.std())
+    if corrupted.any():
+        out["corrupted_mean"] = values[corrupted].mean()
+    if (~corrupted).any():
+        out["clean_mean"] = values[~corrupted].mean()
+    return {k: float(v) for k, v in out.items()}
+
+
+def output_dir(cfg: Config, run_cfg: Config) -> Path:
+    if cfg.stats.output_dir:
+        return Path(cfg.stats.output_dir)
+    return (Path(cfg.save_dir) / cfg.name / run_cfg.model_name / run_cfg.data / run_cfg.training_setting
+            / f"seed-{run_cfg.seed}")
+
+
+def compute_stats(cfg: Config) -> list[Path]:
+    """Run the stats stage as `cfg` says; returns the result files written."""
+    s = cfg.stats
+    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
+    run_id = resolve_run(cfg, client)
+    run = client.get_run(run_id)
+    run_cfg = configlib.from_flat(run.data.params)
+    available = list_checkpoints(client, run_id)
+    if s.checkpoint == []:  # the seed: no checkpoint given -> list them
+        for i, (epoch, path) in enumerate(available):
+            print(f"{i}\tepoch {epoch}\t{path}")
+        return []
+    chosen = select_checkpoints(cfg, available, int(run.data.tags.get("steps_per_epoch", 0)) or 1)
+
+    prepared = datalib.ensure_prepared(run_cfg)
+    if run.data.tags.get("dataset_hash") not in (None, prepared.meta["content_hash"]):
+        raise ConfigError(f"data: the prepared data's hash {prepared.meta['content_hash'][:12]} differs from "
+                          f"run {run_id}'s {run.data.tags['dataset_hash'][:12]}; re-run `lipdd prepare` "
+                          "with that run's data parameters")
+    if s.dataset_split not in prepared.splits:
+        raise ConfigError(f"stats.dataset_split: {s.dataset_split!r} does not exist for this run; it has "
+                          f"{sorted(prepared.splits)} (a 'val' split needs train_split and val_split)")
+    split = prepared.splits[s.dataset_split]
+    positions = sample_selection(cfg, len(split.labels))
+    device = resolve_device(cfg.device)
+    images, labels, clean = (t[torch.as_tensor(positions, device=device)]
+                             for t in datalib.to_device(split, device))
+    mean, std = prepared.meta["mean"], prepared.meta["std"]
+    corrupted = (split.labels != split.clean_labels)[positions]
+    first_batch = s.skip // s.batch_size
+    out_dir = output_dir(cfg, run_cfg)
+    logger = tracking.MetricLogger(client, run_id)
+    written, summary_rows, last_summary = [], [], {}
+
+    model = make_model(run_cfg, prepared.meta).to(device).eval()
+    for epoch, artifact in chosen:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, artifact, tmp)
+            state = torch.load(local, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        values: dict[tuple[str, str], list[torch.Tensor]] = {}
+        batches = range(0, len(positions), s.batch_size)
+        for b, i in enumerate(tqdm(batches, desc=f"epoch {epoch}", disable=not sys.stderr.isatty())):
+            x = datalib.normalize(images[i:i + s.batch_size], mean, std)
+            result = sample_stats(model, x, labels[i:i + s.batch_size], s.metric, s.normalization,
+                                  s.target_logit_only, s.bigmem)
+            for (metric, norm), v in result.items():
+                name = stat_name(metric, norm, s.target_logit_only)
+                values.setdefault((metric, norm), []).append(v.detach().double().cpu())
+                logger.log(f"{s.dataset_split}_{name}_batch_mean_epoch{epoch:04d}", v.mean().item(),
+                           first_batch + b)
+        row = {"epoch": epoch}
+        for (metric, norm), chunks in values.items():
+            name = stat_name(metric, norm, s.target_logit_only)
+            per_sample = torch.cat(chunks).numpy()
+            summary = summarize(per_sample, corrupted)
+            logger.log_dict({f"{s.dataset_split}_{name}_{k}": v for k, v in summary.items()}, step=epoch)
+            row.update({f"{name}_{k}": v for k, v in summary.items()})
+            last_summary[name] = summary
+            outname = s.outname or f"{name}_{s.dataset_split}_epoch{epoch:04d}"
+            path = out_dir / f"{outname}-{first_batch}.json"
+            files.write_json(path, {
+                "stats": per_sample.tolist(),
+                "sample_ids": split.index[positions].tolist(),
+                "targets": split.labels[positions].tolist(),
+                "ground_truths": split.clean_labels[positions].tolist(),
+                "metadata": dict(
+                    run_id=run_id, model=run_cfg.model_name, dataset=run_cfg.data, split=s.dataset_split,
+                    label_noise=run_cfg.label_noise, augmentation=run_cfg.augmentation, seed=run_cfg.seed,
+                    label_seed=run_cfg.label_seed, data_split_seed=run_cfg.data_split_seed,
+                    mc_sample_seed=s.mc_sample_seed, checkpoint_epoch=epoch,
+                    checkpoint_step=state["global_step"], num_samples=len(positions), skip=s.skip,
+                    batch_size=s.batch_size, metric=metric,
+                    normalization=norm if metric in JACOBIAN_METRICS else None,
+                    target_logit_only=s.target_logit_only, dataset_hash=prepared.meta["content_hash"]),
+            })
+            written.append(path)
+        summary_rows.append(row)
+        logger.flush()
+    out = Path(cfg.results_dir) / "stats"
+    files.write_json(out / "metrics.json", {"run_id": run_id, "epoch": chosen[-1][0], **last_summary})
+    files.write_csv(out / "history.csv", summary_rows)
+    return written

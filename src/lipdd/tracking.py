@@ -1,0 +1,117 @@
+"""MLflow: where runs live, how they start and end, and metric logging that costs ~nothing.
+
+Everything goes through an explicit MlflowClient (no fluent global state), so the same
+code serves the training loop, the stats stage and tests that talk to several stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+# MLflow's per-call limits for log_batch.
+MAX_METRICS, MAX_PARAMS = 1000, 100
+
+
+def project_root() -> Path:
+    """The workspace root. DVC sets DVC_ROOT for stage commands, and queued experiments run
+    in temporary copies under .dvc/tmp/exps: DVC_ROOT still names the real workspace, so
+    every run lands in the same store."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").exists() or (d / ".dvc").is_dir():
+            return d
+    return here
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def get_client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """Get or create the experiment. With a local SQLite store MLflow would otherwise fix the
+    artifact location to <cwd>/mlruns at creation, a folder DVC deletes when the creating
+    run was a queued experiment; so local stores get an absolute location at the root."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if client.tracking_uri.startswith("sqlite:"):
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        location = (project_root() / "mlartifacts" / safe).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:  # created meanwhile by a concurrent worker
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    items = [Param(k, str(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), MAX_PARAMS):
+        client.log_batch(run_id, params=items[i:i + MAX_PARAMS])
+
+
+class MetricLogger:
+    """Buffers metrics and sends them with log_batch: ~0.16 ms per metric against SQLite
+    instead of ~4 ms for each log_metric call."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id, self.buffer = client, run_id, []
+
+    def log(self, key: str, value: float, step: int) -> None:
+        self.buffer.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
+        if len(self.buffer) >= MAX_METRICS:
+            self.flush()
+
+    def log_dict(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.log(key, value, step)
+
+    def flush(self) -> None:
+        while self.buffer:
+            chunk, self.buffer = self.buffer[:MAX_METRICS], self.buffer[MAX_METRICS:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+
+@contextlib.contextmanager
+def terminating(client: MlflowClient, run_id: str) -> Iterator[None]:
+    """Ends the run FINISHED, KILLED on an interrupt, FAILED on any error (message in a tag),
+    so no exited process leaves a run RUNNING."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as e:
+        client.log_batch(run_id, tags=[RunTag("error", f"{type(e).__name__}: {e}"[:5000])])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")

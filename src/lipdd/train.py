@@ -1,0 +1,199 @@
+"""Training: device-resident data, batched augmentation, one MLflow run per training.
+
+Epoch 0 is the initial network; training epochs are 1..epochs. The learning rate is a pure
+function of the epoch, so a checkpoint needs no scheduler object to resume exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from mlflow.entities import RunTag
+from tqdm import tqdm
+
+from . import data as datalib
+from . import files, tracking
+from .config import Config
+from .models import build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise datalib.DataError(f"device: {name!r} requested but CUDA is not available; use cpu or auto")
+    return torch.device(name)
+
+
+def learning_rate(cfg: Config, epoch: int) -> float:
+    """Learning rate of training epoch `epoch` (1-based): linear warmup over the first
+    lr_warmup_epochs epochs from lr_warmup_initial, then step decay every lr_step epochs."""
+    i, warm = epoch - 1, cfg.lr_warmup_epochs
+    if i < warm:
+        return cfg.lr_warmup_initial + (cfg.learning_rate - cfg.lr_warmup_initial) * i / warm
+    decays = (i - warm) // cfg.lr_step if cfg.lr_step else 0
+    return cfg.learning_rate * cfg.lr_decay_rate ** decays
+
+
+def checkpoint_epochs(save_checkpoint: list[int], epochs: int) -> set[int]:
+    """0 -> initial and final; [N] -> every N epochs plus initial and final; a list -> exactly it."""
+    if len(save_checkpoint) > 1:
+        return set(save_checkpoint)
+    period = save_checkpoint[0]
+    return {0, epochs} | (set(range(period, epochs + 1, period)) if period else set())
+
+
+def make_model(cfg: Config, meta: dict) -> torch.nn.Module:
+    return build_model(cfg.model, cfg.width, in_channels=meta["image_shape"][2],
+                       num_classes=meta["num_classes"], batch_norm="batch_norm" in cfg.model_additions,
+                       weight_init=cfg.weight_init)
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+@torch.inference_mode()
+def evaluate(model, images, labels, mean, std, batch_size=1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loss and correctness on un-augmented, normalised images."""
+    model.eval()
+    losses, correct = [], []
+    for i in range(0, len(images), batch_size):
+        logits = model(datalib.normalize(images[i:i + batch_size], mean, std))
+        y = labels[i:i + batch_size]
+        losses.append(F.cross_entropy(logits, y, reduction="none"))
+        correct.append((logits.argmax(1) == y).float())
+    model.train()
+    return torch.cat(losses), torch.cat(correct)
+
+
+def evaluation(model, splits, mean, std) -> dict[str, float]:
+    """Loss/accuracy on every split against the labels trained on, plus the accuracy on the
+    corrupted training samples against their noisy labels: how much noise was memorised."""
+    out = {}
+    for name, (x, y, y_clean) in splits.items():
+        loss, correct = evaluate(model, x, y, mean, std)
+        out[f"{name}_loss"] = loss.mean().item()
+        out[f"{name}_accuracy"] = correct.mean().item()
+        out[f"{name}_error"] = 1 - out[f"{name}_accuracy"]
+        corrupted = y != y_clean
+        if name == "train" and corrupted.any():
+            out["train_corrupted_accuracy"] = correct[corrupted].mean().item()
+            out["train_clean_accuracy"] = correct[~corrupted].mean().item()
+    return out
+
+
+def save_checkpoint(client, run_id, model, optimizer, epoch, step, generators, cfg) -> None:
+    state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, global_step=step,
+                 rng={k: g.get_state() for k, g in generators.items()}, config=cfg.flat())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"epoch_{epoch:04d}.pt"
+        torch.save(state, path)
+        client.log_artifact(run_id, str(path), "checkpoints")
+
+
+def train(cfg: Config) -> str:
+    """Train one network as `cfg` says; returns the MLflow run id."""
+    device = resolve_device(cfg.device)
+    prepared = datalib.ensure_prepared(cfg)
+    meta = prepared.meta
+    splits = {name: datalib.to_device(split, device) for name, split in prepared.splits.items()}
+    x_train, y_train, _ = splits["train"]
+    mean, std = (torch.tensor(meta[k], device=device) for k in ("mean", "std"))
+    n_train = len(x_train)
+    steps_per_epoch = -(-n_train // cfg.batch_size)
+
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg, meta).to(device)
+    optimizer = make_optimizer(cfg, model)
+    generators = {"batches": torch.Generator().manual_seed(cfg.seed),
+                  "augment": torch.Generator(device).manual_seed(cfg.seed + 1)}
+    save_at = checkpoint_epochs(cfg.save_checkpoint, cfg.epochs)
+
+    uri = tracking.tracking_uri(cfg.tracking_uri)
+    client = tracking.get_client(uri)
+    exp_id = tracking.experiment_id(client, cfg.name)
+    tags = {"dvc_exp_name": os.environ.get("DVC_EXP_NAME"), "git_commit": tracking.git_commit(),
+            "dataset_hash": meta["content_hash"], "steps_per_epoch": steps_per_epoch}
+    run = client.create_run(exp_id, run_name=cfg.run_name(),
+                            tags={k: str(v) for k, v in tags.items() if v is not None})
+    run_id = run.info.run_id
+    history: list[dict] = []
+    with tracking.terminating(client, run_id):
+        tracking.log_params(client, run_id, cfg.flat())
+        logger = tracking.MetricLogger(client, run_id)
+        step, epoch = 0, 0
+        row = {"epoch": 0, **evaluation(model, splits, mean, std)}
+        history.append(row)
+        logger.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=0)
+        if 0 in save_at:
+            save_checkpoint(client, run_id, model, optimizer, 0, 0, generators, cfg)
+        bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.run_name(), disable=not sys.stderr.isatty())
+        for epoch in bar:
+            lr = learning_rate(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch_losses = []
+            order = torch.randperm(n_train, generator=generators["batches"]).to(device)
+            for i in range(0, n_train, cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                x = x_train[idx]
+                if cfg.augmentation:
+                    x = datalib.random_crop_flip(x, generators["augment"])
+                loss = F.cross_entropy(model(datalib.normalize(x, mean, std)), y_train[idx])
+                batch_losses.append(loss.detach())
+                loss = loss + regularization(cfg, model)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+            # One host sync per epoch instead of one per step.
+            for j, value in enumerate(torch.stack(batch_losses).tolist()):
+                s = step - len(batch_losses) + j + 1
+                if s % cfg.loss_checkpoint == 0:
+                    logger.log("batch_loss", value, s)
+            last = epoch == cfg.epochs
+            stop = False
+            if epoch % cfg.eval_every == 0 or last:
+                row = {"epoch": epoch, "lr": lr, **evaluation(model, splits, mean, std)}
+                history.append(row)
+                logger.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}")
+                stop = early_exit(cfg, row)
+            logger.flush()
+            # An early stop is the final epoch, saved unless an explicit list was asked for.
+            if epoch in save_at or (stop and len(cfg.save_checkpoint) == 1):
+                save_checkpoint(client, run_id, model, optimizer, epoch, step, generators, cfg)
+            if stop:
+                break
+        logger.flush()
+        final = {k: v for k, v in history[-1].items() if k != "lr"}
+        client.log_batch(run_id, tags=[RunTag("epochs_trained", str(epoch))])
+        out = Path(cfg.results_dir) / "train"
+        files.write_json(out / "metrics.json", final)
+        files.write_csv(out / "history.csv", history)
+        files.write_json(out / "run.json", {"run_id": run_id, "tracking_uri": uri,
+                                            "experiment_name": cfg.name, "experiment_id": exp_id})
+    return run_id
+
+
+def regularization(cfg: Config, model: torch.nn.Module) -> torch.Tensor | float:
+    penalty = 0.0
+    if cfg.l1_regularization:
+        penalty = penalty + cfg.l1_regularization * sum(p.abs().sum() for p in model.parameters())
+    if cfg.l2_regularization:
+        penalty = penalty + cfg.l2_regularization * sum(p.pow(2).sum() for p in model.parameters())
+    return penalty
+
+
+def early_exit(cfg: Config, row: dict) -> bool:
+    return bool((cfg.early_exit_accuracy and row["train_accuracy"] >= cfg.stop_by_accuracy_threshold)
+                or (cfg.early_exit_loss and row["train_loss"] <= cfg.stop_by_loss_threshold))
