@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 SOURCES = ("digits", "cifar10", "cifar100")
+MODEL_FAMILIES = ("cnn5", "resnet18", "resnet34")
 OPTIMIZERS = ("sgd", "adam")
 MODEL_ADDITIONS = ("batch_norm",)
 WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
@@ -152,19 +153,26 @@ class Config:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "stats"}
 
 
-def parse_model(name: str, width: int | None) -> tuple[str, int]:
-    """'cnn5_16' -> ('cnn5', 16); 'resnet18' -> ('resnet18', 64); width given separately wins
-    only when the name carries none."""
-    family, _, suffix = name.partition("_")
-    if family not in ("cnn5", "resnet18", "resnet34"):
-        raise ConfigError(f"model: {name!r} is not one of cnn5, resnet18, resnet34 (optionally _WIDTH)")
-    if suffix:
-        if not suffix.isdigit() or int(suffix) < 1:
-            raise ConfigError(f"model: {name!r} has width {suffix!r}; the width must be a positive integer")
-        if width is not None and width != int(suffix):
-            raise ConfigError(f"model: {name!r} says width {suffix} but width is {width}")
-        return family, int(suffix)
-    return family, 64 if width is None else width
+def parse_model_name(name: str, width: int | None = None) -> tuple[str, int]:
+    """Split 'family' or 'family_width' into (family, width); an explicit width must agree with
+    the name, and a bare family is the standard width 64."""
+    allowed = f"families are {', '.join(MODEL_FAMILIES)}"
+    family, sep, suffix = name.partition("_")
+    if family not in MODEL_FAMILIES:
+        raise ConfigError(f"model: unknown model {name!r}; {allowed}")
+    if sep:
+        # isascii+isdigit rejects '+8', ' 8', '1_6' and non-ASCII digits, all of which int() would accept
+        if not (suffix.isascii() and suffix.isdigit()):
+            raise ConfigError(f"model: {name!r} has unparsable width {suffix!r}; expected <family>_<width>, {allowed}")
+        named = int(suffix)
+        if width is not None and width != named:
+            raise ConfigError(f"model: {name!r} says width {named} but width is {width}")
+        width = named
+    elif width is None:
+        width = 64
+    if width < 1:
+        raise ConfigError(f"width: model {name!r} with width {width}; the width must be a positive integer")
+    return family, width
 
 
 # --- building ---------------------------------------------------------------------------
@@ -258,7 +266,7 @@ def build(overrides: dict[str, Any] | None = None, params_file: str | None = Non
             setattr(cfg, key, _coerce(specs[key], value, ""))
     cfg.stats = stats
     validate(cfg)
-    cfg.model, cfg.width = parse_model(cfg.model, cfg.width)  # 'cnn5_16' -> 'cnn5', 16: one spelling per run
+    cfg.model, cfg.width = parse_model_name(cfg.model, cfg.width)  # 'cnn5_16' -> 'cnn5', 16: one spelling per run
     return cfg
 
 
@@ -294,15 +302,14 @@ def validate(cfg: Config) -> None:
             if choices:
                 for v in value if isinstance(value, list) else [value]:
                     _check(v in choices, prefix + f.name, v, "one of " + ", ".join(choices))
-    parse_model(cfg.model, cfg.width)
-    _check(cfg.width is None or cfg.width >= 1, "width", cfg.width, "a positive integer")
+    family, _ = parse_model_name(cfg.model, cfg.width)
     _check(0.0 <= cfg.label_noise <= 1.0, "label_noise", cfg.label_noise, "a fraction in [0, 1]")
     _check(cfg.train_split >= 0, "train_split", cfg.train_split, "an integer >= 0")
     _check(cfg.val_split >= 0, "val_split", cfg.val_split, "an integer >= 0")
     _check((cfg.train_split > 0) == (cfg.val_split > 0), "val_split", cfg.val_split,
            f"a positive value together with train_split={cfg.train_split} (both or neither)")
     if cfg.weight_init in ("fixup", "mfixup"):
-        _check(not cfg.model.startswith("cnn5"), "weight_init", cfg.weight_init, "pytorch or nkaiming for cnn5 "
+        _check(family != "cnn5", "weight_init", cfg.weight_init, "pytorch or nkaiming for cnn5 "
                "(fixup needs residual blocks)")
         _check("batch_norm" not in cfg.model_additions, "weight_init", cfg.weight_init,
                "pytorch or nkaiming with batch_norm (fixup replaces normalisation)")

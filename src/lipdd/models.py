@@ -8,31 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODEL_FAMILIES = ("cnn5", "resnet18", "resnet34")
-WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
-DEFAULT_WIDTH = 64
+from .config import MODEL_FAMILIES, WEIGHT_INITS
+
 RESNET_STAGES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
-
-
-def parse_model_name(name: str, width: int | None = None) -> tuple[str, int]:
-    """Split 'family' or 'family_width' into (family, width); an explicit width must agree with the name."""
-    allowed = f"families are {', '.join(MODEL_FAMILIES)}"
-    family, sep, suffix = name.partition("_")
-    if family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model {name!r}; {allowed}")
-    if sep:
-        # isascii+isdigit rejects '+8', ' 8', '1_6' and non-ASCII digits, all of which int() would accept
-        if not (suffix.isascii() and suffix.isdigit()):
-            raise ValueError(f"model {name!r} has unparsable width {suffix!r}; expected <family>_<width>, {allowed}")
-        named = int(suffix)
-        if width is not None and width != named:
-            raise ValueError(f"model {name!r} says width {named} but width is {width}")
-        width = named
-    elif width is None:
-        width = DEFAULT_WIDTH
-    if width < 1:
-        raise ValueError(f"model {name!r} has non-positive width {width}; {allowed}")
-    return family, width
 
 
 def _conv(cin, cout, kernel_size, stride, batch_norm):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import data as datalib
 from . import files, tracking
-from .config import Config
+from .config import Config, ConfigError
 from .models import build_model
 
 
@@ -75,6 +75,10 @@ def evaluate(model, images, labels, mean, std, batch_size=1024) -> tuple[torch.T
     return torch.cat(losses), torch.cat(correct)
 
 
+# Evaluation metrics are SPLIT_*{loss,accuracy,error}; stats metrics end in their summary name.
+EVAL_SUFFIXES = ("_loss", "_accuracy", "_error")
+
+
 def evaluation(model, splits, mean, std) -> dict[str, float]:
     """Loss/accuracy on every split against the labels trained on, plus the accuracy on the
     corrupted training samples against their noisy labels: how much noise was memorised."""
@@ -100,8 +104,52 @@ def save_checkpoint(client, run_id, model, optimizer, epoch, step, generators, c
         client.log_artifact(run_id, str(path), "checkpoints")
 
 
+# Params that say where a run executes, not what it computes: free to differ on resume.
+PLACE_PARAMS = ("resume_from", "device", "workers", "data_dir", "prepared_dir", "save_dir", "results_dir",
+                "tracking_uri")
+
+
+def start_run(client, cfg: Config, meta: dict, steps_per_epoch: int) -> str:
+    exp_id = tracking.experiment_id(client, cfg.name)
+    tags = {"dvc_exp_name": os.environ.get("DVC_EXP_NAME"), "git_commit": tracking.git_commit(),
+            "dataset_hash": meta["content_hash"], "steps_per_epoch": steps_per_epoch}
+    run = client.create_run(exp_id, run_name=cfg.run_name(),
+                            tags={k: str(v) for k, v in tags.items() if v is not None})
+    tracking.log_params(client, run.info.run_id, cfg.flat())
+    return run.info.run_id
+
+
+def resume_run(client, cfg: Config, model, optimizer, generators) -> tuple[int, int]:
+    """Load the last checkpoint of run `cfg.resume_from` into model, optimizer and generators;
+    returns (epoch, global step). The run must have been trained with the same parameters."""
+    from .stats import list_checkpoints  # the one place that knows the artifact layout
+
+    run_id = cfg.resume_from
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise ConfigError(f"resume_from: {run_id!r} is not a run in the store {client.tracking_uri}") from None
+    ours = {k: str(v) for k, v in cfg.flat().items() if k not in PLACE_PARAMS}
+    for key, value in ours.items():
+        if run.data.params.get(key) != value:
+            raise ConfigError(f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this "
+                              f"training asks for {value!r}; resume with the run's parameters")
+    checkpoints = list_checkpoints(client, run_id)
+    if not checkpoints:
+        raise ConfigError(f"resume_from: run {run_id} has no checkpoint to resume from")
+    with tempfile.TemporaryDirectory() as tmp:
+        state = torch.load(client.download_artifacts(run_id, checkpoints[-1][1], tmp), weights_only=True,
+                           map_location="cpu")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for name, g in generators.items():
+        g.set_state(state["rng"][name])
+    client.update_run(run_id, "RUNNING")
+    return state["epoch"], state["global_step"]
+
+
 def train(cfg: Config) -> str:
-    """Train one network as `cfg` says; returns the MLflow run id."""
+    """Train one network as `cfg` says (or continue run `cfg.resume_from`); returns the run id."""
     device = resolve_device(cfg.device)
     prepared = datalib.ensure_prepared(cfg)
     meta = prepared.meta
@@ -120,23 +168,21 @@ def train(cfg: Config) -> str:
 
     uri = tracking.tracking_uri(cfg.tracking_uri)
     client = tracking.get_client(uri)
-    exp_id = tracking.experiment_id(client, cfg.name)
-    tags = {"dvc_exp_name": os.environ.get("DVC_EXP_NAME"), "git_commit": tracking.git_commit(),
-            "dataset_hash": meta["content_hash"], "steps_per_epoch": steps_per_epoch}
-    run = client.create_run(exp_id, run_name=cfg.run_name(),
-                            tags={k: str(v) for k, v in tags.items() if v is not None})
-    run_id = run.info.run_id
-    history: list[dict] = []
+    if cfg.resume_from:
+        start_epoch, step = resume_run(client, cfg, model, optimizer, generators)
+        run_id = cfg.resume_from
+    else:
+        run_id, start_epoch, step = start_run(client, cfg, meta, steps_per_epoch), 0, 0
     with tracking.terminating(client, run_id):
-        tracking.log_params(client, run_id, cfg.flat())
-        logger = tracking.MetricLogger(client, run_id)
-        step, epoch = 0, 0
-        row = {"epoch": 0, **evaluation(model, splits, mean, std)}
-        history.append(row)
-        logger.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=0)
-        if 0 in save_at:
-            save_checkpoint(client, run_id, model, optimizer, 0, 0, generators, cfg)
-        bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.run_name(), disable=not sys.stderr.isatty())
+        # A resumed run re-computes bit-identical values for steps it had logged: send only new ones.
+        logger = tracking.MetricLogger(client, run_id, skip_logged=bool(cfg.resume_from))
+        epoch = start_epoch
+        if epoch == 0:
+            row = evaluation(model, splits, mean, std)
+            logger.log_dict(row, step=0)
+            if 0 in save_at:
+                save_checkpoint(client, run_id, model, optimizer, 0, 0, generators, cfg)
+        bar = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc=cfg.run_name(), disable=not sys.stderr.isatty())
         for epoch in bar:
             lr = learning_rate(cfg, epoch)
             for group in optimizer.param_groups:
@@ -160,12 +206,10 @@ def train(cfg: Config) -> str:
                 s = step - len(batch_losses) + j + 1
                 if s % cfg.loss_checkpoint == 0:
                     logger.log("batch_loss", value, s)
-            last = epoch == cfg.epochs
             stop = False
-            if epoch % cfg.eval_every == 0 or last:
-                row = {"epoch": epoch, "lr": lr, **evaluation(model, splits, mean, std)}
-                history.append(row)
-                logger.log_dict({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+                row = {"lr": lr, **evaluation(model, splits, mean, std)}
+                logger.log_dict(row, step=epoch)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}")
                 stop = early_exit(cfg, row)
             logger.flush()
@@ -175,14 +219,27 @@ def train(cfg: Config) -> str:
             if stop:
                 break
         logger.flush()
-        final = {k: v for k, v in history[-1].items() if k != "lr"}
         client.log_batch(run_id, tags=[RunTag("epochs_trained", str(epoch))])
-        out = Path(cfg.results_dir) / "train"
-        files.write_json(out / "metrics.json", final)
-        files.write_csv(out / "history.csv", history)
-        files.write_json(out / "run.json", {"run_id": run_id, "tracking_uri": uri,
-                                            "experiment_name": cfg.name, "experiment_id": exp_id})
+        write_outputs(client, run_id, cfg, uri)
     return run_id
+
+
+def write_outputs(client, run_id: str, cfg: Config, uri: str) -> None:
+    """results/train/: run.json, the final evaluation (metrics.json) and every evaluation
+    (history.csv), read back from the run so a resumed training reports its whole history."""
+    run = client.get_run(run_id)
+    keys = sorted(k for k in run.data.metrics
+                  if k == "lr" or (k.split("_")[0] in ("train", "val", "test") and k.endswith(EVAL_SUFFIXES)))
+    rows: dict[int, dict] = {}
+    for key in keys:
+        for m in client.get_metric_history(run_id, key):
+            rows.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    history = [rows[e] for e in sorted(rows)]
+    out = Path(cfg.results_dir) / "train"
+    files.write_json(out / "metrics.json", {k: v for k, v in history[-1].items() if k != "lr"})
+    files.write_csv(out / "history.csv", history)
+    files.write_json(out / "run.json", {"run_id": run_id, "tracking_uri": uri, "experiment_name": cfg.name,
+                                        "experiment_id": run.info.experiment_id})
 
 
 def regularization(cfg: Config, model: torch.nn.Module) -> torch.Tensor | float:

@@ -1,0 +1,185 @@
+"""Figures and tables across training runs: double descent of the error and of the Lipschitz
+estimate (mean Jacobian operator norm on training points) against width and against epoch.
+
+Reads only MLflow: the finished training runs of experiment `name` with the report's data, model
+family and label noise. Runs at one width (seeds, reruns) are averaged (plain mean; `n_runs` says
+how many). matplotlib's Figure without pyplot: no display, no global backend state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator
+
+from . import files, tracking
+from .config import NORMALIZATIONS, Config, ConfigError
+
+KIND = "lipdd.kind"  # tag marking report runs, so a report never averages an earlier report
+SUMMARIES = ("mean", "clean_mean", "corrupted_mean")
+LABELS = {"mean": "all", "clean_mean": "clean", "corrupted_mean": "corrupted"}
+# Per-checkpoint summaries of `lipdd stats` on the training split, e.g.
+# train_jacobian_operator_norm_softmax_clean_mean; not the per-batch ..._batch_mean_epochNNNN.
+OPNORM = re.compile(r"train_jacobian_operator_norm_((?:%s)(?:_target)?)_(%s)"
+                    % ("|".join(NORMALIZATIONS), "|".join(SUMMARIES)))
+MAX_RUNS = 50_000  # MLflow's cap on one search, far above any sweep here: no paging needed
+
+
+def find_runs(cfg: Config, client) -> tuple[str, list]:
+    exp = client.get_experiment_by_name(cfg.name)
+    if exp is None:
+        raise ConfigError(f"name: experiment {cfg.name!r} does not exist in {client.tracking_uri}; "
+                          "train some runs first")
+    training = [r for r in client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
+                ]
+    # Params are logged as str(value), so str() of the resolved config matches them exactly.
+    wanted = dict(data=cfg.data, model=cfg.model, label_noise=str(cfg.label_noise))
+    runs = [r for r in training if r.info.status == "FINISHED"
+            and all(r.data.params.get(k) == v for k, v in wanted.items())
+            and ("test_error" in r.data.metrics or any(OPNORM.fullmatch(k) for k in r.data.metrics))]
+    if not runs:
+        found = Counter("/".join(r.data.params.get(k, "?") for k in wanted) for r in training)
+        have = ", ".join(f"{n} x {k}" for k, n in found.most_common())
+        raise ConfigError(f"report: no finished run with test_error or Jacobian stats in experiment {cfg.name!r} "
+                          f"has {', '.join(f'{k}={v}' for k, v in wanted.items())}; it has {len(training)} "
+                          f"training runs ({'/'.join(wanted)}: {have or 'none'})")
+    return exp.experiment_id, runs
+
+
+def collect(client, runs) -> tuple[dict[int, list], list[str]]:
+    """Per width, (run id, final values, per-epoch operator norms) of each run, and the
+    normalizations found. Final = MLflow's latest value, the one at the highest step."""
+    by_width, norms = defaultdict(list), set()
+    for r in runs:
+        metrics = r.data.metrics
+        final = {k: metrics.get(k) for k in ("train_error", "test_error")}
+        series = {}
+        for key, value in metrics.items():
+            if m := OPNORM.fullmatch(key):
+                norms.add(m[1])
+                col = f"opnorm_{m[1]}_{m[2]}"
+                final[col] = value
+                # Same tie-break as MLflow's latest value when a step was logged twice (stats rerun).
+                history = sorted(client.get_metric_history(r.info.run_id, key),
+                                 key=lambda h: (h.step, h.timestamp, h.value))
+                series[col] = {h.step: h.value for h in history}
+        by_width[int(r.data.params["width"])].append((r.info.run_id, final, series))
+    order = sorted(norms, key=lambda n: (NORMALIZATIONS.index(n.removesuffix("_target")), n))
+    return by_width, order
+
+
+def mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def tables(by_width: dict[int, list], norms: list[str]) -> tuple[list[dict], list[dict]]:
+    columns = [f"opnorm_{n}_{s}" for n in norms for s in SUMMARIES]
+    width_rows, epoch_rows = [], []
+    for width in sorted(by_width):
+        group = by_width[width]
+        width_rows.append({"width": width, "n_runs": len(group),
+                           **{c: mean([final.get(c) for _, final, _ in group])
+                              for c in ("train_error", "test_error", *columns)},
+                           "run_ids": ";".join(run_id for run_id, _, _ in group)})
+        for epoch in sorted({e for _, _, series in group for s in series.values() for e in s}):
+            epoch_rows.append({"width": width, "epoch": epoch,
+                               **{c: mean([series.get(c, {}).get(epoch) for _, _, series in group])
+                                  for c in columns}})
+    return width_rows, epoch_rows
+
+
+def points(rows: list[dict], x: str, y: str) -> tuple[list, list]:
+    pairs = [(row[x], row[y]) for row in rows if row[y] is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def width_axis(ax, ylabel: str, title: str) -> None:
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter("{x:g}")  # 1, 2, 4 ... 64 rather than 2^0 ... 2^6
+    ax.set(xlabel="width", ylabel=ylabel, title=title)
+    ax.legend()
+
+
+def panels(norms: list[str], title: str) -> tuple[Figure, list]:
+    """One panel per normalization, side by side: logit and softmax norms differ by ~100x."""
+    fig = Figure(figsize=(5 * max(1, len(norms)), 4), layout="constrained")
+    axes = list(fig.subplots(1, max(1, len(norms)), squeeze=False)[0])
+    fig.suptitle(f"{title}\nmean Jacobian operator norm on training points")
+    if not norms:
+        axes[0].text(0.5, 0.5, "no Jacobian statistics yet:\nrun `lipdd stats`", ha="center",
+                     transform=axes[0].transAxes)
+    return fig, axes
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """savefig to a temp name in the same folder, then rename: never half a PNG."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_rows: list[dict]) -> list[Path]:
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for key in ("train_error", "test_error"):
+        ax.plot(*points(width_rows, "width", key), "o-", label=key.replace("_", " "))
+    width_axis(ax, "final error", title)
+    written = [save(fig, out / "error_vs_width.png")]
+
+    fig, axes = panels(norms, f"{title}, last checkpoint")
+    for ax, norm in zip(axes, norms):
+        for summary in SUMMARIES:
+            ax.plot(*points(width_rows, "width", f"opnorm_{norm}_{summary}"), "o-", label=LABELS[summary])
+        width_axis(ax, "operator norm", f"normalization: {norm}")
+    written.append(save(fig, out / "lipschitz_vs_width.png"))
+
+    fig, axes = panels(norms, title)
+    widths = [row["width"] for row in width_rows]
+    colors = ScalarMappable(LogNorm(min(widths), max(widths)), "viridis")
+    for ax, norm in zip(axes, norms):
+        for width in widths:
+            rows = [row for row in epoch_rows if row["width"] == width]
+            ax.plot(*points(rows, "epoch", f"opnorm_{norm}_mean"), color=colors.to_rgba(width))
+        ax.set(xlabel="epoch", ylabel="operator norm", title=f"normalization: {norm}")
+    if norms:
+        bar = fig.colorbar(colors, ax=axes, label="width", ticks=LogLocator(base=2), format="{x:g}")
+        bar.minorticks_off()
+    written.append(save(fig, out / "lipschitz_vs_epoch.png"))
+    return written
+
+
+def report(cfg: Config) -> list[Path]:
+    """Draw the report for cfg's data, model family and label noise; returns the files written,
+    also logged as artifacts of a new report run in the same experiment."""
+    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
+    exp_id, runs = find_runs(cfg, client)
+    by_width, norms = collect(client, runs)
+    width_rows, epoch_rows = tables(by_width, norms)
+    out = Path(cfg.results_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{cfg.model} on {cfg.data}, label noise {cfg.label_noise:g}"
+    written = [files.write_csv(out / "by_width.csv", width_rows), files.write_csv(out / "by_epoch.csv", epoch_rows),
+               *draw(out, title, norms, width_rows, epoch_rows)]
+
+    run = client.create_run(exp_id, run_name=f"report-{cfg.model}-{cfg.data}-noise{cfg.label_noise:g}",
+                            tags={KIND: "report"})
+    with tracking.terminating(client, run.info.run_id):
+        tracking.log_params(client, run.info.run_id, dict(data=cfg.data, model=cfg.model, label_noise=cfg.label_noise,
+                                                          n_runs=len(runs), widths=sorted(by_width)))
+        for path in written:
+            client.log_artifact(run.info.run_id, str(path))
+    return written

@@ -1,0 +1,118 @@
+"""Training semantics with exact expectations, against a real MLflow store in a temp dir."""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from lipdd import config, train
+from lipdd.stats import list_checkpoints
+from lipdd.tracking import get_client
+
+FAST = dict(width=2, epochs=6, batch_size=256, eval_every=2, save_checkpoint=[3], device="cpu",
+            optimizer="sgd", learning_rate=0.05)
+
+
+def make(**overrides):
+    return config.build({**FAST, **overrides}, environ={})
+
+
+def final_weights(run_id):
+    """(epoch, state) of the run's last checkpoint, from the store in the cwd."""
+    client = get_client(f"sqlite:///{Path.cwd()}/mlflow.db")
+    epoch, path = list_checkpoints(client, run_id)[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        return epoch, torch.load(client.download_artifacts(run_id, path, tmp), weights_only=True)
+
+
+def test_learning_rate_warmup_then_step_decay():
+    cfg = config.build(dict(learning_rate=0.1, lr_warmup_epochs=4, lr_warmup_initial=0.02, lr_step=3,
+                            lr_decay_rate=0.5, epochs=12), environ={})
+    got = [train.learning_rate(cfg, e) for e in range(1, 13)]
+    want = [0.02, 0.04, 0.06, 0.08, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025]
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_learning_rate_constant_without_schedule():
+    cfg = config.build(dict(learning_rate=0.3), environ={})
+    assert {train.learning_rate(cfg, e) for e in range(1, 50)} == {0.3}
+
+
+@pytest.mark.parametrize("save, epochs, want", [
+    ([0], 10, {0, 10}),
+    ([5], 12, {0, 5, 10, 12}),
+    ([1, 3, 7], 10, {1, 3, 7}),
+])
+def test_checkpoint_epochs(save, epochs, want):
+    assert train.checkpoint_epochs(save, epochs) == want
+
+
+@pytest.mark.parametrize("save, want", [([0], [0, 6]), ([3], [0, 3, 6]), ([1, 3, 5], [1, 3, 5])])
+def test_checkpoints_saved_in_the_run(workdir, save, want):
+    run_id = train.train(make(save_checkpoint=save))
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    assert [e for e, _ in list_checkpoints(client, run_id)] == want
+
+
+def test_early_exit_stops_at_first_evaluation_past_threshold(workdir):
+    cfg = make(epochs=40, eval_every=2, early_exit_loss=True, stop_by_loss_threshold=2.0,
+               optimizer="adam", learning_rate=0.01, width=4)
+    run_id = train.train(cfg)
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    losses = client.get_metric_history(run_id, "train_loss")
+    steps = [m.step for m in losses]
+    assert steps == list(range(0, steps[-1] + 1, 2))
+    assert losses[-1].value <= 2.0 and all(m.value > 2.0 for m in losses[1:-1])
+    assert steps[-1] < 40
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["epochs_trained"] == str(steps[-1])
+    assert [e for e, _ in list_checkpoints(client, run_id)][-1] == steps[-1]
+
+
+def test_same_seed_gives_bitwise_identical_checkpoints(workdir):
+    a, b = train.train(make()), train.train(make())
+    (ea, sa), (eb, sb) = final_weights(a), final_weights(b)
+    assert ea == eb == 6
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    c = train.train(make(seed=7))
+    _, sc = final_weights(c)
+    assert not all(torch.equal(sa["model"][k], sc["model"][k]) for k in sa["model"])
+
+
+def test_resume_after_interruption_is_bitwise_identical(workdir, monkeypatch):
+    cfg = make(augmentation=True, optimizer="adam", learning_rate=0.01)
+    reference = train.train(cfg)
+
+    real_lr = train.learning_rate
+
+    def interrupted(cfg, epoch):  # the process dies during epoch 5, after the epoch-3 checkpoint
+        if epoch == 5:
+            raise KeyboardInterrupt
+        return real_lr(cfg, epoch)
+
+    monkeypatch.setattr(train, "learning_rate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    monkeypatch.setattr(train, "learning_rate", real_lr)
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    broken = [r for r in client.search_runs(["1"]) if r.info.status == "KILLED"]
+    assert len(broken) == 1
+    run_id = broken[0].info.run_id
+
+    assert train.train(config.build({**FAST, "augmentation": True, "optimizer": "adam",
+                                     "learning_rate": 0.01, "resume_from": run_id}, environ={})) == run_id
+    (e1, ref), (e2, resumed) = final_weights(reference), final_weights(run_id)
+    assert e1 == e2 == 6
+    assert all(torch.equal(ref["model"][k], resumed["model"][k]) for k in ref["model"])
+    assert client.get_run(run_id).info.status == "FINISHED"
+    # No duplicated steps, and the same loss history as the uninterrupted run.
+    hist = lambda rid, key: [(m.step, m.value) for m in client.get_metric_history(rid, key)]
+    for key in ("batch_loss", "train_loss", "test_accuracy"):
+        assert sorted(hist(run_id, key)) == sorted(hist(reference, key))
+
+
+def test_resume_refuses_different_parameters(workdir):
+    run_id = train.train(make())
+    with pytest.raises(config.ConfigError, match="learning_rate"):
+        train.train(make(resume_from=run_id, learning_rate=0.5))
