@@ -14,9 +14,13 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+# MLflow 3 sends usage telemetry by default; a cluster job or an offline laptop should not
+# open network connections behind the user's back. An explicit setting still wins.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 # MLflow's per-call limits for log_batch.
 MAX_METRICS, MAX_PARAMS = 1000, 100
