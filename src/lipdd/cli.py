@@ -18,8 +18,10 @@ GROUPS = {
     "prepare": ("data", "run"),
     "train": ("data", "model", "train", "run"),
     "stats": ("data", "model", "train", "run", "stats"),
+    "export-checkpoints": ("data", "model", "train", "run"),
 }
 DESCRIPTIONS = {
+    "export-checkpoints": "Write a run's checkpoints to SAVE_DIR/NAME/MODEL/DATA/SETTING/seed-SEED/checkpoints.zip.",
     "prepare": "Turn a dataset into the prepared format: uint8 arrays, clean and noisy labels, splits, meta.json.",
     "train": "Train one network; log params, per-batch loss, evaluations and checkpoints to one MLflow run.",
     "stats": "Compute per-sample statistics (Jacobian operator norm, ...) of a run's checkpoints.",
@@ -53,6 +55,8 @@ def build_parser() -> Parser:
         p = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command])
         p.add_argument("--params", metavar="FILE", help="params.yaml to start from (flags override it)")
         taken = set()
+        if command == "export-checkpoints":  # the run is found as `lipdd stats` finds it
+            add_field(p, next(f for f in config.field_specs(StatsConfig) if f.name == "run_id"), "stats.run_id")
         if "stats" in groups:  # stats flags win: --batch-size is the stats batch size here, as in the seed
             g = p.add_argument_group("statistics")
             for f in config.field_specs(StatsConfig):
@@ -101,7 +105,14 @@ def cmd_stats(cfg: Config) -> None:
         print(path)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "stats": cmd_stats}
+def cmd_export_checkpoints(cfg: Config) -> None:
+    from .stats import export_checkpoints
+
+    print(export_checkpoints(cfg))
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "stats": cmd_stats,
+            "export-checkpoints": cmd_export_checkpoints}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,10 +44,11 @@ def opt(default, help, group, flags=(), choices=None, kind=None):
 
 @dataclass
 class StatsConfig:
-    metric: list[str] = opt(list(METRICS), "statistics to compute", "stats", choices=METRICS, kind=str)
-    normalization: list[str] = opt(
-        ["none", "softmax"], "output normalisation(s) for the Jacobian metrics", "stats",
-        choices=NORMALIZATIONS, kind=str)
+    # Built-in defaults are the seed's (one metric, raw logits); params.yaml asks for more.
+    metric: list[str] = opt(["jacobian_operator_norm"], "statistics to compute", "stats", choices=METRICS,
+                            kind=str)
+    normalization: list[str] = opt(["none"], "output normalisation(s) for the Jacobian metrics", "stats",
+                                   choices=NORMALIZATIONS, kind=str)
     target_logit_only: bool = opt(False, "Jacobian of the labelled output only", "stats")
     dataset_split: str = opt("train", "split the samples come from", "stats", choices=SPLITS)
     num_samples: int | None = opt(None, "samples to use, a multiple of batch_size (default: whole split)",

@@ -9,9 +9,12 @@ checkpoint) gets one result file per shard and MLflow gets per-batch means
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ from . import data as datalib
 from . import files, tracking
 from .config import Config, ConfigError
 from .jacobian import JACOBIAN_METRICS, sample_stats
-from .train import make_model, resolve_device
+from .train import PLACE_PARAMS, make_model, resolve_device
 
 # Params that identify a training run the seed's way (compute_stats.py's flags).
 IDENTIFYING = ("data", "model", "width", "label_noise", "augmentation", "seed", "train_split", "val_split",
@@ -63,6 +66,14 @@ def resolve_run(cfg: Config, client) -> str:
     if not runs:
         raise ConfigError(f"stats.run_id: no finished run in experiment {cfg.name!r} has "
                           f"{', '.join(f'{k}={v}' for k, v in wanted.items())}; pass --run-id")
+    # Re-runs of one configuration are interchangeable (the latest wins); runs that differ in
+    # anything else (learning rate, epochs, ...) are a choice only the user can make.
+    what = lambda r: {k: v for k, v in r.data.params.items() if k not in PLACE_PARAMS}
+    differing = [r for r in runs if what(r) != what(runs[0])]
+    if differing:
+        listing = "; ".join(f"{r.info.run_id} ({r.info.run_name})" for r in runs[:10])
+        raise ConfigError(f"stats.run_id: {len(runs)} finished runs match and differ in other parameters: "
+                          f"{listing}; pass --run-id")
     return runs[0].info.run_id
 
 
@@ -119,11 +130,26 @@ def summarize(values: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-def output_dir(cfg: Config, run_cfg: Config) -> Path:
-    if cfg.stats.output_dir:
-        return Path(cfg.stats.output_dir)
+def seed_layout_dir(cfg: Config, run_cfg: Config) -> Path:
+    """SAVE_DIR/NAME/MODEL/DATA/TRAINING_SETTING/seed-SEED, as the seed scripts wrote."""
     return (Path(cfg.save_dir) / cfg.name / run_cfg.model_name / run_cfg.data / run_cfg.training_setting
             / f"seed-{run_cfg.seed}")
+
+
+def export_checkpoints(cfg: Config) -> Path:
+    """Every checkpoint of the run in one checkpoints.zip, in the seed layout."""
+    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
+    run_id = resolve_run(cfg, client)
+    run_cfg = configlib.from_flat(client.get_run(run_id).data.params)
+    path = seed_layout_dir(cfg, run_cfg) / "checkpoints.zip"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(run_id, "checkpoints", tmp))
+        # Zip beside the target, then rename: a killed export never leaves a truncated archive.
+        partial = shutil.make_archive(str(path.parent / f".checkpoints.{os.getpid()}"), "zip", local.parent,
+                                      local.name)
+    os.replace(partial, path)
+    return path
 
 
 def compute_stats(cfg: Config) -> list[Path]:
@@ -156,12 +182,15 @@ def compute_stats(cfg: Config) -> list[Path]:
     mean, std = prepared.meta["mean"], prepared.meta["std"]
     corrupted = (split.labels != split.clean_labels)[positions]
     first_batch = s.skip // s.batch_size
-    out_dir = output_dir(cfg, run_cfg)
+    out_dir = Path(s.output_dir) if s.output_dir else seed_layout_dir(cfg, run_cfg)
     logger = tracking.MetricLogger(client, run_id)
     written, summary_rows, last_summary = [], [], {}
 
     model = make_model(run_cfg, prepared.meta).to(device).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(out_dir / f"stats-{first_batch}.log", "a")  # beside the results, as the seed kept one
     for epoch, artifact in chosen:
+        started = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             local = client.download_artifacts(run_id, artifact, tmp)
             state = torch.load(local, map_location=device, weights_only=True)
@@ -177,6 +206,8 @@ def compute_stats(cfg: Config) -> list[Path]:
                 values.setdefault((metric, norm), []).append(v.detach().double().cpu())
                 logger.log(f"{s.dataset_split}_{name}_batch_mean_epoch{epoch:04d}", v.mean().item(),
                            first_batch + b)
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run {run_id} epoch {epoch}: {len(positions)} "
+                  f"{s.dataset_split} samples from position {s.skip}, {time.time() - started:.1f}s\n")
         row = {"epoch": epoch}
         for (metric, norm), chunks in values.items():
             name = stat_name(metric, norm, s.target_logit_only)
@@ -203,8 +234,11 @@ def compute_stats(cfg: Config) -> list[Path]:
                     target_logit_only=s.target_logit_only, dataset_hash=prepared.meta["content_hash"]),
             })
             written.append(path)
+            log.write(f"  {path.name}: mean {summary['mean']:.6g}\n")
         summary_rows.append(row)
         logger.flush()
+        log.flush()
+    log.close()
     out = Path(cfg.results_dir) / "stats"
     files.write_json(out / "metrics.json", {"run_id": run_id, "epoch": chosen[-1][0], **last_summary})
     files.write_csv(out / "history.csv", summary_rows)

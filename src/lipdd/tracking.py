@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 # MLflow 3 sends usage telemetry by default; a cluster job or an offline laptop should not
-# open network connections behind the user's back. An explicit setting still wins.
+# open network connections behind the user's back. Checkpoint downloads are many and small:
+# their progress bars would drown the output. An explicit setting of either still wins.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
