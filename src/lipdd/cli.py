@@ -1,4 +1,4 @@
-"""`lipdd prepare | train | stats`: the commands DVC stages and people both run.
+"""`lipdd prepare | train | stats | report`: the commands DVC stages and people both run.
 
 Flags are generated from the config fields, under the seed README's spellings, so
 `python train.py --label-noise=0.2 ...` becomes `lipdd train --label-noise=0.2 ...`.
@@ -19,8 +19,11 @@ GROUPS = {
     "train": ("data", "model", "train", "run"),
     "stats": ("data", "model", "train", "run", "stats"),
     "export-checkpoints": ("data", "model", "train", "run"),
+    "report": ("data", "model", "run"),
 }
 DESCRIPTIONS = {
+    "report": "Figures and tables across the finished runs of one data / model / label-noise setting, "
+              "by width and by epoch; logged to a report run.",
     "export-checkpoints": "Write a run's checkpoints to SAVE_DIR/NAME/MODEL/DATA/SETTING/seed-SEED/checkpoints.zip.",
     "prepare": "Turn a dataset into the prepared format: uint8 arrays, clean and noisy labels, splits, meta.json.",
     "train": "Train one network; log params, per-batch loss, evaluations and checkpoints to one MLflow run.",
@@ -111,8 +114,15 @@ def cmd_export_checkpoints(cfg: Config) -> None:
     print(export_checkpoints(cfg))
 
 
+def cmd_report(cfg: Config) -> None:
+    from .report import report
+
+    for path in report(cfg):
+        print(path)
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "stats": cmd_stats,
-            "export-checkpoints": cmd_export_checkpoints}
+            "export-checkpoints": cmd_export_checkpoints, "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,11 @@ import os
 import tempfile
 from pathlib import Path
 
+# mkstemp creates 0600 files; outputs should get the permissions any other new file gets.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+MODE = 0o666 & ~_UMASK
+
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     path = Path(path)
@@ -17,6 +22,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, MODE)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

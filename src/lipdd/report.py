@@ -38,7 +38,7 @@ def find_runs(cfg: Config, client) -> tuple[str, list]:
         raise ConfigError(f"name: experiment {cfg.name!r} does not exist in {client.tracking_uri}; "
                           "train some runs first")
     training = [r for r in client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
-                ]
+                if r.data.tags.get(KIND) != "report"]
     # Params are logged as str(value), so str() of the resolved config matches them exactly.
     wanted = dict(data=cfg.data, model=cfg.model, label_noise=str(cfg.label_noise))
     runs = [r for r in training if r.info.status == "FINISHED"

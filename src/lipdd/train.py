@@ -23,10 +23,16 @@ from .models import build_model
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+    """`auto` picks CUDA when present. An explicit CUDA device on a machine without one runs on
+    the CPU with a warning, so a GPU cluster's command also runs on a laptop, visibly slower."""
+    if name == "auto" or (name.startswith("cuda") and not torch.cuda.is_available()):
+        if name != "auto":
+            print(f"warning: device {name!r} requested but CUDA is not available; running on the CPU",
+                  file=sys.stderr)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise datalib.DataError(f"device: {name!r} requested but CUDA is not available; use cpu or auto")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} "
+                          "CUDA devices")
     return torch.device(name)
 
 

@@ -1,0 +1,154 @@
+"""lipdd report against a real SQLite MLflow store holding small, hand-made training runs."""
+
+import csv
+import random
+import shutil
+import time
+
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from lipdd import config, tracking
+from lipdd.config import ConfigError
+from lipdd.report import report
+
+EPOCHS = 4
+CHECKPOINTS = (0, 2, 4)
+OPNORM = [f"train_jacobian_operator_norm_{n}_{s}" for n in ("none", "softmax")
+          for s in ("mean", "median", "std", "clean_mean", "corrupted_mean")]
+# Logged by stats too, but not what the report reads: per-batch means and another split.
+IGNORED = ["train_jacobian_operator_norm_none_batch_mean_epoch0004", "test_jacobian_operator_norm_none_mean"]
+FILES = {"by_width.csv", "by_epoch.csv", "error_vs_width.png", "lipschitz_vs_width.png", "lipschitz_vs_epoch.png"}
+
+
+@pytest.fixture
+def store(empty_store, tmp_path):
+    """A real SQLite store of this test's own, from conftest's migrated empty one."""
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    # Explicit artifact location: otherwise artifacts would land under the working directory.
+    exp_id = client.create_experiment("lipdd", artifact_location=(tmp_path / "artifacts").as_uri())
+    return uri, client, exp_id
+
+
+def make_run(client, exp_id, status="FINISHED", stats=True, **overrides):
+    """A training run as train + stats log it; returns its id and {metric: {epoch: value}}."""
+    cfg = config.build(overrides, environ={})
+    run_id = client.create_run(exp_id, run_name=cfg.run_name()).info.run_id
+    tracking.log_params(client, run_id, cfg.flat())
+    rng, now, logged = random.Random(run_id), int(time.time() * 1000), {}
+    for epoch in range(EPOCHS + 1):
+        keys = ["train_error", "test_error", "train_loss", "lr"]
+        if stats and epoch in CHECKPOINTS:
+            keys += OPNORM + IGNORED
+        for key in keys:
+            logged.setdefault(key, {})[epoch] = rng.random()
+    metrics = [Metric(k, v, now, step) for k, series in logged.items() for step, v in series.items()]
+    client.log_batch(run_id, metrics=metrics[::-1])  # highest step first: "final" is not "last logged"
+    client.set_terminated(run_id, status)
+    return run_id, logged
+
+
+def report_config(uri, tmp_path, **overrides):
+    return config.build({"tracking_uri": uri, "results_dir": str(tmp_path / "results"), "label_noise": 0.2,
+                         **overrides}, environ={})
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_report(store, tmp_path):
+    uri, client, exp_id = store
+    runs = {1: [make_run(client, exp_id, width=1, label_noise=0.2)],
+            2: [make_run(client, exp_id, width=2, seed=s, label_noise=0.2) for s in (1, 2)],
+            4: [make_run(client, exp_id, width=4, label_noise=0.2)]}
+    make_run(client, exp_id, width=8, label_noise=0.4)  # other noise level
+    make_run(client, exp_id, width=8, label_noise=0.2, status="RUNNING")  # unfinished
+    make_run(client, exp_id, width=8, label_noise=0.2, model="resnet18")  # other family
+    empty = client.create_run(exp_id).info.run_id  # finished, but neither errors nor stats
+    tracking.log_params(client, empty, config.build({"width": 8, "label_noise": 0.2}, environ={}).flat())
+    client.set_terminated(empty, "FINISHED")
+
+    # `lipdd stats` rerun on the width-4 run: at each step the newer (here smaller) value wins, as in MLflow.
+    run_id, logged = runs[4][0]
+    later = int(time.time() * 1000) + 1000
+    for key in OPNORM:
+        for epoch in CHECKPOINTS:
+            logged[key][epoch] -= 1
+    client.log_batch(run_id, metrics=[Metric(k, logged[k][e], later, e) for k in OPNORM for e in CHECKPOINTS])
+
+    cfg = report_config(uri, tmp_path)
+    written = report(cfg)
+    out = tmp_path / "results" / "report"
+    assert {p.name for p in written} == FILES and all(p.parent == out for p in written)
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)  # no temp files left behind
+    for p in written:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
+
+    def expected(group, key, epoch=EPOCHS):
+        values = [logged[key][epoch] for _, logged in group]
+        return sum(values) / len(values)
+
+    rows = read_csv(out / "by_width.csv")
+    assert [int(r["width"]) for r in rows] == [1, 2, 4]
+    norm_columns = [f"opnorm_{n}_{s}" for n in ("none", "softmax") for s in ("mean", "clean_mean", "corrupted_mean")]
+    assert list(rows[0]) == ["width", "n_runs", "train_error", "test_error", *norm_columns, "run_ids"]
+    for row in rows:
+        group = runs[int(row["width"])]
+        assert int(row["n_runs"]) == len(group)
+        assert set(row["run_ids"].split(";")) == {run_id for run_id, _ in group}
+        for key in ("train_error", "test_error"):
+            assert float(row[key]) == expected(group, key)
+        for column in norm_columns:
+            assert float(row[column]) == expected(group, column.replace("opnorm", "train_jacobian_operator_norm"))
+
+    rows = read_csv(out / "by_epoch.csv")
+    assert [(int(r["width"]), int(r["epoch"])) for r in rows] == [(w, e) for w in (1, 2, 4) for e in CHECKPOINTS]
+    assert list(rows[0]) == ["width", "epoch", *norm_columns]
+    for row in rows:
+        group, epoch = runs[int(row["width"])], int(row["epoch"])
+        for column in norm_columns:
+            key = column.replace("opnorm", "train_jacobian_operator_norm")
+            assert float(row[column]) == expected(group, key, epoch)
+
+    (run,) = client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")
+    assert run.info.status == "FINISHED" and run.info.run_name == "report-cnn5-digits-noise0.2"
+    assert run.data.params["n_runs"] == "4" and run.data.params["label_noise"] == "0.2"
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == FILES
+
+    # A second report ignores the first report run, although it carries the same params.
+    before = (out / "by_width.csv").read_text()
+    report(cfg)
+    assert (out / "by_width.csv").read_text() == before
+    assert len(client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")) == 2
+
+
+def test_report_without_stats(store, tmp_path):
+    """Errors only, one width: the figures still come out, with no operator-norm columns."""
+    uri, client, exp_id = store
+    run_id, logged = make_run(client, exp_id, stats=False, width=3, label_noise=0.2)
+    report(report_config(uri, tmp_path))
+    (row,) = read_csv(tmp_path / "results" / "report" / "by_width.csv")
+    assert row == {"width": "3", "n_runs": "1", "train_error": str(logged["train_error"][EPOCHS]),
+                   "test_error": str(logged["test_error"][EPOCHS]), "run_ids": run_id}
+    assert (tmp_path / "results" / "report" / "lipschitz_vs_epoch.png").stat().st_size > 0
+
+
+def test_no_matching_run(store, tmp_path):
+    uri, client, exp_id = store
+    make_run(client, exp_id, width=1, label_noise=0.2)
+    report(report_config(uri, tmp_path))  # a report run carries the same params: it must not count
+    out = tmp_path / "results" / "report"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    training = r"it has 1 training runs \(data/model/label_noise: 1 x digits/cnn5/0.2\)"
+    with pytest.raises(ConfigError, match=rf"label_noise=0.3; {training}"):
+        report(report_config(uri, tmp_path, label_noise=0.3))
+    with pytest.raises(ConfigError, match="experiment 'no-such' does not exist"):
+        report(report_config(uri, tmp_path, name="no-such"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert len(client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")) == 1

@@ -1,0 +1,101 @@
+"""The seed README's commands, pasted with `lipdd train` / `lipdd stats` for the scripts and
+smaller sizes, on a directory in the real CIFAR-10 on-disk format."""
+
+import json
+import shlex
+import zipfile
+
+import numpy as np
+import pytest
+
+from cifar_fixture import write_cifar10
+from lipdd import cli
+from lipdd.data import load_prepared
+from lipdd.tracking import get_client
+
+# Seed values kept, except: --epochs, --train-split, --val-split, width and --num-samples
+# (smaller), and --no-verify-checksums (the fixture's bytes are not the real files').
+TRAIN = """train --device=cuda --name='test' --save-dir='checkpoints' --data-dir="./data" --workers=4
+  --data="cifar10" --label-noise=0.2 --model="resnet18_2" --optimizer=sgd --batch-size=128 --epochs=2
+  --augmentation --momentum=0.9 --weight-decay=0 --learning-rate=0.005 --lr-warmup-epochs=5
+  --lr-warmup-initial=0.001 --seed=42 --train-split=80 --val-split=20 --eval-every=10
+  --no-verify-checksums"""
+STATS = """stats --device="cuda" --name=test --save-dir=checkpoints --workers=4 --data-dir=./data
+  --data=cifar10 --dataset-split=train --label-noise=0.2 --model=resnet18_2 --augmentation --seed 42
+  --checkpoint=1 --train-split=80 --val-split=20 --num-samples=40 --batch-size=20
+  --metric=jacobian_operator_norm --no-verify-checksums"""
+SEED_DIR = "checkpoints/test/resnet18_2/cifar10/augmentation/seed-42"
+
+
+@pytest.fixture
+def trained(workdir):
+    write_cifar10(workdir / "data", n_train_per_batch=20, n_test=30)
+    assert cli.main(shlex.split(TRAIN)) == 0
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    return client, run
+
+
+def test_seed_train_command(trained, workdir):
+    client, run = trained
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model"] == "resnet18" and run.data.params["width"] == "2"
+    assert run.data.params["augmentation"] == "True" and run.data.params["train_split"] == "80"
+    prepared = load_prepared(workdir / "data/prepared/cifar10")
+    assert {k: len(v.labels) for k, v in prepared.splits.items()} == {"train": 80, "val": 20, "test": 30}
+    assert prepared.splits["train"].corrupted.sum() == 16
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 2]
+    # The seed's warmup: epoch 1 at lr_warmup_initial, then linear towards learning_rate.
+    lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    assert lrs == pytest.approx([0.001 + (0.005 - 0.001) * 1 / 5])
+
+
+def test_seed_stats_command(trained, workdir):
+    client, run = trained
+    assert cli.main(shlex.split(STATS)) == 0
+    out = workdir / SEED_DIR / "jacobian_operator_norm_none_train_epoch0002-0.json"
+    result = json.loads(out.read_text())
+    assert set(result) == {"stats", "sample_ids", "targets", "ground_truths", "metadata"}
+    assert len(result["stats"]) == 40 and all(v > 0 for v in result["stats"])
+    meta = result["metadata"]
+    assert (meta["run_id"], meta["checkpoint_epoch"], meta["metric"], meta["normalization"]) == (
+        run.info.run_id, 2, "jacobian_operator_norm", "none")
+    assert (meta["model"], meta["dataset"], meta["label_noise"], meta["augmentation"]) == (
+        "resnet18_2", "cifar10", 0.2, True)
+    # The samples are the first 40 of the mc_sample_seed order; targets noisy, ground truths clean.
+    train = load_prepared(workdir / "data/prepared/cifar10").splits["train"]
+    order = np.random.default_rng(0).permutation(80)[:40]
+    assert result["sample_ids"] == train.index[order].tolist()
+    assert result["targets"] == train.labels[order].tolist()
+    assert result["ground_truths"] == train.clean_labels[order].tolist()
+    assert (workdir / SEED_DIR / "stats-0.log").read_text().count("epoch 2") == 1
+    assert [m.step for m in client.get_metric_history(
+        run.info.run_id, "train_jacobian_operator_norm_none_mean")] == [2]
+
+
+def test_skip_selects_the_next_shard(trained, workdir):
+    assert cli.main(shlex.split(STATS.replace("--checkpoint=1", "--checkpoint=0 --skip=20"))) == 0
+    shard = json.loads((workdir / SEED_DIR / "jacobian_operator_norm_none_train_epoch0000-1.json").read_text())
+    train = load_prepared(workdir / "data/prepared/cifar10").splits["train"]
+    assert shard["sample_ids"] == train.index[np.random.default_rng(0).permutation(80)[20:40]].tolist()
+
+
+def test_export_checkpoints_writes_the_seed_zip(trained, workdir, capsys):
+    argv = shlex.split(STATS)
+    keep = [a for a in argv[1:] if not a.startswith(("--checkpoint", "--num-samples", "--batch-size",
+                                                     "--metric", "--dataset-split"))]
+    assert cli.main(["export-checkpoints", *keep]) == 0
+    with zipfile.ZipFile(workdir / SEED_DIR / "checkpoints.zip") as z:
+        assert sorted(z.namelist()) == ["checkpoints/", "checkpoints/epoch_0000.pt", "checkpoints/epoch_0002.pt"]
+
+
+def test_checkpoint_flag_without_value_lists_them(trained, capsys):
+    argv = [a for a in shlex.split(STATS) if not a.startswith("--checkpoint")] + ["--checkpoint"]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == ["0\tepoch 0\tcheckpoints/epoch_0000.pt",
+                                                    "1\tepoch 2\tcheckpoints/epoch_0002.pt"]
+
+
+def test_ordinal_out_of_range_is_refused(trained, capsys):
+    assert cli.main(shlex.split(STATS.replace("--checkpoint=1", "--checkpoint=5"))) == 2
+    assert "stats.checkpoint: ordinal 5 is out of range; the run has 2 checkpoints" in capsys.readouterr().err
