@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from lipdd import config, train
-from lipdd.stats import list_checkpoints
-from lipdd.tracking import get_client
+from lipdd.tracking import get_client, list_checkpoints
 
 FAST = dict(width=2, epochs=6, batch_size=256, eval_every=2, save_checkpoint=[3], device="cpu",
             optimizer="sgd", learning_rate=0.05)
@@ -116,3 +115,64 @@ def test_resume_refuses_different_parameters(workdir):
     run_id = train.train(make())
     with pytest.raises(config.ConfigError, match="learning_rate"):
         train.train(make(resume_from=run_id, learning_rate=0.5))
+
+
+def test_a_killed_run_is_continued_by_the_same_command(workdir, monkeypatch):
+    """Started again with the same parameters, training continues the interrupted run."""
+    real_lr = train.learning_rate
+    monkeypatch.setattr(train, "learning_rate", lambda c, e: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if e == 5 else real_lr(c, e))
+    with pytest.raises(KeyboardInterrupt):
+        train.train(make())
+    monkeypatch.setattr(train, "learning_rate", real_lr)
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    (killed,) = client.search_runs(["1"])
+    assert train.train(make()) == killed.info.run_id
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(killed.info.run_id, "batch_loss")]
+    assert steps == list(range(1, 6 * 6 + 1))  # ceil(1297 / 256) = 6 steps per epoch, none repeated
+
+
+def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(workdir, capsys):
+    from lipdd import cli
+
+    argv = ["train", "--width", "2", "--epochs", "6", "--save-checkpoint", "1", "--device", "cpu",
+            "--optimizer", "sgd", "--learning-rate", "1e12", "--batch-size", "256"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training diverged: loss" in err[0] and "at epoch 1, step" in err[0]
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    (run,) = client.search_runs(["1"])
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["error"]
+    assert [e for e, _ in list_checkpoints(client, run.info.run_id)] == [0]
+    # A diverged run is not resumed: the same command starts afresh (and diverges again).
+    assert cli.main(argv) == 1
+    assert len(client.search_runs(["1"])) == 2
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(workdir, tmp_path):
+    """weights_only loading: the pickle's payload never executes."""
+    import pickle
+
+    from lipdd import tracking
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    run_id = train.train(make(epochs=1))
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    evil = tmp_path / "evil" / "epoch_0009.pt"
+    evil.parent.mkdir()
+    torch.save({"model": Payload()}, evil, pickle_module=pickle)
+    client.log_artifact(run_id, str(evil), "checkpoints")
+    with pytest.raises(tracking.CheckpointError, match="cannot be loaded safely"):
+        tracking.load_checkpoint(client, run_id, "checkpoints/epoch_0009.pt")
+    assert not marker.exists()
+    truncated = tmp_path / "evil" / "epoch_0010.pt"
+    truncated.write_bytes((workdir / "mlflow.db").read_bytes()[:100])
+    client.log_artifact(run_id, str(truncated), "checkpoints")
+    with pytest.raises(tracking.CheckpointError, match="epoch_0010.pt of run"):
+        tracking.load_checkpoint(client, run_id, "checkpoints/epoch_0010.pt")

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
 
 from . import config
-from .config import Config, ConfigError, StatsConfig
+from .config import Config, ConfigError, StatsConfig, TrainingDiverged
 
 GROUPS = {
     "prepare": ("data", "run"),
@@ -75,15 +76,28 @@ def build_parser() -> Parser:
     return parser
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
+    # `kill`, a scheduler's preemption and `dvc queue kill` send SIGTERM: end like Ctrl-C,
+    # so the MLflow run is marked KILLED instead of staying RUNNING.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         cfg = config.build(overrides, params_file=args.params)
         return COMMANDS[args.command](cfg) or 0
-    except ConfigError as e:  # DataError is one too
+    except ConfigError as e:  # bad input, data, checkpoints: the user's to fix
         print(f"lipdd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lipdd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except TrainingDiverged as e:
+        print(f"lipdd {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def cmd_prepare(cfg: Config) -> None:

@@ -33,6 +33,10 @@ class ConfigError(ValueError):
     """Invalid input: the CLI prints it on one line and exits with status 2."""
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss: the run is FAILED, its last good checkpoint stays; exit status 1."""
+
+
 def opt(default, help, group, flags=(), choices=None, kind=None):
     """A config field. `kind` is the element parser for list fields and the parser for
     fields whose default is None; `flags` are extra CLI spellings (the seed's aliases)."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -75,16 +74,6 @@ def resolve_run(cfg: Config, client) -> str:
         raise ConfigError(f"stats.run_id: {len(runs)} finished runs match and differ in other parameters: "
                           f"{listing}; pass --run-id")
     return runs[0].info.run_id
-
-
-def list_checkpoints(client, run_id: str) -> list[tuple[int, str]]:
-    """(epoch, artifact path) of every checkpoint of the run, by epoch."""
-    found = []
-    for item in client.list_artifacts(run_id, "checkpoints"):
-        m = re.fullmatch(r"checkpoints/epoch_(\d+)\.pt", item.path)
-        if m:
-            found.append((int(m.group(1)), item.path))
-    return sorted(found)
 
 
 def select_checkpoints(cfg: Config, available: list[tuple[int, str]], steps_per_epoch: int):
@@ -159,7 +148,7 @@ def compute_stats(cfg: Config) -> list[Path]:
     run_id = resolve_run(cfg, client)
     run = client.get_run(run_id)
     run_cfg = configlib.from_flat(run.data.params)
-    available = list_checkpoints(client, run_id)
+    available = tracking.list_checkpoints(client, run_id)
     if s.checkpoint == []:  # the seed: no checkpoint given -> list them
         for i, (epoch, path) in enumerate(available):
             print(f"{i}\tepoch {epoch}\t{path}")
@@ -191,9 +180,7 @@ def compute_stats(cfg: Config) -> list[Path]:
     log = open(out_dir / f"stats-{first_batch}.log", "a")  # beside the results, as the seed kept one
     for epoch, artifact in chosen:
         started = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            local = client.download_artifacts(run_id, artifact, tmp)
-            state = torch.load(local, map_location=device, weights_only=True)
+        state = tracking.load_checkpoint(client, run_id, artifact, device)
         model.load_state_dict(state["model"])
         values: dict[tuple[str, str], list[torch.Tensor]] = {}
         batches = range(0, len(positions), s.batch_size)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +25,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+from .config import ConfigError  # noqa: E402
 
 # MLflow's per-call limits for log_batch.
 MAX_METRICS, MAX_PARAMS = 1000, 100
@@ -128,3 +132,62 @@ def terminating(client: MlflowClient, run_id: str) -> Iterator[None]:
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
+
+
+# --- checkpoints: artifacts checkpoints/epoch_NNNN.pt of a training run ---------------------
+
+def list_checkpoints(client: MlflowClient, run_id: str) -> list[tuple[int, str]]:
+    """(epoch, artifact path) of every checkpoint of the run, by epoch."""
+    found = []
+    for item in client.list_artifacts(run_id, "checkpoints"):
+        m = re.fullmatch(r"checkpoints/epoch_(\d+)\.pt", item.path)
+        if m:
+            found.append((int(m.group(1)), item.path))
+    return sorted(found)
+
+
+def log_checkpoint(client: MlflowClient, run_id: str, state: dict, epoch: int) -> None:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"epoch_{epoch:04d}.pt"
+        torch.save(state, path)
+        client.log_artifact(run_id, str(path), "checkpoints")
+
+
+def load_checkpoint(client: MlflowClient, run_id: str, artifact: str, device="cpu") -> dict:
+    """A checkpoint as plain tensors and containers. weights_only=True refuses any pickled
+    object that would run code on load: checkpoints may come from other people."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = client.download_artifacts(run_id, artifact, tmp)
+        try:
+            return torch.load(local, map_location=device, weights_only=True)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {artifact} of run {run_id} cannot be loaded safely: "
+                                  f"{reason[:300]}") from None
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is corrupted, truncated or carries code; never loaded."""
+
+
+def process_alive(run) -> bool:
+    """Whether the process that owns a RUNNING run may still exist. Only its own host can
+    tell; a run of another host counts as alive, one without owner tags as dead."""
+    host, pid = run.data.tags.get("host"), run.data.tags.get("pid", "")
+    if host != socket.gethostname() or not pid.isdigit():
+        return host is not None and host != socket.gethostname()
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_tags() -> dict[str, str]:
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}

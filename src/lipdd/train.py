@@ -6,9 +6,9 @@ function of the epoch, so a checkpoint needs no scheduler object to resume exact
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import data as datalib
 from . import files, tracking
-from .config import Config, ConfigError
+from .config import Config, ConfigError, TrainingDiverged
 from .models import build_model
 
 
@@ -104,10 +104,7 @@ def evaluation(model, splits, mean, std) -> dict[str, float]:
 def save_checkpoint(client, run_id, model, optimizer, epoch, step, generators, cfg) -> None:
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, global_step=step,
                  rng={k: g.get_state() for k, g in generators.items()}, config=cfg.flat())
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"epoch_{epoch:04d}.pt"
-        torch.save(state, path)
-        client.log_artifact(run_id, str(path), "checkpoints")
+    tracking.log_checkpoint(client, run_id, state, epoch)
 
 
 # Params that say where a run executes, not what it computes: free to differ on resume.
@@ -118,39 +115,61 @@ PLACE_PARAMS = ("resume_from", "device", "workers", "data_dir", "prepared_dir", 
 def start_run(client, cfg: Config, meta: dict, steps_per_epoch: int) -> str:
     exp_id = tracking.experiment_id(client, cfg.name)
     tags = {"dvc_exp_name": os.environ.get("DVC_EXP_NAME"), "git_commit": tracking.git_commit(),
-            "dataset_hash": meta["content_hash"], "steps_per_epoch": steps_per_epoch}
+            "dataset_hash": meta["content_hash"], "steps_per_epoch": steps_per_epoch, **tracking.owner_tags()}
     run = client.create_run(exp_id, run_name=cfg.run_name(),
                             tags={k: str(v) for k, v in tags.items() if v is not None})
     tracking.log_params(client, run.info.run_id, cfg.flat())
     return run.info.run_id
 
 
-def resume_run(client, cfg: Config, model, optimizer, generators) -> tuple[int, int]:
-    """Load the last checkpoint of run `cfg.resume_from` into model, optimizer and generators;
-    returns (epoch, global step). The run must have been trained with the same parameters."""
-    from .stats import list_checkpoints  # the one place that knows the artifact layout
+def same_training(params: dict[str, str], cfg: Config) -> str | None:
+    """The first parameter in which a run's params differ from cfg's, if any."""
+    for key, value in cfg.flat().items():
+        if key not in PLACE_PARAMS and params.get(key) != str(value):
+            return key
+    return None
 
-    run_id = cfg.resume_from
+
+def interrupted_run(client, cfg: Config) -> str | None:
+    """The latest run of this exact training that was interrupted (KILLED, FAILED but not
+    diverged, or RUNNING with its process gone) and holds a checkpoint: started again with
+    the same parameters, a training continues it rather than starting over."""
+    exp = client.get_experiment_by_name(cfg.name)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"params.model = '{cfg.model}' and params.width = "
+                              f"'{cfg.width}' and attributes.status != 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if (same_training(run.data.params, cfg) is None and "diverged" not in run.data.tags
+                and not (run.info.status == "RUNNING" and tracking.process_alive(run))
+                and tracking.list_checkpoints(client, run.info.run_id)):
+            return run.info.run_id
+    return None
+
+
+def resume_run(client, run_id: str, cfg: Config, model, optimizer, generators) -> tuple[int, int]:
+    """Load the last checkpoint of run `run_id` into model, optimizer and generators;
+    returns (epoch, global step). The run must have been trained with the same parameters."""
     try:
         run = client.get_run(run_id)
     except Exception:
         raise ConfigError(f"resume_from: {run_id!r} is not a run in the store {client.tracking_uri}") from None
-    ours = {k: str(v) for k, v in cfg.flat().items() if k not in PLACE_PARAMS}
-    for key, value in ours.items():
-        if run.data.params.get(key) != value:
-            raise ConfigError(f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this "
-                              f"training asks for {value!r}; resume with the run's parameters")
-    checkpoints = list_checkpoints(client, run_id)
+    key = same_training(run.data.params, cfg)
+    if key is not None:
+        raise ConfigError(f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this "
+                          f"training asks for {str(getattr(cfg, key))!r}; resume with the run's parameters")
+    checkpoints = tracking.list_checkpoints(client, run_id)
     if not checkpoints:
         raise ConfigError(f"resume_from: run {run_id} has no checkpoint to resume from")
-    with tempfile.TemporaryDirectory() as tmp:
-        state = torch.load(client.download_artifacts(run_id, checkpoints[-1][1], tmp), weights_only=True,
-                           map_location="cpu")
+    state = tracking.load_checkpoint(client, run_id, checkpoints[-1][1])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     for name, g in generators.items():
         g.set_state(state["rng"][name])
     client.update_run(run_id, "RUNNING")
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tracking.owner_tags().items()])
+    print(f"resuming run {run_id} from epoch {state['epoch']}", file=sys.stderr)
     return state["epoch"], state["global_step"]
 
 
@@ -174,14 +193,14 @@ def train(cfg: Config) -> str:
 
     uri = tracking.tracking_uri(cfg.tracking_uri)
     client = tracking.get_client(uri)
-    if cfg.resume_from:
-        start_epoch, step = resume_run(client, cfg, model, optimizer, generators)
-        run_id = cfg.resume_from
+    run_id = cfg.resume_from or interrupted_run(client, cfg)
+    if run_id:
+        start_epoch, step = resume_run(client, run_id, cfg, model, optimizer, generators)
     else:
         run_id, start_epoch, step = start_run(client, cfg, meta, steps_per_epoch), 0, 0
     with tracking.terminating(client, run_id):
         # A resumed run re-computes bit-identical values for steps it had logged: send only new ones.
-        logger = tracking.MetricLogger(client, run_id, skip_logged=bool(cfg.resume_from))
+        logger = tracking.MetricLogger(client, run_id, skip_logged=start_epoch > 0)
         epoch = start_epoch
         if epoch == 0:
             row = evaluation(model, splits, mean, std)
@@ -208,8 +227,14 @@ def train(cfg: Config) -> str:
                 optimizer.step()
                 step += 1
             # One host sync per epoch instead of one per step.
-            for j, value in enumerate(torch.stack(batch_losses).tolist()):
-                s = step - len(batch_losses) + j + 1
+            losses = torch.stack(batch_losses).tolist()
+            first_step = step - len(losses) + 1
+            for s, value in enumerate(losses, first_step):
+                if not math.isfinite(value):
+                    client.set_tag(run_id, "diverged", "true")
+                    raise TrainingDiverged(f"training diverged: loss {value} at epoch {epoch}, step {s}; "
+                                           "lower the learning rate (the last good checkpoint stays in run "
+                                           f"{run_id})")
                 if s % cfg.loss_checkpoint == 0:
                     logger.log("batch_loss", value, s)
             stop = False
