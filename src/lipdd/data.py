@@ -276,19 +276,38 @@ def load_prepared(path, verify: bool = True) -> Prepared:
     return Prepared(meta, splits)
 
 
-def ensure_prepared(cfg: Config) -> Prepared:
-    """The prepared data `cfg` asks for: what is on disk when its meta matches (always the case
-    under `dvc repro`, whose prepare stage ran first), else prepared now, so `lipdd train` and
-    `lipdd stats` also work as drop-ins for the seed scripts, with no separate prepare step."""
+def ensure_prepared(cfg: Config, expected_hash: str | None = None) -> Prepared:
+    """The prepared data `cfg` asks for, prepared now if needed, so `lipdd train` and `lipdd
+    stats` also work without a separate prepare step (the seed scripts had none).
+
+    `<prepared_dir>/<data>` is the pipeline's copy (a DVC output): used when its parameters
+    match, created when missing, never overwritten here. Other parameters get a folder of
+    their own beside it, so analysing an older run by hand leaves the pipeline's data alone.
+    `expected_hash` (a run's dataset_hash) must match what is used."""
     wanted = dict(dataset=cfg.data, label_noise=float(cfg.label_noise), label_seed=cfg.label_seed,
                   train_split=cfg.train_split, val_split=cfg.val_split, data_split_seed=cfg.data_split_seed)
-    meta_path = cfg.prepared_path / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if any(meta.get(k) != v for k, v in wanted.items()):
-        print(f"preparing {cfg.data} in {cfg.prepared_path} (label_noise={cfg.label_noise:g})")
-        prepare(cfg.prepared_path, cfg.data, cfg.data_dir, cfg.verify_checksums, cfg.label_noise,
-                cfg.label_seed, cfg.train_split, cfg.val_split, cfg.data_split_seed)
-    return load_prepared(cfg.prepared_path)
+    path = cfg.prepared_path
+    if path.exists() and not _matches(path, wanted):
+        key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
+        path = path.parent / f"{cfg.data}-{key}"
+    if not _matches(path, wanted):
+        print(f"preparing {cfg.data} in {path} (label_noise={cfg.label_noise:g})")
+        prepare(path, cfg.data, cfg.data_dir, cfg.verify_checksums, cfg.label_noise, cfg.label_seed,
+                cfg.train_split, cfg.val_split, cfg.data_split_seed)
+    prepared = load_prepared(path)
+    if expected_hash and prepared.meta["content_hash"] != expected_hash:
+        raise DataError(f"data: the prepared data in {path} (hash {prepared.meta['content_hash'][:12]}) is not "
+                        f"the data the run was trained on (hash {expected_hash[:12]}); the source files in "
+                        f"{cfg.data_dir} or the code that prepares them changed")
+    return prepared
+
+
+def _matches(path: Path, wanted: dict) -> bool:
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        return False
+    meta = json.loads(meta_path.read_text())
+    return all(meta.get(k) == v for k, v in wanted.items())
 
 
 # ----------------------------------------------------------------------------- on-device batches

@@ -141,6 +141,28 @@ def export_checkpoints(cfg: Config) -> Path:
     return path
 
 
+def checkpoint_values(model, images, labels, mean, std, s) -> tuple[dict, dict]:
+    """Per-sample values (float64 numpy) and per-batch means of every statistic, keyed by
+    (metric, normalization), for one loaded checkpoint."""
+    values, batch_means = {}, {}
+    batches = range(0, len(images), s.batch_size)
+    for i in tqdm(batches, desc="batches", disable=not sys.stderr.isatty()):
+        x = datalib.normalize(images[i:i + s.batch_size], mean, std)
+        result = sample_stats(model, x, labels[i:i + s.batch_size], s.metric, s.normalization,
+                              s.target_logit_only, s.bigmem)
+        for key, v in result.items():
+            values.setdefault(key, []).append(v.detach().double().cpu())
+    for key, chunks in values.items():
+        batch_means[key] = [c.mean().item() for c in chunks]
+        values[key] = torch.cat(chunks).numpy()
+    return values, batch_means
+
+
+def pipeline_run_id(cfg: Config) -> str | None:
+    run_file = Path(cfg.results_dir) / "train" / "run.json"
+    return json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+
+
 def compute_stats(cfg: Config) -> list[Path]:
     """Run the stats stage as `cfg` says; returns the result files written."""
     s = cfg.stats
@@ -155,24 +177,29 @@ def compute_stats(cfg: Config) -> list[Path]:
         return []
     chosen = select_checkpoints(cfg, available, int(run.data.tags.get("steps_per_epoch", 0)) or 1)
 
-    prepared = datalib.ensure_prepared(run_cfg)
-    if run.data.tags.get("dataset_hash") not in (None, prepared.meta["content_hash"]):
-        raise ConfigError(f"data: the prepared data's hash {prepared.meta['content_hash'][:12]} differs from "
-                          f"run {run_id}'s {run.data.tags['dataset_hash'][:12]}; re-run `lipdd prepare` "
-                          "with that run's data parameters")
+    prepared = datalib.ensure_prepared(run_cfg, expected_hash=run.data.tags.get("dataset_hash"))
     if s.dataset_split not in prepared.splits:
         raise ConfigError(f"stats.dataset_split: {s.dataset_split!r} does not exist for this run; it has "
                           f"{sorted(prepared.splits)} (a 'val' split needs train_split and val_split)")
     split = prepared.splits[s.dataset_split]
     positions = sample_selection(cfg, len(split.labels))
     device = resolve_device(cfg.device)
-    images, labels, clean = (t[torch.as_tensor(positions, device=device)]
-                             for t in datalib.to_device(split, device))
-    mean, std = prepared.meta["mean"], prepared.meta["std"]
-    corrupted = (split.labels != split.clean_labels)[positions]
+    images, labels = (t[torch.as_tensor(positions, device=device)] for t in datalib.to_device(split, device)[:2])
+    mean, std = (torch.tensor(prepared.meta[k], device=device) for k in ("mean", "std"))
+    corrupted = split.corrupted[positions]
     first_batch = s.skip // s.batch_size
     out_dir = Path(s.output_dir) if s.output_dir else seed_layout_dir(cfg, run_cfg)
+    # The pipeline's summary describes the pipeline's run; any other run's goes beside its results.
+    summary_dir = Path(cfg.results_dir) / "stats" if run_id == pipeline_run_id(cfg) else out_dir
     logger = tracking.MetricLogger(client, run_id)
+    metadata = dict(run_id=run_id, model=run_cfg.model_name, dataset=run_cfg.data, split=s.dataset_split,
+                    label_noise=run_cfg.label_noise, augmentation=run_cfg.augmentation, seed=run_cfg.seed,
+                    label_seed=run_cfg.label_seed, data_split_seed=run_cfg.data_split_seed,
+                    mc_sample_seed=s.mc_sample_seed, num_samples=len(positions), skip=s.skip,
+                    batch_size=s.batch_size, target_logit_only=s.target_logit_only,
+                    dataset_hash=prepared.meta["content_hash"])
+    samples = dict(sample_ids=split.index[positions].tolist(), targets=split.labels[positions].tolist(),
+                   ground_truths=split.clean_labels[positions].tolist())
     written, summary_rows, last_summary = [], [], {}
 
     model = make_model(run_cfg, prepared.meta).to(device).eval()
@@ -182,51 +209,31 @@ def compute_stats(cfg: Config) -> list[Path]:
         started = time.time()
         state = tracking.load_checkpoint(client, run_id, artifact, device)
         model.load_state_dict(state["model"])
-        values: dict[tuple[str, str], list[torch.Tensor]] = {}
-        batches = range(0, len(positions), s.batch_size)
-        for b, i in enumerate(tqdm(batches, desc=f"epoch {epoch}", disable=not sys.stderr.isatty())):
-            x = datalib.normalize(images[i:i + s.batch_size], mean, std)
-            result = sample_stats(model, x, labels[i:i + s.batch_size], s.metric, s.normalization,
-                                  s.target_logit_only, s.bigmem)
-            for (metric, norm), v in result.items():
-                name = stat_name(metric, norm, s.target_logit_only)
-                values.setdefault((metric, norm), []).append(v.detach().double().cpu())
-                logger.log(f"{s.dataset_split}_{name}_batch_mean_epoch{epoch:04d}", v.mean().item(),
-                           first_batch + b)
+        values, batch_means = checkpoint_values(model, images, labels, mean, std, s)
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run {run_id} epoch {epoch}: {len(positions)} "
                   f"{s.dataset_split} samples from position {s.skip}, {time.time() - started:.1f}s\n")
         row = {"epoch": epoch}
-        for (metric, norm), chunks in values.items():
+        for (metric, norm), per_sample in values.items():
             name = stat_name(metric, norm, s.target_logit_only)
-            per_sample = torch.cat(chunks).numpy()
             summary = summarize(per_sample, corrupted)
-            logger.log_dict({f"{s.dataset_split}_{name}_{k}": v for k, v in summary.items()}, step=epoch)
+            prefix = f"{s.dataset_split}_{name}"
+            # A recomputation (dvc repro -f, a re-run by hand) logs nothing the run already holds.
+            if not logger.holds(f"{prefix}_mean", epoch, summary["mean"]):
+                logger.log_dict({f"{prefix}_{k}": v for k, v in summary.items()}, step=epoch)
+                for b, value in enumerate(batch_means[metric, norm]):
+                    logger.log(f"{prefix}_batch_mean_epoch{epoch:04d}", value, first_batch + b)
             row.update({f"{name}_{k}": v for k, v in summary.items()})
             last_summary[name] = summary
-            outname = s.outname or f"{name}_{s.dataset_split}_epoch{epoch:04d}"
-            path = out_dir / f"{outname}-{first_batch}.json"
-            files.write_json(path, {
-                "stats": per_sample.tolist(),
-                "sample_ids": split.index[positions].tolist(),
-                "targets": split.labels[positions].tolist(),
-                "ground_truths": split.clean_labels[positions].tolist(),
-                "metadata": dict(
-                    run_id=run_id, model=run_cfg.model_name, dataset=run_cfg.data, split=s.dataset_split,
-                    label_noise=run_cfg.label_noise, augmentation=run_cfg.augmentation, seed=run_cfg.seed,
-                    label_seed=run_cfg.label_seed, data_split_seed=run_cfg.data_split_seed,
-                    mc_sample_seed=s.mc_sample_seed, checkpoint_epoch=epoch,
-                    checkpoint_step=state["global_step"], num_samples=len(positions), skip=s.skip,
-                    batch_size=s.batch_size, metric=metric,
-                    normalization=norm if metric in JACOBIAN_METRICS else None,
-                    target_logit_only=s.target_logit_only, dataset_hash=prepared.meta["content_hash"]),
-            })
+            path = out_dir / f"{s.outname or f'{name}_{s.dataset_split}_epoch{epoch:04d}'}-{first_batch}.json"
+            files.write_json(path, {"stats": per_sample.tolist(), **samples, "metadata": {
+                **metadata, "checkpoint_epoch": epoch, "checkpoint_step": state["global_step"], "metric": metric,
+                "normalization": norm if metric in JACOBIAN_METRICS else None}})
             written.append(path)
             log.write(f"  {path.name}: mean {summary['mean']:.6g}\n")
         summary_rows.append(row)
         logger.flush()
         log.flush()
     log.close()
-    out = Path(cfg.results_dir) / "stats"
-    files.write_json(out / "metrics.json", {"run_id": run_id, "epoch": chosen[-1][0], **last_summary})
-    files.write_csv(out / "history.csv", summary_rows)
+    files.write_json(summary_dir / "metrics.json", {"run_id": run_id, "epoch": chosen[-1][0], **last_summary})
+    files.write_csv(summary_dir / "history.csv", summary_rows)
     return written

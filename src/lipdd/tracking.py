@@ -94,12 +94,18 @@ class MetricLogger:
     instead of ~4 ms for each log_metric call."""
 
     def __init__(self, client: MlflowClient, run_id: str, skip_logged: bool = False):
-        self.client, self.run_id, self.buffer = client, run_id, []
+        self.client, self.run_id, self.buffer, self.history = client, run_id, [], {}
         # With skip_logged, steps the run already holds for a key are not sent again.
         self.last_step: dict[str, int] = {}
         if skip_logged:
             for key in client.get_run(run_id).data.metrics:
                 self.last_step[key] = max(m.step for m in client.get_metric_history(run_id, key))
+
+    def holds(self, key: str, step: int, value: float) -> bool:
+        """Whether the run already has exactly `value` at `step` for `key`."""
+        if key not in self.history:
+            self.history[key] = {(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)}
+        return (int(step), float(value)) in self.history[key]
 
     def log(self, key: str, value: float, step: int) -> None:
         if step <= self.last_step.get(key, -1):

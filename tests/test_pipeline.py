@@ -1,0 +1,332 @@
+"""End to end: the real `dvc repro` / `dvc exp run` pipeline and a real MLflow store.
+
+Each module run builds one temporary git + DVC repository from the project's own dvc.yaml
+and params.yaml (params patched to a tiny, fast training), runs the pipeline once and shares
+that run between the checks. Commands run as a user runs them: the venv's `dvc` and `lipdd`
+in a subprocess with the repository as working directory and no MLFLOW_TRACKING_URI, so the
+store is the default `sqlite:///<repo>/mlflow.db`.
+
+The tests of this module build on each other in file order (one `dvc repro`, then one
+`dvc exp run`, then `lipdd stats` by hand, which logs to the first run again).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lipdd import config as configlib
+from lipdd.data import load_prepared
+from lipdd.report import KIND
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# params.yaml values that make the whole pipeline run in seconds on two CPU cores.
+PATCH = dict(epochs=4, eval_every=2, save_checkpoint=2, width=2, label_noise=0.2, batch_size=128, device="cpu")
+STATS_PATCH = dict(num_samples=200, batch_size=100)
+CHECKPOINT_EPOCHS = [0, 2, 4]
+EVAL_METRICS = ("train_loss", "test_accuracy", "train_corrupted_accuracy")
+SAMPLE_FIELDS = {"stats", "sample_ids", "targets", "ground_truths", "metadata"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def clean_env(tmp: Path) -> dict[str, str]:
+    """The environment of every command: the venv first on PATH, no tracking URI, none of the
+    variables lipdd reads as config (NAME, DEVICE, ...), no DVC/git state of an outer process."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "GIT_")) and k not in configlib.ENV_VARS}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["DVC_SITE_CACHE_DIR"] = str(tmp / "dvc-site-cache")  # not /var/tmp/dvc
+    env["OMP_NUM_THREADS"] = "1"  # a width-2 CNN on 8x8 images: threads cost more than they save
+    return env
+
+
+class Repo:
+    """A temporary project repository and the way to run commands in it."""
+
+    def __init__(self, path: Path, env: dict[str, str]):
+        self.path, self.env = path, env
+        self.uri = f"sqlite:///{path / 'mlflow.db'}"
+
+    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            pytest.fail(f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
+                        f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}", pytrace=False)
+        return proc
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.uri)
+
+    def runs(self):
+        """Every run in the store, oldest first."""
+        client = self.client()
+        ids = [e.experiment_id for e in client.search_experiments()]
+        return client.search_runs(ids, order_by=["attributes.start_time ASC"]) if ids else []
+
+    def training_runs(self):
+        """The runs of `lipdd train`: all but those of the report stage (tagged lipdd.kind=report)."""
+        return [r for r in self.runs() if r.data.tags.get(KIND) != "report"]
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.path / "params.yaml").read_text())
+
+    def meta(self) -> dict:
+        data = self.params()
+        return json.loads((self.path / data["prepared_dir"] / data["data"] / "meta.json").read_text())
+
+
+def make_repo(path: Path, env: dict[str, str]) -> Repo:
+    """git + DVC repository holding the project's dvc.yaml, params.yaml (patched) and src/
+    (the stages' code dependencies), committed."""
+    path.mkdir(parents=True)
+    shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    missing = sorted(set(PATCH) - set(params)) + sorted(set(STATS_PATCH) - set(params["stats"]))
+    assert not missing, f"params.yaml lacks {missing}"
+    params.update(PATCH)
+    params["stats"].update(STATS_PATCH)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(ROOT / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    gitignore = (ROOT / ".gitignore").read_text() if (ROOT / ".gitignore").exists() else ""
+    (path / ".gitignore").write_text(gitignore + "\nmlflow.db\nmlflow.db-*\nmlartifacts/\nmlruns/\n")
+    repo = Repo(path, env)
+    repo.run("git", "init", "-q")
+    repo.run("git", "config", "user.name", "lipdd tests")
+    repo.run("git", "config", "user.email", "tests@lipdd.invalid")
+    repo.run("git", "config", "commit.gpgsign", "false")
+    repo.run("dvc", "init", "-q")
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-q", "-m", "pipeline under test")
+    return repo
+
+
+def snapshot(*dirs: Path) -> dict[str, tuple[int, bytes]]:
+    """Every file under `dirs`: (mtime_ns, content)."""
+    out = {}
+    for d in dirs:
+        for p in sorted(d.rglob("*")):
+            if p.is_file():
+                out[str(p)] = (p.stat().st_mtime_ns, p.read_bytes())
+    return out
+
+
+def stat_names(stats: dict) -> list[str]:
+    """The result-file stem of each statistic, as `lipdd stats` names them."""
+    jacobian = ("jacobian_operator_norm", "jacobian")
+    return [f"{m}_{n}" if m in jacobian else m
+            for m in stats["metric"] for n in (stats["normalization"] if m in jacobian else [None])]
+
+
+def expected_sample_files(stats: dict) -> set[str]:
+    split = stats["dataset_split"]
+    return {f"{name}_{split}_epoch{e:04d}-0.json" for name in stat_names(stats) for e in CHECKPOINT_EPOCHS}
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Repo:
+    tmp = tmp_path_factory.mktemp("pipeline").resolve()
+    return make_repo(tmp / "project", clean_env(tmp))
+
+
+@pytest.fixture(scope="module")
+def first_run(repo) -> str:
+    """`dvc repro` once; the id of the training run it made."""
+    repo.run("dvc", "repro")
+    runs = repo.training_runs()
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0].info.run_id
+
+
+@pytest.fixture(scope="module")
+def experiment(repo, first_run) -> str:
+    """`dvc exp run -S label_noise=0.4` after the repro; the id of the second training run."""
+    repo.run("dvc", "exp", "run", "-S", "label_noise=0.4")
+    new = [r for r in repo.training_runs() if r.info.run_id != first_run]
+    assert len(new) == 1, [r.info.run_id for r in new]
+    return new[0].info.run_id
+
+
+# --------------------------------------------------------------------------- 1. dvc repro
+
+
+def test_repro_logs_one_complete_run(repo, first_run):
+    client = repo.client()
+    runs = repo.training_runs()
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(first_run, "FINISHED")]
+    run = runs[0]
+    # Besides it, at most the report stage's own run, finished too.
+    others = [r for r in repo.runs() if r.info.run_id != first_run]
+    assert len(others) <= 1 and all(r.info.status == "FINISHED" for r in others), others
+    params = repo.params()
+
+    # Every resolved parameter, under the keys of Config.flat(), as strings.
+    expected = configlib.build(params_file=str(repo.path / "params.yaml"), environ={}).flat()
+    assert set(configlib.Config().flat()) <= set(run.data.params)
+    assert {k: run.data.params[k] for k in expected} == {k: str(v) for k, v in expected.items()}
+    assert run.data.params["label_noise"] == "0.2"
+    assert run.data.params["epochs"] == "4"
+    assert run.data.params["eval_every"] == "2"
+    assert run.data.params["width"] == "2"
+    assert run.data.params["batch_size"] == "128"
+
+    # Per-batch loss: one value per optimisation step, steps 1..N.
+    meta = repo.meta()
+    n_train = meta["splits"]["train"]
+    n_steps = PATCH["epochs"] * math.ceil(n_train / PATCH["batch_size"])
+    history = client.get_metric_history(first_run, "batch_loss")
+    assert len(history) == n_steps
+    assert sorted(m.step for m in history) == list(range(1, n_steps + 1))
+    assert all(math.isfinite(m.value) for m in history)
+
+    # Evaluations at epoch 0 (initial network) and every eval_every epochs.
+    for key in EVAL_METRICS:
+        assert steps(client, first_run, key) == CHECKPOINT_EPOCHS, key
+
+    # Checkpoints as artifacts, loadable without unpickling arbitrary objects.
+    listed = sorted(a.path for a in client.list_artifacts(first_run, "checkpoints"))
+    assert listed == [f"checkpoints/epoch_{e:04d}.pt" for e in CHECKPOINT_EPOCHS]
+    download = repo.path.parent / "downloaded"
+    for epoch, artifact in zip(CHECKPOINT_EPOCHS, listed):
+        local = client.download_artifacts(first_run, artifact, str(download))
+        state = torch.load(local, map_location="cpu", weights_only=True)
+        assert {"model", "optimizer", "epoch", "global_step"} <= set(state), artifact
+        assert state["epoch"] == epoch
+        assert state["global_step"] == epoch * n_steps // PATCH["epochs"]
+
+    # The stats stage logged its per-checkpoint summaries back to the training run.
+    for key in ("train_jacobian_operator_norm_none_mean", "train_jacobian_operator_norm_softmax_mean"):
+        history = client.get_metric_history(first_run, key)
+        assert sorted(m.step for m in history) == CHECKPOINT_EPOCHS, key
+        assert all(m.value > 0 for m in history), key
+
+    # results/train/run.json points at the run.
+    run_json = json.loads((repo.path / "results/train/run.json").read_text())
+    assert run_json["run_id"] == first_run
+    assert run_json["tracking_uri"] == repo.uri
+    assert run_json["experiment_name"] == params["name"]
+    assert client.get_experiment_by_name(params["name"]).experiment_id == run.info.experiment_id
+
+    # Stats outputs: the summary and one per-sample file per (statistic, checkpoint).
+    stats_metrics = json.loads((repo.path / "results/stats/metrics.json").read_text())
+    assert stats_metrics["run_id"] == first_run
+    samples = repo.path / params["stats"]["output_dir"]
+    assert {p.name for p in samples.glob("*.json")} == expected_sample_files(params["stats"])
+    for path in samples.glob("*.json"):
+        result = json.loads(path.read_text())
+        assert SAMPLE_FIELDS <= set(result), path.name
+        n = STATS_PATCH["num_samples"]
+        assert len(result["stats"]) == len(result["sample_ids"]) == len(result["targets"]) == n, path.name
+        assert len(result["ground_truths"]) == n, path.name
+        assert result["metadata"]["run_id"] == first_run
+
+    assert run.data.tags["dataset_hash"] == meta["content_hash"]
+
+
+# --------------------------------------------------------------------------- 2. dvc exp run
+
+
+def test_exp_run_label_noise_makes_a_second_run(repo, first_run, experiment):
+    client = repo.client()
+    run = client.get_run(experiment)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["label_noise"] == "0.4"
+    assert client.get_run(first_run).data.params["label_noise"] == "0.2"
+    assert json.loads((repo.path / "results/train/run.json").read_text())["run_id"] == experiment
+
+    # The experiment's prepared data, applied to the workspace, has the new noise exactly.
+    meta = repo.meta()
+    n_train = meta["splits"]["train"]
+    params = repo.params()
+    prepared = load_prepared(repo.path / params["prepared_dir"] / params["data"])
+    train = prepared.splits["train"]
+    assert len(train.labels) == n_train
+    assert int((train.labels != train.clean_labels).sum()) == round(0.4 * n_train)
+    assert run.data.tags["dataset_hash"] == meta["content_hash"]
+
+    # `dvc exp show` lists the experiment (named in the run's tag) and the workspace, with test_error.
+    name = run.data.tags.get("dvc_exp_name")
+    assert name, run.data.tags
+    rows = list(csv.DictReader(io.StringIO(repo.run("dvc", "exp", "show", "--csv").stdout)))
+    header = rows[0].keys() if rows else []
+    column = [c for c in header if c == "test_error" or c.endswith(":test_error")]
+    assert len(column) == 1, list(header)
+    by_rev = {r["rev"]: r for r in rows}
+    by_name = {r["Experiment"]: r for r in rows if r["Experiment"]}
+    assert "workspace" in by_rev and name in by_name, rows
+    for row in (by_rev["workspace"], by_name[name]):
+        assert row["label_noise"] == "0.4"
+        assert 0.0 <= float(row[column[0]]) <= 1.0
+
+
+# --------------------------------------------------------------------------- 3. stats by hand
+
+
+def test_stats_cli_on_first_run(repo, first_run, experiment):
+    out = repo.path.parent / "by-hand"
+    proc = repo.run("lipdd", "stats", "--run-id", first_run, "--params", "params.yaml", "--output-dir", str(out))
+    params = repo.params()
+    written = {p.name for p in out.glob("*.json")} - {"metrics.json"}  # the summary sits beside them
+    assert written == expected_sample_files(params["stats"])
+    for name in written:
+        assert str(out / name) in proc.stdout
+        result = json.loads((out / name).read_text())
+        assert SAMPLE_FIELDS <= set(result)
+        assert result["metadata"]["run_id"] == first_run
+        assert result["metadata"]["label_noise"] == 0.2  # the run's data, not the workspace's 0.4
+        assert len(result["stats"]) == STATS_PATCH["num_samples"]
+
+
+def test_stats_by_hand_leaves_the_pipeline_and_the_run_alone(repo, first_run, experiment):
+    """An analysis of an older run writes its summary beside its results, prepares that run's
+    data in a folder of its own, and logs nothing the run already holds."""
+    key = "train_jacobian_operator_norm_none_mean"
+    before = steps(repo.client(), first_run, key)
+    tracked = snapshot(repo.path / "results", repo.path / "data" / "prepared" / "digits")
+    out = repo.path.parent / "by-hand-again"
+    repo.run("lipdd", "stats", "--run-id", first_run, "--params", "params.yaml", "--output-dir", str(out))
+    assert (out / "metrics.json").exists()
+    assert snapshot(repo.path / "results", repo.path / "data" / "prepared" / "digits") == tracked
+    assert "modified" not in repo.run("dvc", "status").stdout
+    assert steps(repo.client(), first_run, key) == before == CHECKPOINT_EPOCHS
+
+
+# --------------------------------------------------------------------------- 4. bad input
+
+
+def test_invalid_label_noise_is_refused_before_any_work(repo, first_run):
+    before_runs = {r.info.run_id for r in repo.runs()}
+    params = repo.params()
+    watched = [repo.path / params["results_dir"], repo.path / params["prepared_dir"]]
+    before_files = snapshot(*watched)
+
+    proc = repo.run("lipdd", "train", "--params", "params.yaml", "--label-noise", "1.5", check=False)
+
+    assert proc.returncode == 2, proc
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "label_noise" in lines[0], proc.stderr
+    assert "1.5" in lines[0]
+    assert {r.info.run_id for r in repo.runs()} == before_runs
+    assert snapshot(*watched) == before_files
