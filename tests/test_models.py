@@ -6,7 +6,7 @@ import torch.nn as nn
 from torch.func import functional_call, vjp, vmap
 
 from lipdd.config import parse_model_name
-from lipdd.models import MODEL_FAMILIES, WEIGHT_INITS, BasicBlock, build_model
+from lipdd.models import MODEL_FAMILIES, WEIGHT_INITS, build_model
 
 INPUTS = [(1, 8), (3, 32)]  # (channels, side): 8x8x1 and 32x32x3
 

@@ -7,6 +7,7 @@ code serves the training loop, the stats stage and tests that talk to several st
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
@@ -51,7 +52,18 @@ def tracking_uri(configured: str | None = None) -> str:
 
 
 def get_client(uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri)
+    """A client whose store is ready. MLflow creates a new SQLite store's schema on first use,
+    and two processes doing so at once (`dvc queue start -j 2` on a fresh repository) break
+    its migration; a file lock beside the database lets one create it while the other waits."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # the store (and its schema) exists from here on
+    return client
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
