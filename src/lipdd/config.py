@@ -75,6 +75,8 @@ class StatsConfig:
                                  "SAVE_DIR/NAME/MODEL/DATA/SETTING/seed-SEED)", "stats", kind=str)
     run_id: str | None = opt(None, "MLflow run to analyse (default: results/train/run.json, else the "
                              "latest finished run matching the identifying flags)", "stats", kind=str)
+    merge: bool = opt(False, "compute nothing; join the shard files of --skip runs in the output directory "
+                      "into the file one run would have written", "stats")
 
 
 @dataclass

@@ -4,6 +4,8 @@ For each chosen checkpoint, the samples of one split (order drawn with mc_sample
 the first `skip` left out) go through `jacobian.sample_stats` in batches; each (statistic,
 checkpoint) gets one result file per shard and MLflow gets per-batch means
 (step = batch index) and per-checkpoint summaries (step = epoch) on the training run.
+Under torchrun the ranks split the batches and rank 0 writes what one process would;
+shard files of independent --skip runs are joined by `lipdd stats --merge`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from . import config as configlib
 from . import data as datalib
-from . import files, tracking
+from . import distributed, files, tracking
 from .config import Config, ConfigError
 from .jacobian import JACOBIAN_METRICS, sample_stats
 from .train import PLACE_PARAMS, make_model, resolve_device
@@ -146,7 +148,7 @@ def checkpoint_values(model, images, labels, mean, std, s) -> tuple[dict, dict]:
     (metric, normalization), for one loaded checkpoint."""
     values, batch_means = {}, {}
     batches = range(0, len(images), s.batch_size)
-    for i in tqdm(batches, desc="batches", disable=not sys.stderr.isatty()):
+    for i in tqdm(batches, desc="batches", disable=not (distributed.is_rank0() and sys.stderr.isatty())):
         x = datalib.normalize(images[i:i + s.batch_size], mean, std)
         result = sample_stats(model, x, labels[i:i + s.batch_size], s.metric, s.normalization,
                               s.target_logit_only, s.bigmem)
@@ -158,37 +160,61 @@ def checkpoint_values(model, images, labels, mean, std, s) -> tuple[dict, dict]:
     return values, batch_means
 
 
+def gather_values(values: dict, batch_means: dict) -> tuple[dict, dict] | None:
+    """On rank 0, every rank's values and batch means joined in sample order (ranks hold
+    consecutive blocks of batches; a rank with no batch holds nothing); None on the others."""
+    parts = distributed.gather((values, batch_means))
+    if parts is None:
+        return None
+    keys = dict.fromkeys(k for v, _ in parts for k in v)
+    return ({k: np.concatenate([v[k] for v, _ in parts if k in v]) for k in keys},
+            {k: [m for _, b in parts for m in b.get(k, [])] for k in keys})
+
+
 def pipeline_run_id(cfg: Config) -> str | None:
     run_file = Path(cfg.results_dir) / "train" / "run.json"
     return json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
 
 
 def compute_stats(cfg: Config) -> list[Path]:
-    """Run the stats stage as `cfg` says; returns the result files written."""
+    """Run the stats stage as `cfg` says (or merge shard files, with stats.merge); returns the
+    result files written. Under torchrun the ranks share the batches and rank 0 writes."""
+    device = resolve_device(cfg.device)
+    with distributed.process_group(device):
+        return _compute_stats(cfg, device)
+
+
+def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     s = cfg.stats
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
     run_id = resolve_run(cfg, client)
     run = client.get_run(run_id)
     run_cfg = configlib.from_flat(run.data.params)
+    out_dir = Path(s.output_dir) if s.output_dir else seed_layout_dir(cfg, run_cfg)
+    if s.merge:
+        return merge_shards(out_dir)
     available = tracking.list_checkpoints(client, run_id)
+    rank0 = distributed.is_rank0()
     if s.checkpoint == []:  # the seed: no checkpoint given -> list them
-        for i, (epoch, path) in enumerate(available):
+        for i, (epoch, path) in enumerate(available if rank0 else []):
             print(f"{i}\tepoch {epoch}\t{path}")
         return []
     chosen = select_checkpoints(cfg, available, int(run.data.tags.get("steps_per_epoch", 0)) or 1)
 
-    prepared = datalib.ensure_prepared(run_cfg, expected_hash=run.data.tags.get("dataset_hash"))
+    prepared = distributed.in_turn(datalib.ensure_prepared, run_cfg, run.data.tags.get("dataset_hash"))
     if s.dataset_split not in prepared.splits:
         raise ConfigError(f"stats.dataset_split: {s.dataset_split!r} does not exist for this run; it has "
                           f"{sorted(prepared.splits)} (a 'val' split needs train_split and val_split)")
     split = prepared.splits[s.dataset_split]
     positions = sample_selection(cfg, len(split.labels))
-    device = resolve_device(cfg.device)
-    images, labels = (t[torch.as_tensor(positions, device=device)] for t in datalib.to_device(split, device)[:2])
+    # Each rank computes a block of whole batches, so every value and batch mean is the one a
+    # single process computes; rank 0 joins the blocks in order.
+    batches = distributed.part(-(-len(positions) // s.batch_size))
+    mine = torch.as_tensor(positions[batches.start * s.batch_size:batches.stop * s.batch_size], device=device)
+    images, labels = (t[mine] for t in datalib.to_device(split, device)[:2])
     mean, std = (torch.tensor(prepared.meta[k], device=device) for k in ("mean", "std"))
     corrupted = split.corrupted[positions]
     first_batch = s.skip // s.batch_size
-    out_dir = Path(s.output_dir) if s.output_dir else seed_layout_dir(cfg, run_cfg)
     # The pipeline's summary describes the pipeline's run; any other run's goes beside its results.
     summary_dir = Path(cfg.results_dir) / "stats" if run_id == pipeline_run_id(cfg) else out_dir
     logger = tracking.MetricLogger(client, run_id)
@@ -203,13 +229,17 @@ def compute_stats(cfg: Config) -> list[Path]:
     written, summary_rows, last_summary = [], [], {}
 
     model = make_model(run_cfg, prepared.meta).to(device).eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log = open(out_dir / f"stats-{first_batch}.log", "a")  # beside the results, as the seed kept one
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        log = open(out_dir / f"stats-{first_batch}.log", "a")  # beside the results, as the seed kept one
     for epoch, artifact in chosen:
         started = time.time()
         state = tracking.load_checkpoint(client, run_id, artifact, device)
         model.load_state_dict(state["model"])
-        values, batch_means = checkpoint_values(model, images, labels, mean, std, s)
+        gathered = gather_values(*checkpoint_values(model, images, labels, mean, std, s))
+        if not rank0:  # the others go on to the next checkpoint while rank 0 writes this one
+            continue
+        values, batch_means = gathered
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run {run_id} epoch {epoch}: {len(positions)} "
                   f"{s.dataset_split} samples from position {s.skip}, {time.time() - started:.1f}s\n")
         row = {"epoch": epoch}
@@ -233,7 +263,55 @@ def compute_stats(cfg: Config) -> list[Path]:
         summary_rows.append(row)
         logger.flush()
         log.flush()
+    if not rank0:
+        return []
     log.close()
     files.write_json(summary_dir / "metrics.json", {"run_id": run_id, "epoch": chosen[-1][0], **last_summary})
     files.write_csv(summary_dir / "history.csv", summary_rows)
+    return written
+
+
+# Fields of a result file with one entry per sample, in sample order.
+PER_SAMPLE = ("stats", "sample_ids", "targets", "ground_truths")
+
+
+def merge_shards(out_dir: Path) -> list[Path]:
+    """Join every set of shard files OUT_NAME-BATCH_ID.json in `out_dir` (runs with --skip,
+    e.g. one job per GPU) into the file one run over all their samples writes:
+    OUT_NAME-<first BATCH_ID>.json, per-sample lists concatenated, num_samples and skip
+    updated. The merged shards are removed; an OUT_NAME with one file is left as it is.
+    Returns the merged files."""
+    sets: dict[str, list[Path]] = {}
+    for path in sorted(out_dir.glob("*-*.json")):
+        outname, _, batch_id = path.stem.rpartition("-")
+        if batch_id.isdigit():
+            sets.setdefault(outname, []).append(path)
+    if not sets:
+        raise ConfigError(f"stats.merge: no result files OUT_NAME-BATCH_ID.json in {out_dir}")
+    written = []
+    for outname, paths in sets.items():
+        shards = sorted(((json.loads(p.read_text()), p) for p in paths), key=lambda r: r[0]["metadata"]["skip"])
+        if len(shards) == 1:
+            continue
+        first, last = shards[0][0]["metadata"], shards[-1][0]["metadata"]
+        for (a, pa), (b, pb) in zip(shards, shards[1:]):
+            ma, mb = a["metadata"], b["metadata"]
+            differ = sorted(k for k in ma.keys() | mb.keys()
+                            if k not in ("num_samples", "skip") and ma.get(k) != mb.get(k))
+            if differ:
+                k = differ[0]
+                raise ConfigError(f"stats.merge: {pa.name} and {pb.name} differ in {k} ({ma.get(k)!r} vs "
+                                  f"{mb.get(k)!r}); they are not shards of one result")
+            end = ma["skip"] + ma["num_samples"]
+            if end != mb["skip"]:
+                raise ConfigError(f"stats.merge: {pa.name} holds samples {ma['skip']}..{end - 1} but {pb.name} starts "
+                                  f"at {mb['skip']}; shards must be contiguous and must not overlap (each job: "
+                                  "--skip=START --num-samples=END of its own range)")
+        merged = {k: [x for r, _ in shards for x in r[k]] for k in PER_SAMPLE}
+        merged["metadata"] = {**first, "num_samples": last["skip"] + last["num_samples"] - first["skip"]}
+        path = files.write_json(out_dir / f"{outname}-{first['skip'] // first['batch_size']}.json", merged)
+        for _, p in shards:
+            if p != path:
+                p.unlink()
+        written.append(path)
     return written

@@ -2,10 +2,15 @@
 
 Epoch 0 is the initial network; training epochs are 1..epochs. The learning rate is a pure
 function of the epoch, so a checkpoint needs no scheduler object to resume exactly.
+
+Under torchrun the network trains with DistributedDataParallel: `batch_size` is the global
+batch, every rank draws the same seeded order and takes its slice of each global batch, so
+the batches are the ones a single process trains on; rank 0 alone talks to MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -14,22 +19,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from mlflow.entities import RunTag
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import data as datalib
-from . import files, tracking
+from . import distributed, files, tracking
 from .config import Config, ConfigError, TrainingDiverged
 from .models import build_model
 
 
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present. An explicit CUDA device on a machine without one runs on
-    the CPU with a warning, so a GPU cluster's command also runs on a laptop, visibly slower."""
+    the CPU with a warning, so a GPU cluster's command also runs on a laptop, visibly slower.
+    Under torchrun each process takes the GPU of its LOCAL_RANK."""
     if name == "auto" or (name.startswith("cuda") and not torch.cuda.is_available()):
         if name != "auto":
             print(f"warning: device {name!r} requested but CUDA is not available; running on the CPU",
                   file=sys.stderr)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise ConfigError(f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} "
                           "CUDA devices")
@@ -148,9 +157,8 @@ def interrupted_run(client, cfg: Config) -> str | None:
     return None
 
 
-def resume_run(client, run_id: str, cfg: Config, model, optimizer, generators) -> tuple[int, int]:
-    """Load the last checkpoint of run `run_id` into model, optimizer and generators;
-    returns (epoch, global step). The run must have been trained with the same parameters."""
+def resume_checkpoint(client, run_id: str, cfg: Config) -> str:
+    """The last checkpoint of run `run_id`, which must have been trained with cfg's parameters."""
     try:
         run = client.get_run(run_id)
     except Exception:
@@ -162,21 +170,42 @@ def resume_run(client, run_id: str, cfg: Config, model, optimizer, generators) -
     checkpoints = tracking.list_checkpoints(client, run_id)
     if not checkpoints:
         raise ConfigError(f"resume_from: run {run_id} has no checkpoint to resume from")
-    state = tracking.load_checkpoint(client, run_id, checkpoints[-1][1])
+    return checkpoints[-1][1]
+
+
+def open_run(client, cfg: Config, meta: dict, steps_per_epoch: int) -> tuple[str, str | None]:
+    """(run id, checkpoint to continue from): run `resume_from`, else the interrupted run of
+    this training, else a new run, which has no checkpoint yet."""
+    run_id = cfg.resume_from or interrupted_run(client, cfg)
+    if run_id:
+        return run_id, resume_checkpoint(client, run_id, cfg)
+    return start_run(client, cfg, meta, steps_per_epoch), None
+
+
+def load_state(client, run_id: str, artifact: str, model, optimizer, generators) -> tuple[int, int]:
+    """Model, optimizer and generators as the checkpoint left them; returns (epoch, global step)."""
+    state = tracking.load_checkpoint(client, run_id, artifact)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     for name, g in generators.items():
         g.set_state(state["rng"][name])
-    client.update_run(run_id, "RUNNING")
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tracking.owner_tags().items()])
-    print(f"resuming run {run_id} from epoch {state['epoch']}", file=sys.stderr)
     return state["epoch"], state["global_step"]
 
 
 def train(cfg: Config) -> str:
     """Train one network as `cfg` says (or continue run `cfg.resume_from`); returns the run id."""
+    world = distributed.world_size()
+    if cfg.batch_size % world:
+        raise ConfigError(f"batch_size: {cfg.batch_size} does not divide over world size {world}; the batch "
+                          f"size is global, each of the {world} processes takes batch_size / {world}")
     device = resolve_device(cfg.device)
-    prepared = datalib.ensure_prepared(cfg)
+    with distributed.process_group(device):
+        return _train(cfg, device)
+
+
+def _train(cfg: Config, device: torch.device) -> str:
+    world, rank0 = distributed.world_size(), distributed.is_rank0()
+    prepared = distributed.in_turn(datalib.ensure_prepared, cfg)
     meta = prepared.meta
     splits = {name: datalib.to_device(split, device) for name, split in prepared.splits.items()}
     x_train, y_train, _ = splits["train"]
@@ -186,72 +215,94 @@ def train(cfg: Config) -> str:
 
     torch.manual_seed(cfg.seed)
     model = make_model(cfg, meta).to(device)
+    # `net` trains (under torchrun, DDP averages its gradients over the ranks); `model`, the same
+    # parameters, is what gets evaluated, regularised and saved.
+    net = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(cfg, model)
+    # Every rank draws the same batch order and augmentation: the same streams as one process.
     generators = {"batches": torch.Generator().manual_seed(cfg.seed),
                   "augment": torch.Generator(device).manual_seed(cfg.seed + 1)}
     save_at = checkpoint_epochs(cfg.save_checkpoint, cfg.epochs)
 
     uri = tracking.tracking_uri(cfg.tracking_uri)
     client = tracking.get_client(uri)
-    run_id = cfg.resume_from or interrupted_run(client, cfg)
-    if run_id:
-        start_epoch, step = resume_run(client, run_id, cfg, model, optimizer, generators)
-    else:
-        run_id, start_epoch, step = start_run(client, cfg, meta, steps_per_epoch), 0, 0
-    with tracking.terminating(client, run_id):
+    run_id, checkpoint = distributed.on_rank0(open_run, client, cfg, meta, steps_per_epoch)
+    start_epoch, step = 0, 0
+    if checkpoint:
+        start_epoch, step = load_state(client, run_id, checkpoint, model, optimizer, generators)
+        if rank0:
+            client.update_run(run_id, "RUNNING")
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tracking.owner_tags().items()])
+            print(f"resuming run {run_id} from epoch {start_epoch}", file=sys.stderr)
+    # Rank 0 owns the run: it logs, saves checkpoints and ends the run FINISHED or FAILED. The
+    # other ranks only train; every decision to stop reaches them through a collective.
+    with (tracking.terminating(client, run_id) if rank0 else contextlib.nullcontext(),
+          distributed.failing_together()):
         # A resumed run re-computes bit-identical values for steps it had logged: send only new ones.
-        logger = tracking.MetricLogger(client, run_id, skip_logged=start_epoch > 0)
+        logger = tracking.MetricLogger(client, run_id, skip_logged=start_epoch > 0) if rank0 else None
         epoch = start_epoch
-        if epoch == 0:
-            row = evaluation(model, splits, mean, std)
-            logger.log_dict(row, step=0)
+        if epoch == 0 and rank0:
+            logger.log_dict(evaluation(model, splits, mean, std), step=0)
             if 0 in save_at:
                 save_checkpoint(client, run_id, model, optimizer, 0, 0, generators, cfg)
-        bar = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc=cfg.run_name(), disable=not sys.stderr.isatty())
+        bar = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc=cfg.run_name(),
+                   disable=not (rank0 and sys.stderr.isatty()))
         for epoch in bar:
             lr = learning_rate(cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch_losses = []
+            loss_sums, sizes = [], []
             order = torch.randperm(n_train, generator=generators["batches"]).to(device)
             for i in range(0, n_train, cfg.batch_size):
                 idx = order[i:i + cfg.batch_size]
-                x = x_train[idx]
-                if cfg.augmentation:
+                x, y = x_train[idx], y_train[idx]
+                if cfg.augmentation:  # the whole global batch, so the draws are the single process's
                     x = datalib.random_crop_flip(x, generators["augment"])
-                loss = F.cross_entropy(model(datalib.normalize(x, mean, std)), y_train[idx])
-                batch_losses.append(loss.detach())
-                loss = loss + regularization(cfg, model)
+                mine = distributed.part(len(idx))
+                loss_sum = F.cross_entropy(net(datalib.normalize(x[mine], mean, std)), y[mine], reduction="sum")
+                loss_sums.append(loss_sum.detach())
+                sizes.append(len(idx))
+                # DDP averages the ranks' gradients: world * (this rank's sum) / (global batch size)
+                # makes that average the gradient of the global batch's mean loss, even when the
+                # last batch splits unevenly.
+                loss = loss_sum * world / len(idx) + regularization(cfg, model)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
-            # One host sync per epoch instead of one per step.
-            losses = torch.stack(batch_losses).tolist()
+            # One host sync (and one all-reduce) per epoch instead of one per step. Every rank
+            # gets the same global batch losses, so every rank sees a divergence.
+            losses = (distributed.all_sum(torch.stack(loss_sums)) / torch.tensor(sizes, device=device)).tolist()
             first_step = step - len(losses) + 1
             for s, value in enumerate(losses, first_step):
                 if not math.isfinite(value):
-                    client.set_tag(run_id, "diverged", "true")
+                    if rank0:
+                        client.set_tag(run_id, "diverged", "true")
                     raise TrainingDiverged(f"training diverged: loss {value} at epoch {epoch}, step {s}; "
                                            "lower the learning rate (the last good checkpoint stays in run "
                                            f"{run_id})")
-                if s % cfg.loss_checkpoint == 0:
+                if rank0 and s % cfg.loss_checkpoint == 0:
                     logger.log("batch_loss", value, s)
             stop = False
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                row = {"lr": lr, **evaluation(model, splits, mean, std)}
-                logger.log_dict(row, step=epoch)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}")
-                stop = early_exit(cfg, row)
-            logger.flush()
-            # An early stop is the final epoch, saved unless an explicit list was asked for.
-            if epoch in save_at or (stop and len(cfg.save_checkpoint) == 1):
-                save_checkpoint(client, run_id, model, optimizer, epoch, step, generators, cfg)
+                if rank0:
+                    row = {"lr": lr, **evaluation(model, splits, mean, std)}
+                    logger.log_dict(row, step=epoch)
+                    bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}")
+                    stop = early_exit(cfg, row)
+                stop = distributed.broadcast(stop)  # rank 0 evaluated; all ranks stop together
+            if rank0:
+                logger.flush()
+                # An early stop is the final epoch, saved unless an explicit list was asked for.
+                if epoch in save_at or (stop and len(cfg.save_checkpoint) == 1):
+                    save_checkpoint(client, run_id, model, optimizer, epoch, step, generators, cfg)
             if stop:
                 break
-        logger.flush()
-        client.log_batch(run_id, tags=[RunTag("epochs_trained", str(epoch))])
-        write_outputs(client, run_id, cfg, uri)
+        if rank0:
+            logger.flush()
+            client.log_batch(run_id, tags=[RunTag("epochs_trained", str(epoch))])
+            write_outputs(client, run_id, cfg, uri)
     return run_id
 
 
