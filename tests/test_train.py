@@ -145,6 +145,7 @@ def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(workdir, ca
     (run,) = client.search_runs(["1"])
     assert run.info.status == "FAILED" and "diverged" in run.data.tags["error"]
     assert [e for e, _ in list_checkpoints(client, run.info.run_id)] == [0]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "test_error")] == [0]
     # A diverged run is not resumed: the same command starts afresh (and diverges again).
     assert cli.main(argv) == 1
     assert len(client.search_runs(["1"])) == 2

@@ -127,8 +127,8 @@ class Config:
     seed: int = opt(42, "seed of initialisation, batch order and augmentation", "train")
     # where things run and land
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (env DEVICE)", "run")
-    workers: int = opt(1, "accepted for seed compatibility (env WORKERS); data is device-resident, "
-                       "so no loader workers run", "run")
+    workers: int = opt(1, "CPU threads for the math (env WORKERS); the seed's loader workers are not "
+                       "needed, data is device-resident", "run")
     name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run")
     save_dir: str = opt("results/runs", "root of the seed layout for stats files and exported "
                         "checkpoints (env SAVE_DIR)", "run")
@@ -327,9 +327,10 @@ def validate(cfg: Config) -> None:
     non_negative = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
                         l1_regularization=cfg.l1_regularization, l2_regularization=cfg.l2_regularization,
                         lr_warmup_epochs=cfg.lr_warmup_epochs, lr_warmup_initial=cfg.lr_warmup_initial,
-                        lr_step=cfg.lr_step, workers=cfg.workers)
+                        lr_step=cfg.lr_step)
     for name, value in non_negative.items():
         _check(value >= 0 and math.isfinite(value), name, value, "a number >= 0")
+    _check(cfg.workers >= 1, "workers", cfg.workers, "an integer >= 1")
     _check(cfg.momentum < 1, "momentum", cfg.momentum, "a number in [0, 1)")
     _check(0 <= cfg.stop_by_accuracy_threshold <= 1, "stop_by_accuracy_threshold",
            cfg.stop_by_accuracy_threshold, "a fraction in [0, 1]")

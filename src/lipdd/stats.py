@@ -180,6 +180,7 @@ def compute_stats(cfg: Config) -> list[Path]:
     """Run the stats stage as `cfg` says (or merge shard files, with stats.merge); returns the
     result files written. Under torchrun the ranks share the batches and rank 0 writes."""
     device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.workers)
     with distributed.process_group(device):
         return _compute_stats(cfg, device)
 

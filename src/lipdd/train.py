@@ -199,6 +199,7 @@ def train(cfg: Config) -> str:
         raise ConfigError(f"batch_size: {cfg.batch_size} does not divide over world size {world}; the batch "
                           f"size is global, each of the {world} processes takes batch_size / {world}")
     device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.workers)
     with distributed.process_group(device):
         return _train(cfg, device)
 
@@ -278,6 +279,7 @@ def _train(cfg: Config, device: torch.device) -> str:
             for s, value in enumerate(losses, first_step):
                 if not math.isfinite(value):
                     if rank0:
+                        logger.flush()  # the good steps before it stay in the run
                         client.set_tag(run_id, "diverged", "true")
                     raise TrainingDiverged(f"training diverged: loss {value} at epoch {epoch}, step {s}; "
                                            "lower the learning rate (the last good checkpoint stays in run "
