@@ -8,9 +8,8 @@ how many). matplotlib's Figure without pyplot: no display, no global backend sta
 
 from __future__ import annotations
 
-import os
+import io
 import re
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -120,16 +119,9 @@ def panels(norms: list[str], title: str) -> tuple[Figure, list]:
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """savefig to a temp name in the same folder, then rename: never half a PNG."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    return files.write_bytes(path, png.getvalue())
 
 
 def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_rows: list[dict]) -> list[Path]:
