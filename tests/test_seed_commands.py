@@ -99,3 +99,23 @@ def test_checkpoint_flag_without_value_lists_them(trained, capsys):
 def test_ordinal_out_of_range_is_refused(trained, capsys):
     assert cli.main(shlex.split(STATS.replace("--checkpoint=1", "--checkpoint=5"))) == 2
     assert "stats.checkpoint: ordinal 5 is out of range; the run has 2 checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, epochs", [
+    (["--checkpoint-by-step", "--checkpoint", "2"], [2]),  # 80 samples, batch 128: one step an epoch
+    (["--checkpoint-by-step", "--nsteps-per-epoch", "2", "--checkpoint", "0", "4"], [0, 2]),
+    (["--checkpoint", "1", "0"], [2, 0]),
+])
+def test_checkpoints_by_ordinal_and_by_step(trained, workdir, flags, epochs):
+    argv = [a for a in shlex.split(STATS) if not a.startswith("--checkpoint")] + flags
+    assert cli.main(argv) == 0
+    written = sorted((workdir / SEED_DIR).glob("jacobian_operator_norm_none_train_epoch*-0.json"))
+    assert [json.loads(p.read_text())["metadata"]["checkpoint_epoch"] for p in written] == sorted(epochs)
+
+
+def test_a_moved_store_is_named(trained, workdir, capsys):
+    (workdir / "mlflow.db").rename(workdir / "elsewhere.db")
+    assert cli.main(shlex.split(STATS)) == 2
+    err = capsys.readouterr().err
+    assert f"the MLflow store {workdir / 'mlflow.db'} does not exist" in err
+    assert not (workdir / "mlflow.db").exists()

@@ -157,7 +157,7 @@ def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_
 def report(cfg: Config) -> list[Path]:
     """Draw the report for cfg's data, model family and label noise; returns the files written,
     also logged as artifacts of a new report run in the same experiment."""
-    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
+    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
     exp_id, runs = find_runs(cfg, client)
     by_width, norms = collect(client, runs)
     width_rows, epoch_rows = tables(by_width, norms)

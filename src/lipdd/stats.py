@@ -129,7 +129,7 @@ def seed_layout_dir(cfg: Config, run_cfg: Config) -> Path:
 
 def export_checkpoints(cfg: Config) -> Path:
     """Every checkpoint of the run in one checkpoints.zip, in the seed layout."""
-    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
+    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
     run_id = resolve_run(cfg, client)
     run_cfg = configlib.from_flat(client.get_run(run_id).data.params)
     path = seed_layout_dir(cfg, run_cfg) / "checkpoints.zip"
@@ -187,7 +187,7 @@ def compute_stats(cfg: Config) -> list[Path]:
 
 def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     s = cfg.stats
-    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
+    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
     run_id = resolve_run(cfg, client)
     run = client.get_run(run_id)
     run_cfg = configlib.from_flat(run.data.params)

@@ -51,13 +51,18 @@ def tracking_uri(configured: str | None = None) -> str:
     return uri or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def get_client(uri: str) -> MlflowClient:
+def get_client(uri: str, create: bool = True) -> MlflowClient:
     """A client whose store is ready. MLflow creates a new SQLite store's schema on first use,
     and two processes doing so at once (`dvc queue start -j 2` on a fresh repository) break
-    its migration; a file lock beside the database lets one create it while the other waits."""
+    its migration; a file lock beside the database lets one create it while the other waits.
+    Readers pass create=False: a store that is not there has moved, and an empty new one
+    would only hide that."""
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     db = Path(uri[len("sqlite:///"):])
+    if not create and not db.exists():
+        raise ConfigError(f"tracking_uri: the MLflow store {db} does not exist; point MLFLOW_TRACKING_URI "
+                          "(or tracking_uri in params.yaml) at the store that holds the runs")
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

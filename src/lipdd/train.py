@@ -157,8 +157,9 @@ def interrupted_run(client, cfg: Config) -> str | None:
     return None
 
 
-def resume_checkpoint(client, run_id: str, cfg: Config) -> str:
-    """The last checkpoint of run `run_id`, which must have been trained with cfg's parameters."""
+def resume_checkpoint(client, run_id: str, cfg: Config, meta: dict) -> str:
+    """The last checkpoint of run `run_id`, which must have been trained with cfg's parameters
+    on the very data prepared now."""
     try:
         run = client.get_run(run_id)
     except Exception:
@@ -167,6 +168,10 @@ def resume_checkpoint(client, run_id: str, cfg: Config) -> str:
     if key is not None:
         raise ConfigError(f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this "
                           f"training asks for {str(getattr(cfg, key))!r}; resume with the run's parameters")
+    if run.data.tags.get("dataset_hash", meta["content_hash"]) != meta["content_hash"]:
+        raise ConfigError(f"resume_from: run {run_id} was trained on data with hash "
+                          f"{run.data.tags['dataset_hash'][:12]}, the prepared data now has "
+                          f"{meta['content_hash'][:12]}; the source files or the preparing code changed")
     checkpoints = tracking.list_checkpoints(client, run_id)
     if not checkpoints:
         raise ConfigError(f"resume_from: run {run_id} has no checkpoint to resume from")
@@ -178,7 +183,7 @@ def open_run(client, cfg: Config, meta: dict, steps_per_epoch: int) -> tuple[str
     this training, else a new run, which has no checkpoint yet."""
     run_id = cfg.resume_from or interrupted_run(client, cfg)
     if run_id:
-        return run_id, resume_checkpoint(client, run_id, cfg)
+        return run_id, resume_checkpoint(client, run_id, cfg, meta)
     return start_run(client, cfg, meta, steps_per_epoch), None
 
 
