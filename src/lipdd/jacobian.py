@@ -1,12 +1,17 @@
 """Per-sample statistics of a classifier, chiefly the operator norm of each sample's input-output Jacobian.
 
-Every Jacobian here comes from one forward pass and one vectorised backward pass of the *logits*: a
-normalisation (softmax, log_softmax, cross-entropy, picking the target entry) is a small per-sample map
-A (K' x K) applied to the logits, so by the chain rule its Jacobian is A @ J_logits. Backpropagating the
-rows of A directly costs K' backward rows; computing J_logits once (K rows) and multiplying serves any
-number of normalisations. We take whichever needs fewer rows.
+Every Jacobian here comes from one forward pass and backward passes of the *logits* for a whole batch of
+samples at once: a normalisation (softmax, log_softmax, cross-entropy, picking the target entry) is a
+small per-sample map A (K' x K) applied to the logits, so by the chain rule its Jacobian is A @ J_logits.
+Backpropagating the rows of A directly costs K' backward rows; computing J_logits once (K rows) and
+multiplying serves any number of normalisations. We take whichever needs fewer rows.
+
+The arithmetic is IEEE float32 unless asked otherwise (`precision`), so the norms are exact to float32
+rounding: the operator norm comes from the singular values of the small K' x D matrix, not from power
+iteration.
 """
 
+import contextlib
 import itertools
 
 import torch
@@ -15,6 +20,7 @@ import torch.nn.functional as F
 METRICS = ("jacobian_operator_norm", "jacobian", "accuracy", "crossentropy", "confidence")
 JACOBIAN_METRICS = ("jacobian_operator_norm", "jacobian")
 NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy")
+PRECISIONS = ("fp32", "tf32", "bf16")
 CHUNK = 32  # samples per forward pass when bigmem is off, see _jacobians
 
 
@@ -42,22 +48,43 @@ def _logit_map(logits, targets, normalization, target_logit_only):
     return A
 
 
-def _prepared(model, x):
-    """Detached parameters and buffers, and a copy of x that autograd tracks.
+@contextlib.contextmanager
+def _arithmetic(device, precision):
+    """IEEE float32 by default, also on CUDA, where cuDNN convolutions otherwise run in TF32 on Ampere and
+    later GPUs (torch.backends.cudnn.conv.fp32_precision defaults to "tf32"). "tf32" (TF32 convolutions and
+    matmuls) and "bf16" (autocast) are CUDA-only options that trade exactness for speed; see
+    benchmarks/bench_stats.py --device cuda for their error against float64."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}, expected one of {PRECISIONS}")
+    if device.type != "cuda":
+        if precision != "fp32":
+            raise ValueError(f"precision {precision!r} is for CUDA devices; on {device.type} it is fp32")
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    saved = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    try:
+        with torch.autocast("cuda", torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = saved
+
+
+def _detached_state(model, channels_last):
+    """Detached parameters and buffers, for torch.func.functional_call.
 
     Detached parameters make autograd track the input only: no parameter gradient is ever computed
     (the seed's backward passes spent about half their time on them), and the model's requires_grad
-    flags stay untouched. On CPU, 4-d tensors go channels-last: oneDNN's convolutions then run
-    without layout reorders, ~10% faster here on cnn5 and resnet18 (2 cores).
+    flags stay untouched. On CPU, 4-d tensors go channels-last (weights here, inputs in
+    _chunk_jacobians): oneDNN's convolutions then run without layout reorders, 10-15% faster here on
+    cnn5 (widths 16, 64; 1 thread).
     """
-    cl = x.device.type == "cpu" and x.dim() == 4
-
     def prep(t):
         t = t.detach()
-        return t.contiguous(memory_format=torch.channels_last) if cl and t.dim() == 4 else t
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
 
-    state = {k: prep(v) for k, v in itertools.chain(model.named_parameters(), model.named_buffers())}
-    return state, prep(x).requires_grad_(True)
+    return {k: prep(v) for k, v in itertools.chain(model.named_parameters(), model.named_buffers())}
 
 
 def _backward_rows(logits, x, rows, bigmem):
@@ -68,8 +95,8 @@ def _backward_rows(logits, x, rows, bigmem):
     graph: peak memory is the forward activations plus one plain backward. bigmem=True sends all R rows
     through one vectorised backward (autograd's is_grads_batched, a vmap over the cotangents): R times
     the backward's transient memory, fewer, larger kernels. On CPU the row loop is the faster of the two
-    (cnn5 width 64, 32 CIFAR-shaped images, 1 thread: 1.6 s vs 1.9 s; the old vmap(chunk_size=1) path
-    costs the same per row plus vmap's per-op overhead, 1.7x slower on resnet18 width 16).
+    (cnn5 width 64, 32 CIFAR-shaped images, 1 thread: 1.6 s vs 1.9 s); a vmap over the rows with
+    chunk_size=1 costs the same kernels plus vmap's per-op overhead (1.7x slower on resnet18 width 16).
     """
     B, R, _ = rows.shape
     out = torch.empty(B, R, *x.shape[1:], dtype=x.dtype, device=x.device)
@@ -82,7 +109,7 @@ def _backward_rows(logits, x, rows, bigmem):
     return out.flatten(2)
 
 
-def _jacobians(model, x, targets, normalizations, target_logit_only, bigmem):
+def _jacobians(model, x, targets, normalizations, target_logit_only, bigmem, precision="fp32"):
     """logits (B, K) and {normalization: (B, K', D) Jacobian}: per chunk of samples, one forward pass and
     K' or K backward rows, whichever is fewer.
 
@@ -93,16 +120,21 @@ def _jacobians(model, x, targets, normalizations, target_logit_only, bigmem):
     """
     chunks = (x,) if bigmem else x.tensor_split(-(-len(x) // CHUNK))
     targets = (targets,) if bigmem else targets.tensor_split(len(chunks))
-    parts = [_chunk_jacobians(model, xc, tc, normalizations, target_logit_only, bigmem)
-             for xc, tc in zip(chunks, targets)]
+    channels_last = x.device.type == "cpu" and x.dim() == 4
+    with _arithmetic(x.device, precision):
+        state = _detached_state(model, channels_last)
+        parts = [_chunk_jacobians(model, state, xc, tc, normalizations, target_logit_only, bigmem, channels_last)
+                 for xc, tc in zip(chunks, targets)]
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), {n: torch.cat([p[1][n] for p in parts]) for n in normalizations}
 
 
-def _chunk_jacobians(model, x, targets, normalizations, target_logit_only, bigmem):
-    state, x = _prepared(model, x)
-    logits = torch.func.functional_call(model, state, (x,))
+def _chunk_jacobians(model, state, x, targets, normalizations, target_logit_only, bigmem, channels_last):
+    # A detached alias: autograd tracks it, the caller's tensor is untouched
+    x = x.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x.requires_grad_(True)
+    logits = torch.func.functional_call(model, state, (x,)).to(x.dtype)  # float32 under bf16 autocast too
     with torch.no_grad():
         maps = {n: _logit_map(logits, targets, n, target_logit_only) for n in normalizations}
     sizes = [A.shape[1] for A in maps.values()]
@@ -127,17 +159,20 @@ def _operator_norm(J):
     return torch.linalg.eigvalsh(gram.double())[:, -1].clamp_min(0).sqrt().to(J.dtype)
 
 
-def input_jacobian(model, x, targets, normalization="none", target_logit_only=False, bigmem=False):
+def input_jacobian(model, x, targets, normalization="none", target_logit_only=False, bigmem=False,
+                   precision="fp32"):
     """(B, K', D) Jacobian of each sample's (normalised) output w.r.t. its own input, D = C*H*W."""
     _check((normalization,), NORMALIZATIONS, "normalization")
-    return _jacobians(model, x, targets, (normalization,), target_logit_only, bigmem)[1][normalization]
+    return _jacobians(model, x, targets, (normalization,), target_logit_only, bigmem, precision)[1][normalization]
 
 
-def sample_stats(model, x, targets, metrics, normalizations, target_logit_only=False, bigmem=False):
+def sample_stats(model, x, targets, metrics, normalizations, target_logit_only=False, bigmem=False,
+                 precision="fp32"):
     """Per-sample values, shape (B,) in the logits' dtype, keyed by (metric, normalization).
 
     Jacobian metrics get one entry per normalization; accuracy, crossentropy and confidence one entry
     keyed (metric, "none"). The model should be in eval mode so that samples are independent.
+    bigmem=False bounds memory by chunks of CHUNK samples; precision is "fp32" (exact) except on CUDA.
     """
     _check(metrics, METRICS, "metric")
     _check(normalizations, NORMALIZATIONS, "normalization")
@@ -146,7 +181,7 @@ def sample_stats(model, x, targets, metrics, normalizations, target_logit_only=F
         if not normalizations:
             raise ValueError("jacobian metrics need at least one normalization")
         unique = tuple(dict.fromkeys(normalizations))
-        logits, jacobians = _jacobians(model, x, targets, unique, target_logit_only, bigmem)
+        logits, jacobians = _jacobians(model, x, targets, unique, target_logit_only, bigmem, precision)
         for n, J in jacobians.items():
             if "jacobian_operator_norm" in metrics:
                 stats["jacobian_operator_norm", n] = _operator_norm(J)

@@ -108,10 +108,15 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
 
 class MetricLogger:
     """Buffers metrics and sends them with log_batch: ~0.16 ms per metric against SQLite
-    instead of ~4 ms for each log_metric call."""
+    instead of ~4 ms for each log_metric call, and one call per 1,000 metrics or per
+    FLUSH_SECONDS (so the UI stays live), not per epoch: a log_batch call costs ~3 ms, as
+    much as a small model's training step."""
+
+    FLUSH_SECONDS = 30.0
 
     def __init__(self, client: MlflowClient, run_id: str, skip_logged: bool = False):
         self.client, self.run_id, self.buffer, self.history = client, run_id, [], {}
+        self.flushed = time.monotonic()
         # With skip_logged, steps the run already holds for a key are not sent again.
         self.last_step: dict[str, int] = {}
         if skip_logged:
@@ -128,7 +133,7 @@ class MetricLogger:
         if step <= self.last_step.get(key, -1):
             return
         self.buffer.append(Metric(key, float(value), int(time.time() * 1000), int(step)))
-        if len(self.buffer) >= MAX_METRICS:
+        if len(self.buffer) >= MAX_METRICS or time.monotonic() - self.flushed > self.FLUSH_SECONDS:
             self.flush()
 
     def log_dict(self, values: dict[str, float], step: int) -> None:
@@ -136,6 +141,7 @@ class MetricLogger:
             self.log(key, value, step)
 
     def flush(self) -> None:
+        self.flushed = time.monotonic()
         while self.buffer:
             chunk, self.buffer = self.buffer[:MAX_METRICS], self.buffer[MAX_METRICS:]
             self.client.log_batch(self.run_id, metrics=chunk)
