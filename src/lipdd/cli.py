@@ -41,7 +41,7 @@ def add_field(parser, f, dest: str) -> None:
     meta = f.metadata
     names = [f"--{f.name.replace('_', '-')}", *meta["flags"]]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    kw = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"])
+    kw = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"], metavar=f.name.upper())
     if meta.get("choices"):
         kw["metavar"] = "{" + ",".join(meta["choices"]) + "}"
     if isinstance(default, bool):
