@@ -10,6 +10,7 @@ shard files of independent --skip runs are joined by `lipdd stats --merge`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -232,41 +233,41 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     model = make_model(run_cfg, prepared.meta).to(device).eval()
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        log = open(out_dir / f"stats-{first_batch}.log", "a")  # beside the results, as the seed kept one
-    for epoch, artifact in chosen:
-        started = time.time()
-        state = tracking.load_checkpoint(client, run_id, artifact, device)
-        model.load_state_dict(state["model"])
-        gathered = gather_values(*checkpoint_values(model, images, labels, mean, std, s))
-        if not rank0:  # the others go on to the next checkpoint while rank 0 writes this one
-            continue
-        values, batch_means = gathered
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run {run_id} epoch {epoch}: {len(positions)} "
-                  f"{s.dataset_split} samples from position {s.skip}, {time.time() - started:.1f}s\n")
-        row = {"epoch": epoch}
-        for (metric, norm), per_sample in values.items():
-            name = stat_name(metric, norm, s.target_logit_only)
-            summary = summarize(per_sample, corrupted)
-            prefix = f"{s.dataset_split}_{name}"
-            # A recomputation (dvc repro -f, a re-run by hand) logs nothing the run already holds.
-            if not logger.holds(f"{prefix}_mean", epoch, summary["mean"]):
-                logger.log_dict({f"{prefix}_{k}": v for k, v in summary.items()}, step=epoch)
-                for b, value in enumerate(batch_means[metric, norm]):
-                    logger.log(f"{prefix}_batch_mean_epoch{epoch:04d}", value, first_batch + b)
-            row.update({f"{name}_{k}": v for k, v in summary.items()})
-            last_summary[name] = summary
-            path = out_dir / f"{s.outname or f'{name}_{s.dataset_split}_epoch{epoch:04d}'}-{first_batch}.json"
-            files.write_json(path, {"stats": per_sample.tolist(), **samples, "metadata": {
-                **metadata, "checkpoint_epoch": epoch, "checkpoint_step": state["global_step"], "metric": metric,
-                "normalization": norm if metric in JACOBIAN_METRICS else None}})
-            written.append(path)
-            log.write(f"  {path.name}: mean {summary['mean']:.6g}\n")
-        summary_rows.append(row)
-        logger.flush()
-        log.flush()
+    # a log beside the results, as the seed kept one; rank 0 alone writes files
+    with open(out_dir / f"stats-{first_batch}.log", "a") if rank0 else contextlib.nullcontext() as log:
+        for epoch, artifact in chosen:
+            started = time.time()
+            state = tracking.load_checkpoint(client, run_id, artifact, device)
+            model.load_state_dict(state["model"])
+            gathered = gather_values(*checkpoint_values(model, images, labels, mean, std, s))
+            if not rank0:  # the others go on to the next checkpoint while rank 0 writes this one
+                continue
+            values, batch_means = gathered
+            log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run {run_id} epoch {epoch}: {len(positions)} "
+                      f"{s.dataset_split} samples from position {s.skip}, {time.time() - started:.1f}s\n")
+            row = {"epoch": epoch}
+            for (metric, norm), per_sample in values.items():
+                name = stat_name(metric, norm, s.target_logit_only)
+                summary = summarize(per_sample, corrupted)
+                prefix = f"{s.dataset_split}_{name}"
+                # A recomputation (dvc repro -f, a re-run by hand) logs nothing the run already holds.
+                if not logger.holds(f"{prefix}_mean", epoch, summary["mean"]):
+                    logger.log_dict({f"{prefix}_{k}": v for k, v in summary.items()}, step=epoch)
+                    for b, value in enumerate(batch_means[metric, norm]):
+                        logger.log(f"{prefix}_batch_mean_epoch{epoch:04d}", value, first_batch + b)
+                row.update({f"{name}_{k}": v for k, v in summary.items()})
+                last_summary[name] = summary
+                path = out_dir / f"{s.outname or f'{name}_{s.dataset_split}_epoch{epoch:04d}'}-{first_batch}.json"
+                files.write_json(path, {"stats": per_sample.tolist(), **samples, "metadata": {
+                    **metadata, "checkpoint_epoch": epoch, "checkpoint_step": state["global_step"], "metric": metric,
+                    "normalization": norm if metric in JACOBIAN_METRICS else None}})
+                written.append(path)
+                log.write(f"  {path.name}: mean {summary['mean']:.6g}\n")
+            summary_rows.append(row)
+            logger.flush()
+            log.flush()
     if not rank0:
         return []
-    log.close()
     files.write_json(summary_dir / "metrics.json", {"run_id": run_id, "epoch": chosen[-1][0], **last_summary})
     files.write_csv(summary_dir / "history.csv", summary_rows)
     return written
