@@ -8,24 +8,26 @@
                    ToTensor, Normalize; a shuffling DataLoader; a plain loop. num_workers=0: on these 2
                    cores worker processes only compete with the training (measured 3,030 img/s with 0
                    workers, 2,450 with 1, 2,490 with 2, cnn5 width 4).
-     ours          the loop of lipdd.train: data resident on the device (lipdd.data.to_device), a seeded
-                   permutation, lipdd.data.random_crop_flip (one gather) and normalize on the whole batch,
-                   channels-last model and batches, summed loss over batch size, one host sync per epoch.
+     ours          lipdd.train.train_epoch, the loop lipdd.train runs: data resident on the device
+                   (lipdd.data.to_device), a seeded permutation, lipdd.data.random_crop_flip (one gather) and
+                   normalize on the whole batch, channels-last model and batches, in-place ReLUs, one host
+                   sync per epoch.
+     ours_compiled the same with the network under torch.compile (lipdd train --compile); the one-off
+                   compile happens in the warm-up round and is not timed.
    Each ratio is the median over rounds of the per-round ratio; methods alternate within a round.
 2. Evaluation: lipdd.train.evaluate (inference_mode, batches of 1,024) against a seed-style evaluation
    (DataLoader of PIL images, ToTensor, Normalize, batches of 128, no_grad).
-3. MLflow logging overhead on the embedded default (digits, cnn5 width 8, batch 128): the loop as
-   lipdd.train runs it, logging batch_loss for every step through lipdd.tracking.MetricLogger into a
-   temporary SQLite store (it flushes per 1,000 metrics or 30 s, and at the end). The overhead is the time spent
-   inside the logger's calls over the time of the loop without them: logging is synchronous, so that is
-   exactly what it adds, without the noise of differencing two timings of a shared machine (the paired
-   wall-clock difference is printed beside it as a check). A flush per epoch cost 17.9% here, which
-   is why the logger batches across epochs. (MLflow's asynchronous log_batch, synchronous=False, was
-   tried and dropped: with a flush per epoch it still cost ~20% of wall time, its logging thread
-   competing with this Python-bound loop for the GIL and the 2 cores.)
+3. MLflow logging overhead on the embedded default: lipdd.train.train with params.yaml as it stands
+   (digits, cnn5 width 8, 1,000 epochs, 1 thread) into a temporary SQLite store, every metric it logs
+   timed inside lipdd.tracking.MetricLogger (it buffers, and flushes per 1,000 metrics or 30 s). Logging
+   is synchronous, so the time inside the logger over the rest of the training is exactly what it
+   adds, without the noise of differencing two timings on a shared machine. A flush per epoch cost
+   17.9% here, which is why the logger batches across epochs. (MLflow's asynchronous log_batch,
+   synchronous=False, was tried and dropped: with a flush per epoch it still cost ~20% of wall time,
+   its logging thread competing with this Python-bound loop for the GIL and the 2 cores.)
 
-The last line is one JSON object: vs_seed_pipeline_cnn5_4 and vs_seed_pipeline_resnet18_64 (ours over
-seed), logging_overhead (as train.py logs) and eval_vs_seed_cnn5_4.
+The last line is one JSON object: vs_seed_pipeline_cnn5_4 and vs_seed_pipeline_resnet18_64 (lipdd
+with --compile over the seed; the _eager keys without it), logging_overhead and eval_vs_seed_cnn5_4.
 """
 
 import argparse
@@ -45,11 +47,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from lipdd import data as datalib
 from lipdd import tracking
-from lipdd.config import Config
+from lipdd.config import Config, build
 from lipdd.models import build_model
-from lipdd.train import CL, evaluate, learning_rate, make_model, make_optimizer
+from lipdd.train import CL, evaluate, make_optimizer, train, train_epoch
 
 BATCH = 128
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- data
@@ -103,35 +106,23 @@ class SeedTrainer:
 
 
 class OurTrainer:
-    """The inner loop of lipdd.train, built from the same functions."""
+    """lipdd.train.train_epoch, the loop lipdd.train runs, over `batches` batches per round."""
 
-    def __init__(self, model, split, mean, std, device):
+    def __init__(self, model, split, mean, std, device, batches, compile=False):
         self.cfg = Config(width=4, learning_rate=0.01, momentum=0.9, batch_size=BATCH, augmentation=True)
         self.model = model.to(device, memory_format=CL)
+        self.net = torch.compile(self.model) if compile else self.model
         self.opt = make_optimizer(self.cfg, self.model)
-        self.x, self.y, _ = datalib.to_device(split, device)
+        x, y, _ = datalib.to_device(split, device)
+        self.x, self.y = x[:batches * BATCH], y[:batches * BATCH]
         self.mean, self.std = (torch.tensor(v, device=device) for v in (mean, std))
         self.gens = {"batches": torch.Generator().manual_seed(0),
                      "augment": torch.Generator(device).manual_seed(1)}
-        self.epoch = 0
 
     def run(self, batches, device):
-        self.epoch += 1
-        for group in self.opt.param_groups:
-            group["lr"] = learning_rate(self.cfg, self.epoch)
-        order = torch.randperm(len(self.x), generator=self.gens["batches"]).to(device)
-        loss_sums = []
-        for i in range(0, batches * BATCH, BATCH):
-            idx = order[i:i + BATCH]
-            x = datalib.random_crop_flip(self.x[idx], self.gens["augment"])
-            x = datalib.normalize(x, self.mean, self.std).contiguous(memory_format=CL)
-            loss_sum = F.cross_entropy(self.model(x), self.y[idx], reduction="sum")
-            loss_sums.append(loss_sum.detach())
-            self.opt.zero_grad(set_to_none=True)
-            (loss_sum / len(idx)).backward()
-            self.opt.step()
-        torch.stack(loss_sums).tolist()  # the loop's one host sync per epoch
-        return batches * BATCH
+        losses = train_epoch(self.cfg, self.net, self.model, self.opt, self.x, self.y, self.mean, self.std,
+                             self.gens)
+        return len(losses.tolist()) * BATCH
 
 
 def sync(device):
@@ -163,9 +154,9 @@ def bench_pipelines(args, device):
 
     ratios = {}
     print(f"\ntraining images/s (median over rounds), batch {BATCH}, augmentation on")
-    names = ("seed", "ours")
-    print(f"{'model':14} " + " ".join(f"{n:>15}" for n in names) + f" {'ours/seed':>10}")
-    for family, width, batches, rounds in (("cnn5", 4, 16, 5), ("resnet18", 64, 2, 3)):
+    names = ("seed", "ours", "ours_compiled")
+    print(f"{'model':14} " + " ".join(f"{n:>15}" for n in names) + f" {'ours/seed':>10} {'compiled/seed':>14}")
+    for family, width, batches, rounds in (("cnn5", 4, 16, 5), ("resnet18", 64, 2, 5)):
         if args.quick:
             batches, rounds = max(1, batches // 2), 2
 
@@ -174,12 +165,14 @@ def bench_pipelines(args, device):
             return build_model(family, width, 3, 10).to(device)
 
         trainers = {"seed": SeedTrainer(model(), split, mean, std),
-                    "ours": OurTrainer(model(), split, mean, std, device)}
+                    "ours": OurTrainer(model(), split, mean, std, device, batches),
+                    "ours_compiled": OurTrainer(model(), split, mean, std, device, batches, compile=True)}
         ips = throughput(trainers, batches, rounds, device)
         key = f"{family}_{width}"
         ratios[key] = paired(ips["ours"], ips["seed"])
+        ratios[key + "_compiled"] = paired(ips["ours_compiled"], ips["seed"])
         print(f"{key:14} " + " ".join(f"{statistics.median(ips[n]):>15.0f}" for n in names)
-              + f" {ratios[key]:>10.2f}", flush=True)
+              + f" {ratios[key]:>10.2f} {ratios[key + '_compiled']:>14.2f}", flush=True)
 
     # evaluation: lipdd.train.evaluate against a seed-style loader, cnn5 width 4
     torch.manual_seed(0)
@@ -212,89 +205,44 @@ def bench_pipelines(args, device):
 class TimedLogger(tracking.MetricLogger):
     """lipdd.tracking.MetricLogger that adds up the wall time spent in its calls."""
 
-    def __init__(self, client, run_id):
-        super().__init__(client, run_id)
-        self.seconds = 0.0
+    seconds = 0.0
 
     def log(self, key, value, step):
         start = time.perf_counter()
-        super().log(key, value, step)  # flushes by itself, as in lipdd.train
-        self.seconds += time.perf_counter() - start
+        super().log(key, value, step)  # buffers, and flushes by itself
+        TimedLogger.seconds += time.perf_counter() - start
 
-    def close(self):
+    def flush(self):
         start = time.perf_counter()
-        self.flush()
-        self.seconds += time.perf_counter() - start
-
-
-def digits_loop(store, epochs, rounds, device):
-    """{variant: [(loop seconds, seconds inside the logger)] per round} for the digits default."""
-    with tempfile.TemporaryDirectory() as tmp:
-        datalib.prepare(Path(tmp) / "digits", "digits", Path(tmp) / "raw")
-        prepared = datalib.load_prepared(Path(tmp) / "digits")
-    cfg = Config(width=8, batch_size=BATCH)
-    x_train, y_train, _ = datalib.to_device(prepared.splits["train"], device)
-    mean, std = (torch.tensor(prepared.meta[k], device=device) for k in ("mean", "std"))
-    client = tracking.get_client(f"sqlite:///{store}/mlflow.db")
-    exp = client.create_experiment("bench", artifact_location=(Path(store) / "artifacts").as_uri())
-
-    def run(logger, epochs):
-        torch.manual_seed(0)
-        model = make_model(cfg, prepared.meta).to(device, memory_format=CL)
-        opt = make_optimizer(cfg, model)
-        gen, step = torch.Generator().manual_seed(0), 0
-        start = time.perf_counter()
-        for epoch in range(1, epochs + 1):
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(cfg, epoch)
-            order = torch.randperm(len(x_train), generator=gen).to(device)
-            loss_sums = []
-            for i in range(0, len(x_train), cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
-                batch = datalib.normalize(x_train[idx], mean, std).contiguous(memory_format=CL)
-                loss_sum = F.cross_entropy(model(batch), y_train[idx],
-                                           reduction="sum")
-                loss_sums.append(loss_sum.detach())
-                opt.zero_grad(set_to_none=True)
-                (loss_sum / len(idx)).backward()
-                opt.step()
-                step += 1
-            losses = torch.stack(loss_sums).tolist()
-            if logger is not None:
-                for s, value in enumerate(losses, step - len(losses) + 1):
-                    logger.log("batch_loss", value, s)
-        if logger is not None:
-            logger.close()
-        return time.perf_counter() - start, logger.seconds if logger else 0.0
-
-    variants = {"none": None, "lipdd": {}}
-    run(None, 2)  # warm-up
-    out = {v: [] for v in variants}
-    for _ in range(rounds):
-        for name, kwargs in variants.items():
-            logger = None if kwargs is None else TimedLogger(client, client.create_run(exp).info.run_id, **kwargs)
-            out[name].append(run(logger, epochs))
-    return out, -(-len(x_train) // cfg.batch_size)
+        super().flush()
+        TimedLogger.seconds += time.perf_counter() - start
 
 
 def bench_logging(args, device):
-    # 100 epochs = 1,100 steps: one flush of 1,000 metrics mid-run for the batched logger, as in a long run
-    epochs, rounds = (30, 2) if args.quick else (100, 3)
-    with tempfile.TemporaryDirectory() as store:
-        out, steps = digits_loop(store, epochs, rounds, device)
-    plain = [t for t, _ in out["none"]]
-    print(f"\nMLflow batch_loss logging, digits, cnn5 width 8, batch {BATCH}, {epochs} epochs x {steps} steps, "
-          f"SQLite store")
-    print(f"{'logger':16} {'loop s':>8} {'in logger s':>12} {'overhead':>9} {'wall-clock vs none':>19}")
-    overheads = {}
-    for name in ("lipdd",):
-        total = statistics.median(t for t, _ in out[name])
-        inside = statistics.median(s for _, s in out[name])
-        overheads[name] = statistics.median(s / (t - s) for t, s in out[name])
-        overheads[name + "_wall"] = statistics.median(t / p - 1 for (t, _), p in zip(out[name], plain))
-        print(f"{name:16} {total:>8.3f} {inside:>12.4f} {overheads[name]:>9.2%} {overheads[name + '_wall']:>19.2%}")
-    print(f"{'none':16} {statistics.median(plain):>8.3f}")
-    return overheads
+    """lipdd.train.train on the embedded default (params.yaml), every metric through TimedLogger."""
+    epochs = 100 if args.quick else None
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build({"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "prepared_dir": f"{tmp}/prepared",
+                     "results_dir": f"{tmp}/results", "device": str(device), **({"epochs": epochs} if epochs else {})},
+                    params_file=ROOT / "params.yaml")
+        datalib.ensure_prepared(cfg)
+        tracking.get_client(cfg.tracking_uri)  # the store's tables exist before the clock starts
+        tracking.MetricLogger, plain = TimedLogger, tracking.MetricLogger
+        try:
+            start = time.perf_counter()
+            run_id = train(cfg)
+            total = time.perf_counter() - start
+        finally:
+            tracking.MetricLogger = plain
+        client = tracking.get_client(cfg.tracking_uri)
+        logged = sum(len(client.get_metric_history(run_id, k)) for k in client.get_run(run_id).data.metrics)
+    inside = TimedLogger.seconds
+    overhead = inside / (total - inside)
+    print(f"\nMLflow metric logging in lipdd.train.train, embedded default ({cfg.model}_{cfg.width} on {cfg.data}, "
+          f"{cfg.epochs} epochs, {cfg.workers} thread), SQLite store")
+    print(f"{'metrics':>8} {'train s':>8} {'in logger s':>12} {'per metric':>11} {'overhead':>9}")
+    print(f"{logged:>8} {total:>8.2f} {inside:>12.3f} {inside / logged * 1e6:>9.0f}us {overhead:>9.2%}")
+    return overhead
 
 
 def main():
@@ -305,11 +253,13 @@ def main():
     device = torch.device(args.device)
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     ratios = bench_pipelines(args, device)
-    overheads = bench_logging(args, device)
+    overhead = bench_logging(args, device)
     print(json.dumps({
-        "vs_seed_pipeline_cnn5_4": round(ratios["cnn5_4"], 3),
-        "vs_seed_pipeline_resnet18_64": round(ratios["resnet18_64"], 3),
-        "logging_overhead": round(overheads["lipdd"], 4),
+        "vs_seed_pipeline_cnn5_4": round(ratios["cnn5_4_compiled"], 3),
+        "vs_seed_pipeline_resnet18_64": round(ratios["resnet18_64_compiled"], 3),
+        "vs_seed_pipeline_cnn5_4_eager": round(ratios["cnn5_4"], 3),
+        "vs_seed_pipeline_resnet18_64_eager": round(ratios["resnet18_64"], 3),
+        "logging_overhead": round(overhead, 4),
         "eval_vs_seed_cnn5_4": round(ratios["eval_cnn5_4"], 3),
     }))
 

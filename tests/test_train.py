@@ -177,3 +177,24 @@ def test_a_checkpoint_that_would_run_code_is_refused(workdir, tmp_path):
     client.log_artifact(run_id, str(truncated), "checkpoints")
     with pytest.raises(tracking.CheckpointError, match="epoch_0010.pt of run"):
         tracking.load_checkpoint(client, run_id, "checkpoints/epoch_0010.pt")
+
+
+def test_compiled_training_is_the_same_training(workdir):
+    """torch.compile fuses kernels, so rounding differs, but every step (the short last batch of
+    each epoch included, which compiles a second graph) follows the eager trajectory."""
+    eager, compiled = (train.train(make(epochs=2, augmentation=True, compile=c)) for c in (False, True))
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    losses = [[m.value for m in client.get_metric_history(r, "batch_loss")] for r in (eager, compiled)]
+    assert len(losses[0]) == len(losses[1]) == 2 * 6  # 1,437 training images in batches of 256
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_compile_without_a_cpp_compiler_is_refused(workdir, monkeypatch, capsys):
+    from lipdd import cli
+
+    monkeypatch.setenv("PATH", str(workdir))  # no g++, no c++
+    monkeypatch.delenv("CXX", raising=False)
+    assert cli.main(["train", "--compile", "--device", "cpu", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lipdd train: error: compile: torch.compile on the CPU needs a C++ compiler") and "\n" not in err
+    assert get_client(f"sqlite:///{workdir}/mlflow.db").search_runs(["0"]) == []

@@ -129,6 +129,9 @@ class Config:
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (env DEVICE)", "run")
     workers: int = opt(1, "CPU threads for the math (env WORKERS); the seed's loader workers are not "
                        "needed, data is device-resident", "run")
+    compile: bool = opt(False, "torch.compile the network for training: a one-off compile (about 20 s for cnn5 "
+                        "on 2 CPU cores, needs a C++ compiler on CPU), then faster steps; pays off on long runs",
+                        "run")
     name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run")
     save_dir: str = opt("results/runs", "root of the seed layout for stats files and exported "
                         "checkpoints (env SAVE_DIR)", "run")

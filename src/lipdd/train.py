@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def save_checkpoint(client, run_id, model, optimizer, epoch, step, generators, c
 
 
 # Params that say where a run executes, not what it computes: free to differ on resume.
-PLACE_PARAMS = ("resume_from", "device", "workers", "data_dir", "prepared_dir", "save_dir", "results_dir",
+PLACE_PARAMS = ("resume_from", "device", "workers", "compile", "data_dir", "prepared_dir", "save_dir", "results_dir",
                 "tracking_uri")
 
 
@@ -209,6 +210,9 @@ def train(cfg: Config) -> str:
         raise ConfigError(f"batch_size: {cfg.batch_size} does not divide over world size {world}; the batch "
                           f"size is global, each of the {world} processes takes batch_size / {world}")
     device = resolve_device(cfg.device)
+    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++"))):
+        raise ConfigError("compile: torch.compile on the CPU needs a C++ compiler (g++ or c++ on PATH, or $CXX); "
+                          "install one or train with compile: false")
     torch.set_num_threads(cfg.workers)
     with distributed.process_group(device):
         return _train(cfg, device)
@@ -230,6 +234,8 @@ def _train(cfg: Config, device: torch.device) -> str:
     # parameters, is what gets evaluated, regularised and saved.
     net = model if world == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
     optimizer = make_optimizer(cfg, model)
     # Every rank draws the same batch order and augmentation: the same streams as one process.
     generators = {"batches": torch.Generator().manual_seed(cfg.seed),
@@ -263,30 +269,8 @@ def _train(cfg: Config, device: torch.device) -> str:
             lr = learning_rate(cfg, epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sums, sizes = [], []
-            order = torch.randperm(n_train, generator=generators["batches"]).to(device)
-            for i in range(0, n_train, cfg.batch_size):
-                idx = order[i:i + cfg.batch_size]
-                x, y = x_train[idx], y_train[idx]
-                if cfg.augmentation:  # the whole global batch, so the draws are the single process's
-                    x = datalib.random_crop_flip(x, generators["augment"])
-                mine = distributed.part(len(idx))
-                batch = datalib.normalize(x[mine], mean, std).contiguous(memory_format=CL)
-                loss_sum = F.cross_entropy(net(batch), y[mine], reduction="sum")
-                loss_sums.append(loss_sum.detach())
-                sizes.append(len(idx))
-                # DDP averages the ranks' gradients: world * (this rank's sum) / (global batch size)
-                # makes that average the gradient of the global batch's mean loss, even when the
-                # last batch splits unevenly.
-                loss = loss_sum * world / len(idx) + regularization(cfg, model)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-            # One host sync (and one all-reduce) per epoch instead of one per step. Every rank
-            # gets the same global batch losses, so every rank sees a divergence.
-            losses = (distributed.all_sum(torch.stack(loss_sums)) / torch.tensor(sizes, device=device)).tolist()
-            first_step = step - len(losses) + 1
+            losses = train_epoch(cfg, net, model, optimizer, x_train, y_train, mean, std, generators).tolist()
+            first_step, step = step + 1, step + len(losses)
             for s, value in enumerate(losses, first_step):
                 if not math.isfinite(value):
                     if rank0:
@@ -316,6 +300,33 @@ def _train(cfg: Config, device: torch.device) -> str:
             client.log_batch(run_id, tags=[RunTag("epochs_trained", str(epoch))])
             write_outputs(client, run_id, cfg, uri)
     return run_id
+
+
+def train_epoch(cfg: Config, net, model, optimizer, x_train, y_train, mean, std, generators) -> torch.Tensor:
+    """One pass over the training set in a fresh seeded order. Returns every global batch's mean
+    loss, still on the device: reading them is the epoch's one host sync (and under torchrun its
+    one all-reduce), and every rank gets the same values, so every rank sees a divergence."""
+    world, n_train = distributed.world_size(), len(x_train)
+    loss_sums, sizes = [], []
+    order = torch.randperm(n_train, generator=generators["batches"]).to(x_train.device)
+    for i in range(0, n_train, cfg.batch_size):
+        idx = order[i:i + cfg.batch_size]
+        x, y = x_train[idx], y_train[idx]
+        if cfg.augmentation:  # the whole global batch, so the draws are the single process's
+            x = datalib.random_crop_flip(x, generators["augment"])
+        mine = distributed.part(len(idx))
+        batch = datalib.normalize(x[mine], mean, std).contiguous(memory_format=CL)
+        loss_sum = F.cross_entropy(net(batch), y[mine], reduction="sum")
+        loss_sums.append(loss_sum.detach())
+        sizes.append(len(idx))
+        # DDP averages the ranks' gradients: world * (this rank's sum) / (global batch size)
+        # makes that average the gradient of the global batch's mean loss, even when the
+        # last batch splits unevenly.
+        loss = loss_sum * world / len(idx) + regularization(cfg, model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return distributed.all_sum(torch.stack(loss_sums)) / torch.tensor(sizes, device=x_train.device)
 
 
 def write_outputs(client, run_id: str, cfg: Config, uri: str) -> None:
