@@ -19,7 +19,8 @@ median over rounds of the per-round ratio, so load from other jobs hits both sid
 Peak memory: one more call per method under torch.profiler with profile_memory, which records every
 allocation and free of torch's CPU allocator (oneDNN's buffers go through it too); the peak is the
 largest running sum of those events, i.e. the bytes live at the worst moment of the call beyond those
-live when it started. (ru_maxrss in fresh subprocesses was tried first and dropped: under memory
+live when it started. The profiler sees only its own thread's allocations, so these calls run on one
+thread, and ours (which runs one chunk per thread at once) is charged threads x its one-thread peak. (ru_maxrss in fresh subprocesses was tried first and dropped: under memory
 pressure from other jobs the kernel evicts the child's mapped torch libraries, so the resident size
 before the call fell below the import-time peak and every method showed the same number.)
 On CUDA: torch.cuda.max_memory_allocated minus the memory allocated before the call.
@@ -203,11 +204,18 @@ def norms64(model, x, masks=None):
 
 
 def ours_with_pattern(name, model, x, targets):
-    """Our estimates and the relu pattern of our own forward pass(es), chunks joined along the batch."""
+    """Our estimates and the relu pattern of our own forward pass(es), chunks joined along the batch.
+    One thread, so the chunks run one after another where ReluPattern (a thread-local mode) sees them;
+    tests/test_jacobian.py checks that concurrent chunks give the same values."""
     with ReluPattern() as one, torch.no_grad():
         model(x[:1])
-    with ReluPattern() as rec:
-        estimate = run_method(name, (model, None), x, targets)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ReluPattern() as rec:
+            estimate = run_method(name, (model, None), x, targets)
+    finally:
+        torch.set_num_threads(threads)
     per_forward = len(one.masks)
     return estimate, [torch.cat(rec.masks[r::per_forward]) for r in range(per_forward)]
 
@@ -279,16 +287,24 @@ def peak_memory(name, models, x, targets, device):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     # Every allocation and free of torch's CPU allocator (oneDNN's buffers included: PyTorch hands
-    # oneDNN that allocator), in time order; the peak is the largest running sum.
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        run_method(name, models, x, targets)
+    # oneDNN that allocator), in time order; the peak is the largest running sum. The profiler sees
+    # the allocations of its own thread only (pytorch/pytorch#192290), so the call runs on one thread;
+    # with T threads ours runs up to T chunks at once, so its figure is T times the one-thread peak,
+    # a bound (the one-thread peak also holds the finished chunks' results, which are not repeated).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            run_method(name, models, x, targets)
+    finally:
+        torch.set_num_threads(threads)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
     total = peak = 0
     for _, nbytes in events:
         total += nbytes
         peak = max(peak, total)
-    return peak
+    return peak * (threads if name == "ours" else 1)
 
 
 # ----------------------------------------------------------------------------- main

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lipdd.jacobian import JACOBIAN_METRICS, METRICS, NORMALIZATIONS, input_jacobian, sample_stats
+from lipdd.jacobian import CHUNK, JACOBIAN_METRICS, METRICS, NORMALIZATIONS, input_jacobian, sample_stats
 
 B, K = 5, 10
 
@@ -93,6 +93,27 @@ def test_bigmem_matches_chunked(target_logit_only):
         torch.testing.assert_close(big[key], small[key])
 
 
+def test_chunks_on_threads_of_their_own_match_one_thread():
+    """On a multi-threaded CPU the chunks run concurrently, one per thread: the values are the
+    single-threaded ones, in sample order, and the caller's thread count is left as it was."""
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    x = torch.randn(3 * CHUNK + 5, 1, 8, 8)
+    targets = torch.randint(0, K, (len(x),))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = sample_stats(model, x, targets, METRICS, NORMALIZATIONS)
+        torch.set_num_threads(3)
+        concurrent = sample_stats(model, x, targets, METRICS, NORMALIZATIONS)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+    assert concurrent.keys() == serial.keys()
+    for key in serial:
+        torch.testing.assert_close(concurrent[key], serial[key], rtol=1e-6, atol=0)
+
+
 def test_all_normalizations_at_once_match_one_at_a_time():
     model, x, targets = make_case("gray8")
     together = sample_stats(model, x, targets, JACOBIAN_METRICS, NORMALIZATIONS)
@@ -140,21 +161,34 @@ def test_tiny_operator_norm_is_exact():
     assert_rel_close(stats["jacobian_operator_norm", "none"], ref)
 
 
-def test_single_forward_pass():
+def test_each_sample_goes_forward_once():
+    """One forward pass per chunk serves every metric and normalization."""
     model, x, targets = make_case("gray8")
-    calls = []
-    model.register_forward_hook(lambda *args: calls.append(1))
+    sizes = []
+    model.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
     sample_stats(model, x, targets, METRICS, NORMALIZATIONS)
-    assert len(calls) == 1
+    assert sum(sizes) == B
 
 
 def test_model_left_untouched():
+    """Also when chunks run on several threads at once (functional_call's parameter swapping once
+    left the model holding detached channels-last copies there)."""
     model, x, targets = make_case("rgb6")
+    x, targets = x.repeat(2 * CHUNK // B, 1, 1, 1), targets.repeat(2 * CHUNK // B)  # two chunks
     model[0].bias.requires_grad_(False)
-    flags = [p.requires_grad for p in model.parameters()]
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
     state = copy.deepcopy(model.state_dict())
-    sample_stats(model, x, targets, METRICS, NORMALIZATIONS)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for _ in range(3):
+            sample_stats(model, x, targets, METRICS, NORMALIZATIONS)
+    finally:
+        torch.set_num_threads(threads)
     input_jacobian(model, x, targets, "softmax", bigmem=True)
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert all(p.is_contiguous() for p in params)
     assert [p.requires_grad for p in model.parameters()] == flags
     assert not any(m.training for m in model.modules())
     assert all(p.grad is None for p in model.parameters())

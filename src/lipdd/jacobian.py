@@ -12,7 +12,8 @@ iteration.
 """
 
 import contextlib
-import itertools
+import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -71,20 +72,19 @@ def _arithmetic(device, precision):
         conv.fp32_precision, matmul.fp32_precision = saved
 
 
-def _detached_state(model, channels_last):
-    """Detached parameters and buffers, for torch.func.functional_call.
+def _frozen_copy(model, channels_last):
+    """A copy of the model whose parameters autograd does not track.
 
-    Detached parameters make autograd track the input only: no parameter gradient is ever computed
-    (the seed's backward passes spent about half their time on them), and the model's requires_grad
-    flags stay untouched. On CPU, 4-d tensors go channels-last (weights here, inputs in
+    Autograd then tracks the input only: no parameter gradient is ever computed (the seed's backward
+    passes spent about half their time on them), and the caller's model stays untouched. A copy, not
+    torch.func.functional_call with detached tensors: functional_call swaps the module's own parameters
+    in and out around each call, so chunks on several threads at once undid each other's swaps and
+    left the caller's model holding the detached tensors. On CPU, weights go channels-last (inputs in
     _chunk_jacobians): oneDNN's convolutions then run without layout reorders, 10-15% faster here on
     cnn5 (widths 16, 64; 1 thread).
     """
-    def prep(t):
-        t = t.detach()
-        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
-
-    return {k: prep(v) for k, v in itertools.chain(model.named_parameters(), model.named_buffers())}
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    return frozen.to(memory_format=torch.channels_last) if channels_last else frozen
 
 
 def _backward_rows(logits, x, rows, bigmem):
@@ -113,28 +113,55 @@ def _jacobians(model, x, targets, normalizations, target_logit_only, bigmem, pre
     """logits (B, K) and {normalization: (B, K', D) Jacobian}: per chunk of samples, one forward pass and
     K' or K backward rows, whichever is fewer.
 
-    bigmem=False works on chunks of at most CHUNK samples, so peak memory is that of CHUNK samples
-    whatever the batch size; it is also faster, since a chunk's activations stay in cache (2 cores, 1
-    thread, 64 CIFAR-shaped images: cnn5 width 16 0.36 s whole vs 0.27 s in chunks of 32, width 64 3.7
-    vs 3.1-3.4 s in chunks of 8-32; resnet18 about even). bigmem=True takes the batch at once.
+    bigmem=False works on chunks of at most CHUNK samples, so peak memory is that of CHUNK samples per
+    CPU thread whatever the batch size; it is also faster, since a chunk's activations stay in cache (2
+    cores, 1 thread, 64 CIFAR-shaped images: cnn5 width 16 0.36 s whole vs 0.27 s in chunks of 32, width
+    64 3.7 vs 3.1-3.4 s in chunks of 8-32; resnet18 about even). On a multi-threaded CPU the chunks run
+    concurrently (_concurrently), and a batch of fewer than CHUNK samples per thread is split so that
+    every thread gets one. bigmem=True takes the batch at once.
     """
-    chunks = (x,) if bigmem else x.tensor_split(-(-len(x) // CHUNK))
-    targets = (targets,) if bigmem else targets.tensor_split(len(chunks))
-    channels_last = x.device.type == "cpu" and x.dim() == 4
+    cpu = x.device.type == "cpu"
+    threads = torch.get_num_threads() if cpu else 1
+    size = len(x) if bigmem else min(CHUNK, -(-len(x) // threads))
+    chunks, targets = x.split(size), targets.split(size)
+    channels_last = cpu and x.dim() == 4
     with _arithmetic(x.device, precision):
-        state = _detached_state(model, channels_last)
-        parts = [_chunk_jacobians(model, state, xc, tc, normalizations, target_logit_only, bigmem, channels_last)
-                 for xc, tc in zip(chunks, targets)]
+        frozen = _frozen_copy(model, channels_last)
+
+        def chunk(xc, tc):
+            return _chunk_jacobians(frozen, xc, tc, normalizations, target_logit_only, bigmem, channels_last)
+
+        if threads > 1 and len(chunks) > 1:
+            parts = _concurrently(chunk, chunks, targets, workers=min(threads, len(chunks)))
+        else:
+            parts = [chunk(xc, tc) for xc, tc in zip(chunks, targets)]
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p[0] for p in parts]), {n: torch.cat([p[1][n] for p in parts]) for n in normalizations}
 
 
-def _chunk_jacobians(model, state, x, targets, normalizations, target_logit_only, bigmem, channels_last):
+def _concurrently(fn, *iterables, workers):
+    """[fn(*args) for args in zip(*iterables)], `workers` calls at a time, each on a thread of its own whose
+    ops run single-threaded. A chunk's convolutions are too small to split well across cores (2 cores,
+    64 CIFAR-shaped samples: cnn5 width 16 runs 1.6x the samples/s of two intra-op threads, cnn5 width 64
+    and resnet18 width 16 1.1x, resnet18 width 64 1.05x); whole chunks in parallel keep every core busy.
+    Autograd runs a CPU backward on the thread that calls it, so the chunks' graphs never meet. Memory:
+    `workers` chunks at a time."""
+    threads = torch.get_num_threads()
+    # OpenMP's thread count is a per-thread setting: each worker sets its own, and the caller's is
+    # restored in case this build's setting is global.
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        try:
+            return list(pool.map(fn, *iterables))
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _chunk_jacobians(model, x, targets, normalizations, target_logit_only, bigmem, channels_last):
     # A detached alias: autograd tracks it, the caller's tensor is untouched
     x = x.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x.requires_grad_(True)
-    logits = torch.func.functional_call(model, state, (x,)).to(x.dtype)  # float32 under bf16 autocast too
+    logits = model(x).to(x.dtype)  # float32 under bf16 autocast too
     with torch.no_grad():
         maps = {n: _logit_map(logits, targets, n, target_logit_only) for n in normalizations}
     sizes = [A.shape[1] for A in maps.values()]
