@@ -127,8 +127,9 @@ class Config:
     seed: int = opt(42, "seed of initialisation, batch order and augmentation", "train")
     # where things run and land
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (env DEVICE)", "run")
-    workers: int = opt(1, "CPU threads for the math (env WORKERS); the seed's loader workers are not "
-                       "needed, data is device-resident", "run")
+    workers: int = opt(1, "CPU threads for the math (env WORKERS): training splits each op over them, stats "
+                       "runs that many 32-sample chunks at once; data is device-resident, so no loader workers",
+                       "run")
     compile: bool = opt(False, "torch.compile the network for training: a one-off compile (about 20 s for cnn5 "
                         "on 2 CPU cores, needs a C++ compiler on CPU), then faster steps; pays off on long runs",
                         "run")
