@@ -123,8 +123,8 @@ def save_checkpoint(client, run_id, model, optimizer, epoch, step, generators, c
 
 
 # Params that say where a run executes, not what it computes: free to differ on resume.
-PLACE_PARAMS = ("resume_from", "device", "workers", "compile", "data_dir", "prepared_dir", "save_dir", "results_dir",
-                "tracking_uri")
+PLACE_PARAMS = ("resume_from", "device", "workers", "compile", "data_dir", "prepared_dir", "save_dir",
+                "results_dir", "tracking_uri")
 
 
 def start_run(client, cfg: Config, meta: dict, steps_per_epoch: int) -> str:
