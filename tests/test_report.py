@@ -152,3 +152,28 @@ def test_no_matching_run(store, tmp_path):
         report(report_config(uri, tmp_path, name="no-such"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert len(client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")) == 1
+
+
+def test_another_sweep_at_the_same_noise_is_left_out(store, tmp_path, capsys):
+    """Adam and SGD sweeps at one noise level: the report draws the one its parameters name;
+    a parameter every run shares (epochs=7 here, against the default 100) need not be given."""
+    uri, client, exp_id = store
+    adam = {w: make_run(client, exp_id, width=w, label_noise=0.2, optimizer="adam", epochs=7) for w in (1, 2)}
+    for w in (1, 2, 4):
+        make_run(client, exp_id, width=w, label_noise=0.2, optimizer="sgd", epochs=7)
+    report(report_config(uri, tmp_path, optimizer="adam"))
+    rows = read_csv(tmp_path / "results" / "report" / "by_width.csv")
+    assert [(int(r["width"]), r["run_ids"]) for r in rows] == [(w, adam[w][0]) for w in (1, 2)]
+    err = capsys.readouterr().err
+    assert "the runs differ in optimizer (adam: 2 runs, sgd: 3 runs); keeping the 2 with optimizer=adam" in err
+
+    for lr in (0.01, 0.001):
+        make_run(client, exp_id, width=8, label_noise=0.4, learning_rate=lr)
+    out = tmp_path / "results" / "report"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ConfigError, match=r"^report: the runs of cnn5 on digits at label noise 0.4 differ in "
+                       r"learning_rate \(0.001: 1 runs, 0.01: 1 runs\) and none has learning_rate=0.1; pass "
+                       r"--learning-rate with one of those values$"):
+        report(report_config(uri, tmp_path, label_noise=0.4, learning_rate=0.1))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert len(client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")) == 1

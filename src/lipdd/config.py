@@ -25,6 +25,10 @@ WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
 SPLITS = ("train", "val", "test")
 METRICS = ("jacobian_operator_norm", "jacobian", "accuracy", "crossentropy", "confidence")
 NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy")
+# Params that say where a run executes, not what it computes: free to differ on resume, and
+# not what tells two runs apart.
+PLACE_PARAMS = ("resume_from", "device", "workers", "compile", "data_dir", "prepared_dir", "save_dir",
+                "results_dir", "tracking_uri")
 ENV_VARS = {"SAVE_DIR": "save_dir", "NAME": "name", "DATA_DIR": "data_dir", "DEVICE": "device",
             "WORKERS": "workers"}
 

@@ -2,14 +2,16 @@
 estimate (mean Jacobian operator norm on training points) against width and against epoch.
 
 Reads only MLflow: the finished training runs of experiment `name` with the report's data, model
-family and label noise. Runs at one width (seeds, reruns) are averaged (plain mean; `n_runs` says
-how many). matplotlib's Figure without pyplot: no display, no global backend state.
+family and label noise; where those runs disagree in another training parameter (two sweeps, say
+Adam and SGD), only the ones with the report's value of it (see `narrow`). Runs at one width (seeds,
+reruns) are averaged (plain mean; `n_runs` says how many). matplotlib's Figure without pyplot: no display, no global backend state.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator
 
 from . import files, tracking
-from .config import NORMALIZATIONS, Config, ConfigError
+from .config import NORMALIZATIONS, PLACE_PARAMS, Config, ConfigError
 
 KIND = "lipdd.kind"  # tag marking report runs, so a report never averages an earlier report
 SUMMARIES = ("mean", "clean_mean", "corrupted_mean")
@@ -49,7 +51,34 @@ def find_runs(cfg: Config, client) -> tuple[str, list]:
         raise ConfigError(f"report: no finished run with test_error or Jacobian stats in experiment {cfg.name!r} "
                           f"has {', '.join(f'{k}={v}' for k, v in wanted.items())}; it has {len(training)} "
                           f"training runs ({'/'.join(wanted)}: {have or 'none'})")
-    return exp.experiment_id, runs
+    return exp.experiment_id, narrow(runs, cfg)
+
+
+# What a report's runs may differ in: the width it is drawn against and the seeds it averages.
+VARIED = ("width", "seed")
+
+
+def narrow(runs: list, cfg: Config) -> list:
+    """The runs whose training parameters agree, apart from width and seed: where they disagree
+    in one, those with cfg's value of it. So two sweeps at one noise level are never averaged
+    together, and a parameter every run shares need not be repeated on the command line (the
+    report of a sweep queued with `-S optimizer=sgd ...` needs no `--optimizer`)."""
+    for key, value in cfg.flat().items():
+        if key in VARIED or key in PLACE_PARAMS:
+            continue
+        counts = Counter(r.data.params[key] for r in runs if key in r.data.params)  # older runs may lack a key
+        if len(counts) < 2:
+            continue
+        found = ", ".join(f"{v}: {n} runs" for v, n in sorted(counts.items()))
+        kept = [r for r in runs if r.data.params.get(key, str(value)) == str(value)]
+        if not kept:
+            raise ConfigError(f"report: the runs of {cfg.model} on {cfg.data} at label noise {cfg.label_noise:g} differ "
+                              f"in {key} ({found}) and none has {key}={value}; pass --{key.replace('_', '-')} with "
+                              "one of those values")
+        print(f"report: the runs differ in {key} ({found}); keeping the {len(kept)} with {key}={value}",
+              file=sys.stderr)
+        runs = kept
+    return runs
 
 
 def collect(client, runs) -> tuple[dict[int, list], list[str]]:

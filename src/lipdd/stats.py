@@ -26,9 +26,9 @@ from tqdm import tqdm
 from . import config as configlib
 from . import data as datalib
 from . import distributed, files, tracking
-from .config import Config, ConfigError
+from .config import PLACE_PARAMS, Config, ConfigError
 from .jacobian import JACOBIAN_METRICS, sample_stats
-from .train import PLACE_PARAMS, make_model, resolve_device
+from .train import make_model, resolve_device
 
 # Params that identify a training run the seed's way (compute_stats.py's flags).
 IDENTIFYING = ("data", "model", "width", "label_noise", "augmentation", "seed", "train_split", "val_split",

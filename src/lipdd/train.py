@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from . import data as datalib
 from . import distributed, files, tracking
-from .config import Config, ConfigError, TrainingDiverged
+from .config import PLACE_PARAMS, Config, ConfigError, TrainingDiverged
 from .models import build_model
 
 
@@ -120,11 +120,6 @@ def save_checkpoint(client, run_id, model, optimizer, epoch, step, generators, c
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch, global_step=step,
                  rng={k: g.get_state() for k, g in generators.items()}, config=cfg.flat())
     tracking.log_checkpoint(client, run_id, state, epoch)
-
-
-# Params that say where a run executes, not what it computes: free to differ on resume.
-PLACE_PARAMS = ("resume_from", "device", "workers", "compile", "data_dir", "prepared_dir", "save_dir",
-                "results_dir", "tracking_uri")
 
 
 def start_run(client, cfg: Config, meta: dict, steps_per_epoch: int) -> str:
