@@ -98,7 +98,7 @@ def test_chunks_on_threads_of_their_own_match_one_thread():
     single-threaded ones, in sample order, and the caller's thread count is left as it was."""
     torch.manual_seed(0)
     model = small_cnn().eval()
-    x = torch.randn(3 * CHUNK + 5, 1, 8, 8)
+    x = torch.randn(3 * CHUNK["cpu"] + 5, 1, 8, 8)
     targets = torch.randint(0, K, (len(x),))
     threads = torch.get_num_threads()
     try:
@@ -174,7 +174,8 @@ def test_model_left_untouched():
     """Also when chunks run on several threads at once (functional_call's parameter swapping once
     left the model holding detached channels-last copies there)."""
     model, x, targets = make_case("rgb6")
-    x, targets = x.repeat(2 * CHUNK // B, 1, 1, 1), targets.repeat(2 * CHUNK // B)  # two chunks
+    n = 2 * CHUNK["cpu"] // B
+    x, targets = x.repeat(n, 1, 1, 1), targets.repeat(n)  # two chunks
     model[0].bias.requires_grad_(False)
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
