@@ -203,19 +203,26 @@ def bench_pipelines(args, device):
 
 
 class TimedLogger(tracking.MetricLogger):
-    """lipdd.tracking.MetricLogger that adds up the wall time spent in its calls."""
+    """lipdd.tracking.MetricLogger that adds up the wall time spent in its calls: the outermost ones
+    only, since log calls flush itself when its buffer fills."""
 
-    seconds = 0.0
+    seconds, depth = 0.0, 0
+
+    def timed(self, method, *args):
+        TimedLogger.depth += 1
+        start = time.perf_counter()
+        try:
+            return method(*args)
+        finally:
+            TimedLogger.depth -= 1
+            if not TimedLogger.depth:
+                TimedLogger.seconds += time.perf_counter() - start
 
     def log(self, key, value, step):
-        start = time.perf_counter()
-        super().log(key, value, step)  # buffers, and flushes by itself
-        TimedLogger.seconds += time.perf_counter() - start
+        self.timed(super().log, key, value, step)
 
     def flush(self):
-        start = time.perf_counter()
-        super().flush()
-        TimedLogger.seconds += time.perf_counter() - start
+        self.timed(super().flush)
 
 
 def bench_logging(args, device):
