@@ -249,10 +249,12 @@ def _train(cfg: Config, device: torch.device) -> str:
             print(f"resuming run {run_id} from epoch {start_epoch}", file=sys.stderr)
     # Rank 0 owns the run: it logs, saves checkpoints and ends the run FINISHED or FAILED. The
     # other ranks only train; every decision to stop reaches them through a collective.
+    # A resumed run re-computes bit-identical values for steps it had logged: send only new ones.
+    # The logger is left first: what it holds is in the run before the run ends.
     with (tracking.terminating(client, run_id) if rank0 else contextlib.nullcontext(),
-          distributed.failing_together()):
-        # A resumed run re-computes bit-identical values for steps it had logged: send only new ones.
-        logger = tracking.MetricLogger(client, run_id, skip_logged=start_epoch > 0) if rank0 else None
+          distributed.failing_together(),
+          tracking.BackgroundMetricLogger(client, run_id, skip_logged=start_epoch > 0) if rank0
+          else contextlib.nullcontext() as logger):
         epoch = start_epoch
         if epoch == 0 and rank0:
             logger.log_dict(evaluation(model, splits, mean, std), step=0)

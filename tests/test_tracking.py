@@ -1,0 +1,70 @@
+"""The training loop's metric logger against a real SQLite store: what it is handed reaches the
+run by each flush, and a sender that fails or dies is reported, never waited for forever."""
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from lipdd.tracking import BackgroundMetricLogger, get_client
+
+
+@pytest.fixture
+def run(workdir):
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    return client, client.create_run("0").info.run_id
+
+
+def history(client, run_id, key):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_every_metric_is_in_the_run_at_each_flush_and_at_close(run):
+    client, run_id = run
+    with BackgroundMetricLogger(client, run_id) as logger:
+        for step in range(1, 251):  # more than two sends' worth
+            logger.log("batch_loss", step / 8, step)
+        logger.log_dict({"train_loss": 0.5, "lr": 0.1}, step=10)
+        logger.flush()
+        assert history(client, run_id, "batch_loss") == [(s, s / 8) for s in range(1, 251)]
+        assert history(client, run_id, "lr") == [(10, 0.1)]
+        logger.log("batch_loss", 7.0, 251)
+    assert history(client, run_id, "batch_loss")[-1] == (251, 7.0)
+    assert logger.sender.returncode == 0
+
+
+def test_a_resumed_run_is_sent_only_steps_it_lacks(run):
+    client, run_id = run
+    with BackgroundMetricLogger(client, run_id) as logger:
+        for step in range(1, 6):
+            logger.log("batch_loss", float(step), step)
+    with BackgroundMetricLogger(client, run_id, skip_logged=True) as logger:
+        for step in range(1, 9):
+            logger.log("batch_loss", float(step), step)
+    assert history(client, run_id, "batch_loss") == [(s, float(s)) for s in range(1, 9)]
+
+
+def test_a_failed_write_is_raised_by_the_next_flush(run):
+    client, run_id = run
+    logger = BackgroundMetricLogger(client, run_id)
+    logger.log("../outside", 1.0, 0)  # MLflow refuses a metric name that climbs out of the run
+    with pytest.raises(MlflowException, match=rf"writing metrics to run {run_id} failed: MlflowException: .*name"):
+        logger.flush()
+    with pytest.raises(MlflowException, match="exited with status 0"):
+        logger.close()
+    assert logger.pipe.closed
+
+
+def test_a_killed_sender_is_reported(run):
+    client, run_id = run
+    logger = BackgroundMetricLogger(client, run_id)
+    logger.sender.kill()
+    logger.sender.wait()
+    logger.log("batch_loss", 1.0, 1)
+    with pytest.raises(MlflowException, match="exited with status -9"):
+        logger.flush()
+
+
+def test_the_sender_ends_when_the_trainer_is_gone(run):
+    client, run_id = run
+    logger = BackgroundMetricLogger(client, run_id)
+    logger.pipe.close()  # what the trainer's death does to the pipe
+    assert logger.sender.wait(timeout=60) == 0
