@@ -14,6 +14,9 @@ it measures per-sample operator norms of the logit Jacobian, computed by
 The seed's power iteration: 10 steps from a random start, a sample stops once its estimate changes by
 less than 1e-2 (absolute), and its estimate stays at 0 if the first step is already below that.
 
+On CPU the process first calls lipdd.train.retain_freed_memory, as lipdd stats does: every method
+runs with malloc keeping freed memory.
+
 Timing: all methods of a configuration in one process, round-robin, several rounds; each ratio is the
 median over rounds of the per-round ratio, so load from other jobs hits both sides of a ratio alike.
 Peak memory: one more call per method under torch.profiler with profile_memory, which records every
@@ -55,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 from lipdd.jacobian import sample_stats
 from lipdd.models import build_model
+from lipdd.train import retain_freed_memory
 
 K = 10
 SHAPE = (3, 32, 32)
@@ -316,6 +320,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer samples and rounds, no seed_frozen memory")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, K={K}, input {SHAPE}")
     header = (f"{'model':12} {'N':>3} " + " ".join(f"{m:>12}" for m in METHODS)
               + f" {'vs_low':>7} {'vs_big':>7} {'vs_frz':>7}")

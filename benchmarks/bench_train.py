@@ -14,6 +14,8 @@
                    sync per epoch.
      ours_compiled the same with the network under torch.compile (lipdd train --compile); the one-off
                    compile happens in the warm-up round and is not timed.
+   On CPU the process first calls lipdd.train.retain_freed_memory, as lipdd train does: the seed runs
+   with malloc keeping freed memory too.
    Each ratio is the median over rounds of the per-round ratio; methods alternate within a round.
 2. Evaluation: lipdd.train.evaluate (inference_mode, batches of 1,024) against a seed-style evaluation
    (DataLoader of PIL images, ToTensor, Normalize, batches of 128, no_grad).
@@ -51,7 +53,7 @@ from lipdd import data as datalib
 from lipdd import tracking
 from lipdd.config import Config, build
 from lipdd.models import build_model
-from lipdd.train import CL, evaluate, make_optimizer, train, train_epoch
+from lipdd.train import CL, evaluate, make_optimizer, retain_freed_memory, train, train_epoch
 
 BATCH = 128
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,6 +268,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer batches and rounds (a smoke test; quote the full run)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory()
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     ratios = bench_pipelines(args, device)
     overhead = bench_logging(args, device)

@@ -28,7 +28,7 @@ from . import data as datalib
 from . import distributed, files, tracking
 from .config import PLACE_PARAMS, Config, ConfigError
 from .jacobian import JACOBIAN_METRICS, sample_stats
-from .train import make_model, resolve_device
+from .train import make_model, resolve_device, retain_freed_memory
 
 # Params that identify a training run the seed's way (compute_stats.py's flags).
 IDENTIFYING = ("data", "model", "width", "label_noise", "augmentation", "seed", "train_split", "val_split",
@@ -182,6 +182,8 @@ def compute_stats(cfg: Config) -> list[Path]:
     result files written. Under torchrun the ranks share the batches and rank 0 writes."""
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.workers)
+    if device.type == "cpu":
+        retain_freed_memory()
     with distributed.process_group(device):
         return _compute_stats(cfg, device)
 
