@@ -135,7 +135,8 @@ class Config:
                        "runs that many 32-sample chunks at once; data is device-resident, so no loader workers",
                        "run")
     compile: bool = opt(False, "torch.compile the network for training: a one-off compile (about 20 s for cnn5 "
-                        "on 2 CPU cores, needs a C++ compiler on CPU), then faster steps; pays off on long runs",
+                        "on 2 CPU cores, needs a C++ compiler on CPU), then fused kernels; no faster on 2 CPU cores, "
+                        "unmeasured on GPUs",
                         "run")
     name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run")
     save_dir: str = opt("results/runs", "root of the seed layout for stats files and exported "
