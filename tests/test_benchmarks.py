@@ -1,0 +1,65 @@
+"""The benchmarks' baselines are the seed's algorithms, computed right: a ratio against a wrong or
+broken baseline would be meaningless. Small sizes; the benchmarks themselves time the real ones."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_stats  # noqa: E402
+import bench_train  # noqa: E402
+
+from lipdd.models import build_model  # noqa: E402
+
+
+def exact_jacobians(model, x):
+    """(N, D, K) by torch.autograd.functional.jacobian, one sample at a time."""
+    return torch.stack([torch.autograd.functional.jacobian(lambda s: model(s[None])[0], s).flatten(1).T for s in x])
+
+
+@pytest.mark.parametrize("family", ["cnn5", "resnet18"])
+def test_seed_jacobians_are_the_jacobian(family):
+    torch.manual_seed(0)
+    model = build_model(family, 2, 3, bench_stats.K).double().eval()
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    want = exact_jacobians(model, x)
+    assert want.shape == (3, 3 * 8 * 8, bench_stats.K)
+    for seed_jacobian in (bench_stats.seed_jacobian_lowmem, bench_stats.seed_jacobian_bigmem):
+        torch.testing.assert_close(seed_jacobian(model, x), want, rtol=1e-10, atol=1e-12)
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_seed_power_iteration_as_the_seed_had_it():
+    """Zero for every sample whose norm is below its 1e-2 tolerance; otherwise a Rayleigh
+    quotient of unit vectors, so never above the largest singular value."""
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(6, 50, bench_stats.K, generator=g, dtype=torch.float64)
+    J[:3] *= 1e-4 / torch.linalg.matrix_norm(J[:3], ord=2)[:, None, None]
+    sigma = torch.linalg.matrix_norm(J, ord=2)
+    estimate = bench_stats.seed_operator_norm(J)
+    assert torch.equal(estimate[:3], torch.zeros(3, dtype=torch.float64))
+    assert (estimate[3:] > 0).all() and (estimate[3:] <= sigma[3:] * (1 + 1e-12)).all()
+
+
+def test_both_training_pipelines_train():
+    split, mean, std = bench_train.cifar_like(2 * bench_train.BATCH)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    models = {"seed": build_model("cnn5", 2, 3, 10), "ours": build_model("cnn5", 2, 3, 10)}
+    before = {name: [p.detach().clone() for p in m.parameters()] for name, m in models.items()}
+    trainers = {"seed": bench_train.SeedTrainer(models["seed"], split, mean, std),
+                "ours": bench_train.OurTrainer(models["ours"], split, mean, std, device, batches=2)}
+    assert {name: t.run(2, device) for name, t in trainers.items()} == {"seed": 256, "ours": 256}
+    for name, m in models.items():
+        assert all(not torch.equal(a, b) for a, b in zip(before[name], m.parameters())), name
+
+
+def test_logging_overhead_is_timed_inside_a_real_training(workdir, capsys):
+    bench_train.TimedLogger.seconds = 0.0
+    overhead = bench_train.bench_logging(argparse.Namespace(quick=True), torch.device("cpu"))
+    assert 0 < overhead < 0.2
+    # 100 epochs of 8 batch losses; 11 evaluations of 11 metrics, and the learning rate after epoch 0
+    assert "\n     931 " in capsys.readouterr().out
