@@ -171,6 +171,9 @@ class MetricLogger:
             self.close()
 
 
+_SYNC = "sync"  # asks the sender to answer once everything before it is written
+
+
 class BackgroundMetricLogger(MetricLogger):
     """A MetricLogger whose writes happen in a process of its own, for the training loop.
 
@@ -235,8 +238,6 @@ class BackgroundMetricLogger(MetricLogger):
     def _fail(self, failure: str):
         raise MlflowException(f"writing metrics to run {self.run_id} failed: {failure}")
 
-
-_SYNC = "sync"
 
 
 def send_metrics(uri: str, run_id: str, fd: str) -> None:
