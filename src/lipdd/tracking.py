@@ -126,11 +126,12 @@ class MetricLogger:
     def __init__(self, client: MlflowClient, run_id: str, skip_logged: bool = False):
         self.client, self.run_id, self.buffer, self.history = client, run_id, [], {}
         self.sent = time.monotonic()
-        # With skip_logged, steps the run already holds for a key are not sent again.
+        # With skip_logged, steps the run already holds for a key are not sent again. The run's
+        # latest value of each key is the one at its highest step: no history is read (a CIFAR
+        # run holds millions of batch losses).
         self.last_step: dict[str, int] = {}
         if skip_logged:
-            for key in client.get_run(run_id).data.metrics:
-                self.last_step[key] = max(m.step for m in client.get_metric_history(run_id, key))
+            self.last_step = {m.key: m.step for m in client.get_run(run_id).data.to_proto().metrics}
 
     def holds(self, key: str, step: int, value: float) -> bool:
         """Whether the run already has exactly `value` at `step` for `key`."""
