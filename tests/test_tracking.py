@@ -68,3 +68,15 @@ def test_the_sender_ends_when_the_trainer_is_gone(run):
     logger = BackgroundMetricLogger(client, run_id)
     logger.pipe.close()  # what the trainer's death does to the pipe
     assert logger.sender.wait(timeout=60) == 0
+
+
+def test_the_sender_runs_the_trainers_own_lipdd(run, tmp_path, monkeypatch):
+    """Not whichever lipdd the environment would import first."""
+    impostor = tmp_path / "impostor" / "lipdd"
+    impostor.mkdir(parents=True)
+    (impostor / "__init__.py").write_text("raise ImportError('the wrong lipdd')\n")
+    monkeypatch.setenv("PYTHONPATH", str(impostor.parent))
+    client, run_id = run
+    with BackgroundMetricLogger(client, run_id) as logger:
+        logger.log("batch_loss", 0.5, 1)
+    assert history(client, run_id, "batch_loss") == [(1, 0.5)]

@@ -194,9 +194,12 @@ class BackgroundMetricLogger(MetricLogger):
     def __init__(self, client: MlflowClient, run_id: str, skip_logged: bool = False):
         super().__init__(client, run_id, skip_logged)
         self.pipe, theirs = Pipe()
-        code = "import sys; from lipdd.tracking import send_metrics; send_metrics(*sys.argv[1:])"
-        self.sender = subprocess.Popen([sys.executable, "-c", code, client.tracking_uri, run_id, str(theirs.fileno())],
-                                       pass_fds=[theirs.fileno()], start_new_session=True)
+        # The sender imports this very lipdd, wherever it was imported from.
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                "from lipdd.tracking import send_metrics; send_metrics(*sys.argv[2:])")
+        args = [str(Path(__file__).resolve().parent.parent), client.tracking_uri, run_id, str(theirs.fileno())]
+        self.sender = subprocess.Popen([sys.executable, "-c", code, *args], pass_fds=[theirs.fileno()],
+                                       start_new_session=True)
         theirs.close()
 
     def send(self) -> None:
