@@ -59,7 +59,7 @@ def retain_freed_memory() -> None:
     """Has glibc's malloc keep freed memory for the process's next allocations. By default it
     maps every large block (a batch's activations, their gradients) afresh and unmaps it when
     freed, so each CPU training step page-faults all of them in again: that made cnn5 width 4
-    steps 1.3-1.7x slower and resnet18 width 64 steps 5% slower on 2 cores (measured with
+    steps 1.3-1.7x slower and resnet18 width 64 steps 5-8% slower on 2 cores (measured with
     benchmarks/bench_train.py). The price: the process keeps its peak memory. A no-op without glibc."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
