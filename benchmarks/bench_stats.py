@@ -58,7 +58,6 @@ from torch.overrides import TorchFunctionMode
 
 from lipdd.jacobian import sample_stats
 from lipdd.models import build_model
-from lipdd.train import retain_freed_memory
 
 K = 10
 SHAPE = (3, 32, 32)
@@ -321,6 +320,8 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
+        from lipdd.train import retain_freed_memory  # here: lipdd.train needs MLflow, this benchmark does not
+
         retain_freed_memory()
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, K={K}, input {SHAPE}")
     header = (f"{'model':12} {'N':>3} " + " ".join(f"{m:>12}" for m in METHODS)
