@@ -23,8 +23,9 @@
    (digits, cnn5 width 8, 1,000 epochs, 1 thread) into a temporary SQLite store. Everything the trainer
    spends in lipdd.tracking.BackgroundMetricLogger is timed: starting the sender process, each log
    (buffering, and pickling every 100 rows down the pipe), each flush before a checkpoint (which waits
-   until the sender has written everything) and the close. The sender writes in parallel on another
-   core; its time is not the trainer's. Timing the calls measures what logging adds without the
+   until the sender has written everything) and the close. The sender writes in parallel on the core
+   the 1-thread trainer leaves free; a trainer that uses every core shares them with the sender's
+   60-100 us a metric. Timing the calls measures what logging adds without the
    noise of differencing two timings on a shared machine. History of this figure: a flush per epoch
    cost 17.9%; MLflow's asynchronous log_batch (synchronous=False, a thread) ~20%, its thread holding
    the GIL against this Python-bound loop; synchronous log_batch per 1,000 metrics 2.7% (~100 us a
