@@ -9,12 +9,12 @@ it measures per-sample operator norms of the logit Jacobian, computed by
   seed_bigmem   the seed's --bigmem: the input tiled K times, one backward with an identity cotangent;
   seed_frozen   seed_lowmem with the parameters frozen (the seed calls logits.backward(), so its backward
                 passes also build parameter gradients; this row shows how much of our gain is that);
-  ours          lipdd.jacobian.sample_stats, bigmem=False (the default);
-  ours_bigmem   lipdd.jacobian.sample_stats, bigmem=True.
+  ours          lipdd.measures.per_sample, bigmem=False (the default);
+  ours_bigmem   lipdd.measures.per_sample, bigmem=True.
 The seed's power iteration: 10 steps from a random start, a sample stops once its estimate changes by
 less than 1e-2 (absolute), and its estimate stays at 0 if the first step is already below that.
 
-On CPU the process first calls lipdd.train.retain_freed_memory, as lipdd stats does: every method
+On CPU the process first calls lipdd.runtime.retain_freed_memory, as lipdd stats does: every method
 runs with malloc keeping freed memory.
 
 Timing: all methods of a configuration in one process, round-robin, several rounds; each ratio is the
@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from lipdd.jacobian import sample_stats
+from lipdd.measures import per_sample
 from lipdd.models import build_model
 
 K = 10
@@ -138,7 +138,7 @@ def run_method(name, models, x, targets, precision="fp32"):
     if name == "seed_frozen":
         return seed_operator_norm(seed_jacobian_lowmem(frozen, x))
     key = ("jacobian_operator_norm", "none")
-    return sample_stats(model, x, targets, key[:1], key[1:], bigmem=name == "ours_bigmem", precision=precision)[key]
+    return per_sample(model, x, targets, key[:1], key[1:], bigmem=name == "ours_bigmem", precision=precision)[key]
 
 
 def frozen_copy(model):
@@ -320,7 +320,7 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
-        from lipdd.train import retain_freed_memory  # here: lipdd.train needs MLflow, this benchmark does not
+        from lipdd.runtime import retain_freed_memory
 
         retain_freed_memory()
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, K={K}, input {SHAPE}")

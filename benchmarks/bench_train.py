@@ -8,16 +8,16 @@
                    ToTensor, Normalize; a shuffling DataLoader; a plain loop. num_workers=0: on these 2
                    cores worker processes only compete with the training (measured 3,030 img/s with 0
                    workers, 2,450 with 1, 2,490 with 2, cnn5 width 4).
-     ours          lipdd.train.train_epoch, the loop lipdd.train runs: data resident on the device
-                   (lipdd.data.to_device), a seeded permutation, lipdd.data.random_crop_flip (one gather) and
-                   normalize on the whole batch, channels-last model and batches, in-place ReLUs, one host
-                   sync per epoch.
+     ours          lipdd.train.train_epoch, the loop lipdd.train runs, over a lipdd.data.Loader: data
+                   resident on the device, a seeded permutation, lipdd.data.random_crop_flip (one gather)
+                   and normalize on the whole batch, channels-last model and batches, in-place ReLUs, one
+                   host sync per epoch.
      ours_compiled the same with the network under torch.compile (lipdd train --compile); the one-off
                    compile happens in the warm-up round and is not timed.
-   On CPU the process first calls lipdd.train.retain_freed_memory, as lipdd train does: the seed runs
+   On CPU the process first calls lipdd.runtime.retain_freed_memory, as lipdd train does: the seed runs
    with malloc keeping freed memory too.
    Each ratio is the median over rounds of the per-round ratio; methods alternate within a round.
-2. Evaluation: lipdd.train.evaluate (inference_mode, batches of 1,024) against a seed-style evaluation
+2. Evaluation: lipdd.train.evaluate over a Loader (batches of 1,024) against a seed-style evaluation
    (DataLoader of PIL images, ToTensor, Normalize, batches of 128, no_grad).
 3. MLflow logging overhead on the embedded default: lipdd.train.train with params.yaml as it stands
    (digits, cnn5 width 8, 1,000 epochs, 1 thread) into a temporary SQLite store. Everything the trainer
@@ -55,7 +55,8 @@ from lipdd import data as datalib
 from lipdd import tracking
 from lipdd.config import Config, build
 from lipdd.models import build_model
-from lipdd.train import CL, evaluate, make_optimizer, retain_freed_memory, train, train_epoch
+from lipdd.runtime import retain_freed_memory
+from lipdd.train import CL, evaluate, make_optimizer, train, train_epoch
 
 BATCH = 128
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,15 +120,11 @@ class OurTrainer:
         self.model = model.to(device, memory_format=CL)
         self.net = torch.compile(self.model) if compile else self.model
         self.opt = make_optimizer(self.cfg, self.model)
-        x, y, _ = datalib.to_device(split, device)
-        self.x, self.y = x[:batches * BATCH], y[:batches * BATCH]
-        self.mean, self.std = (torch.tensor(v, device=device) for v in (mean, std))
-        self.gens = {"batches": torch.Generator().manual_seed(0),
-                     "augment": torch.Generator(device).manual_seed(1)}
+        self.loader = datalib.Loader.of(split.take(np.arange(batches * BATCH)), dict(mean=mean, std=std), device,
+                                        BATCH, seed=0, augment=True, channels_last=True)
 
     def run(self, batches, device):
-        losses = train_epoch(self.cfg, self.net, self.model, self.opt, self.x, self.y, self.mean, self.std,
-                             self.gens)
+        losses = train_epoch(self.cfg, self.net, self.model, self.opt, self.loader)
         return len(losses.tolist()) * BATCH
 
 
@@ -184,8 +181,7 @@ def bench_pipelines(args, device):
     torch.manual_seed(0)
     net = build_model("cnn5", 4, 3, 10).to(device).eval()
     loader = DataLoader(SeedDataset(split, mean, std, augment=False), batch_size=BATCH, num_workers=0)
-    xs, ys, _ = datalib.to_device(split, device)
-    m, s = (torch.tensor(v, device=device) for v in (mean, std))
+    ours = datalib.Loader.of(split, dict(mean=mean, std=std), device, 1024, channels_last=True)
 
     def seed_eval():
         with torch.no_grad():
@@ -193,12 +189,12 @@ def bench_pipelines(args, device):
 
     times = {"seed": [], "ours": []}
     for _ in range(1 if args.quick else 3):
-        for name, fn in (("seed", seed_eval), ("ours", lambda: evaluate(net, xs, ys, m, s))):
+        for name, fn in (("seed", seed_eval), ("ours", lambda: evaluate(net, ours))):
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
-            times[name].append(len(ys) / (time.perf_counter() - start))
+            times[name].append(len(split.labels) / (time.perf_counter() - start))
     ratios["eval_cnn5_4"] = paired(times["ours"], times["seed"])
     print(f"evaluation, cnn5_4: seed {statistics.median(times['seed']):.0f} img/s, lipdd.train.evaluate "
           f"{statistics.median(times['ours']):.0f} img/s, ratio {ratios['eval_cnn5_4']:.2f}")

@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lipdd import config as configlib
-from lipdd.report import KIND
+from lipdd.runs import KIND
 
 ROOT = Path(__file__).resolve().parents[1]
 

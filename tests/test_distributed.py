@@ -17,8 +17,9 @@ BIN = Path(sys.executable).parent
 # 250 samples in 5 batches: the 2 ranks get 2 and 3 batches.
 STATS = ["--num-samples=250", "--batch-size=50", "--metric", "jacobian_operator_norm", "accuracy",
          "--normalization", "none", "softmax", "--device=cpu"]
+# SGD, whose steps scale with the gradient (Adam's do not), so a wrongly averaged gradient shows.
 DDP_TRAIN = ["--width=2", "--epochs=4", "--batch-size=128", "--eval-every=2", "--save-checkpoint=2", "--device=cpu",
-             "--optimizer=adam", "--learning-rate=0.01", "--augmentation"]
+             "--optimizer=sgd", "--learning-rate=0.01", "--augmentation"]
 
 
 def run(*commands, cwd) -> list[str]:
@@ -49,6 +50,7 @@ def assert_same_results(got: dict, want: dict):
         for field in ("sample_ids", "targets", "ground_truths", "metadata"):
             assert g[field] == w[field], (name, field)
         assert g["stats"] == pytest.approx(w["stats"], rel=1e-6), name
+        assert g["batch_means"] == pytest.approx(w["batch_means"], rel=1e-6), name
 
 
 @pytest.fixture
@@ -66,10 +68,15 @@ def test_stats_under_torchrun_equal_one_process(workdir, run_id):
     two_summary = json.loads((workdir / "results/stats/metrics.json").read_text())
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
     logged = [k for k in client.get_run(run_id).data.metrics if k.startswith(("train_jacobian", "train_accuracy_"))]
-    assert {"train_jacobian_operator_norm_softmax_mean", "train_accuracy_batch_mean_epoch0002"} <= set(logged)
-    for key in logged:  # one entry per step: rank 0 alone logs
-        steps = [m.step for m in client.get_metric_history(run_id, key)]
-        assert sorted(steps) == (list(range(5)) if "batch_mean" in key else [0, 2]), key
+    assert {"train_jacobian_operator_norm_softmax_mean", "train_accuracy_clean_mean"} <= set(logged)
+    for key in logged:  # one entry per checkpoint: rank 0 alone logs
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 2], key
+    # The per-batch means of the 5 batches, in each result file and in one table per checkpoint.
+    result = two["jacobian_operator_norm_none_train_epoch0002-0.json"]
+    assert result["batch_means"] == pytest.approx([sum(result["stats"][i:i + 50]) / 50 for i in range(0, 250, 50)])
+    table = client.download_artifacts(run_id, "stats/train/batch_means_epoch0002-0.csv", str(workdir))
+    rows = [line.split(",") for line in Path(table).read_text().splitlines()[1:]]
+    assert [float(m) for name, b, m in rows if name == "jacobian_operator_norm_none"] == result["batch_means"]
 
     assert cli.main(["stats", "--run-id", run_id, *STATS, "--output-dir=one"]) == 0
     assert_same_results(two, results(workdir / "one"))
@@ -93,12 +100,17 @@ def test_ddp_training_runs_to_the_end_in_one_run(workdir):
     assert [m.step for m in evaluated] == [0, 2, 4]
     assert evaluated[2].value < evaluated[1].value < evaluated[0].value
 
-    # The global batches are one process's: same samples, same augmentation, so the same losses.
+    # The global batches are one process's (test_data checks the loader's slices), so the first
+    # losses are one process's up to float32 summation order: each side sums 128 non-negative
+    # per-sample losses in some order, within (128 - 1) * 2**-24 of the exact sum, relatively.
+    # Step 2 adds the rounding of the averaged gradient, times the learning rate: orders smaller.
+    # Later steps are not compared: rounding differences grow through the training, by how much
+    # depends on the CPU's kernels.
     assert cli.main(["train", *DDP_TRAIN]) == 0
     single = client.search_runs([run.info.experiment_id], order_by=["attributes.start_time DESC"])[0].info.run_id
     assert single != run_id
     want = [m.value for m in client.get_metric_history(single, "batch_loss")]
-    assert [m.value for m in losses] == pytest.approx(want, rel=1e-5)
+    assert [m.value for m in losses[:2]] == pytest.approx(want[:2], rel=2 * 127 * 2**-24, abs=0)
 
 
 def test_batch_size_must_divide_over_the_world(workdir, monkeypatch, capsys):

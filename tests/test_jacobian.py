@@ -5,7 +5,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lipdd.jacobian import CHUNK, JACOBIAN_METRICS, METRICS, NORMALIZATIONS, input_jacobian, sample_stats
+from lipdd.jacobian import CHUNK, input_jacobian
+from lipdd.measures import MEASURES, per_sample
+from lipdd.names import NORMALIZATIONS
+
+METRICS = tuple(name for name, m in MEASURES.items() if m.kind == "sample")
+JACOBIAN_METRICS = tuple(name for name in METRICS if "normalization" in MEASURES[name].options)
 
 B, K = 5, 10
 
@@ -72,7 +77,7 @@ def test_jacobian_and_norms_match_float64_reference(case, normalization, target_
     assert J.shape == ref.shape and J.dtype == x.dtype
     torch.testing.assert_close(J.double(), ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
 
-    stats = sample_stats(model, x, targets, JACOBIAN_METRICS, (normalization,), target_logit_only)
+    stats = per_sample(model, x, targets, JACOBIAN_METRICS, (normalization,), target_logit_only)
     assert_rel_close(stats["jacobian_operator_norm", normalization], torch.linalg.svdvals(ref)[:, 0])
     assert_rel_close(stats["jacobian", normalization], torch.linalg.matrix_norm(ref))
 
@@ -86,8 +91,8 @@ def test_bigmem_matches_chunked(target_logit_only):
             input_jacobian(model, x, targets, normalization, target_logit_only, bigmem=False),
         )
     # all normalisations at once take the shared logit-Jacobian route when they need more than K rows
-    big = sample_stats(model, x, targets, METRICS, NORMALIZATIONS, target_logit_only, bigmem=True)
-    small = sample_stats(model, x, targets, METRICS, NORMALIZATIONS, target_logit_only, bigmem=False)
+    big = per_sample(model, x, targets, METRICS, NORMALIZATIONS, target_logit_only, bigmem=True)
+    small = per_sample(model, x, targets, METRICS, NORMALIZATIONS, target_logit_only, bigmem=False)
     assert big.keys() == small.keys()
     for key in big:
         torch.testing.assert_close(big[key], small[key])
@@ -103,9 +108,9 @@ def test_chunks_on_threads_of_their_own_match_one_thread():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        serial = sample_stats(model, x, targets, METRICS, NORMALIZATIONS)
+        serial = per_sample(model, x, targets, METRICS, NORMALIZATIONS)
         torch.set_num_threads(3)
-        concurrent = sample_stats(model, x, targets, METRICS, NORMALIZATIONS)
+        concurrent = per_sample(model, x, targets, METRICS, NORMALIZATIONS)
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
@@ -116,18 +121,18 @@ def test_chunks_on_threads_of_their_own_match_one_thread():
 
 def test_all_normalizations_at_once_match_one_at_a_time():
     model, x, targets = make_case("gray8")
-    together = sample_stats(model, x, targets, JACOBIAN_METRICS, NORMALIZATIONS)
+    together = per_sample(model, x, targets, JACOBIAN_METRICS, NORMALIZATIONS)
     for normalization in NORMALIZATIONS:
-        alone = sample_stats(model, x, targets, JACOBIAN_METRICS, (normalization,))
+        alone = per_sample(model, x, targets, JACOBIAN_METRICS, (normalization,))
         for key in alone:
             torch.testing.assert_close(together[key], alone[key])
 
 
 def test_plain_metrics_and_keys():
     model, x, targets = make_case("gray8")
-    stats = sample_stats(model, x, targets, METRICS, ("none", "softmax"))
+    stats = per_sample(model, x, targets, METRICS, ("none", "softmax"))
     expected_keys = {(m, n) for m in JACOBIAN_METRICS for n in ("none", "softmax")}
-    expected_keys |= {("accuracy", "none"), ("crossentropy", "none"), ("confidence", "none")}
+    expected_keys |= {("accuracy", None), ("crossentropy", None), ("confidence", None)}
     assert stats.keys() == expected_keys
     assert all(v.shape == (B,) and v.dtype == torch.float32 for v in stats.values())
 
@@ -136,15 +141,15 @@ def test_plain_metrics_and_keys():
     for b in range(B):
         zb, t = z[b].double(), targets[b].item()
         p = zb.exp() / zb.exp().sum()
-        assert stats["accuracy", "none"][b].item() == float(zb.argmax().item() == t)
-        assert stats["crossentropy", "none"][b].item() == pytest.approx((zb.exp().sum().log() - zb[t]).item(), rel=1e-6)
+        assert stats["accuracy", None][b].item() == float(zb.argmax().item() == t)
+        assert stats["crossentropy", None][b].item() == pytest.approx((zb.exp().sum().log() - zb[t]).item(), rel=1e-6)
         distance = ((p - F.one_hot(torch.tensor(t), K)) ** 2).sum().sqrt().item()
-        assert stats["confidence", "none"][b].item() == pytest.approx(distance, rel=1e-6)
-    assert 0 < stats["accuracy", "none"].sum() < B
+        assert stats["confidence", None][b].item() == pytest.approx(distance, rel=1e-6)
+    assert 0 < stats["accuracy", None].sum() < B
 
     # without jacobian metrics the normalizations are irrelevant and no Jacobian is computed
-    plain = sample_stats(model, x, targets, ("accuracy", "crossentropy", "confidence"), ())
-    assert plain.keys() == {("accuracy", "none"), ("crossentropy", "none"), ("confidence", "none")}
+    plain = per_sample(model, x, targets, ("accuracy", "crossentropy", "confidence"), ())
+    assert plain.keys() == {("accuracy", None), ("crossentropy", None), ("confidence", None)}
     for key in plain:
         torch.testing.assert_close(plain[key], stats[key])
 
@@ -157,7 +162,7 @@ def test_tiny_operator_norm_is_exact():
             p.mul_(0.125)  # three layers: Jacobian ~2e-3 of the original, ~1e-4
     ref = torch.linalg.svdvals(reference_jacobian(model, x, targets, "none", False))[:, 0]
     assert (ref > 1e-5).all() and (ref < 1e-3).all()
-    stats = sample_stats(model, x, targets, ("jacobian_operator_norm",), ("none",))
+    stats = per_sample(model, x, targets, ("jacobian_operator_norm",), ("none",))
     assert_rel_close(stats["jacobian_operator_norm", "none"], ref)
 
 
@@ -166,7 +171,7 @@ def test_each_sample_goes_forward_once():
     model, x, targets = make_case("gray8")
     sizes = []
     model.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
-    sample_stats(model, x, targets, METRICS, NORMALIZATIONS)
+    per_sample(model, x, targets, METRICS, NORMALIZATIONS)
     assert sum(sizes) == B
 
 
@@ -184,7 +189,7 @@ def test_model_left_untouched():
     try:
         torch.set_num_threads(2)
         for _ in range(3):
-            sample_stats(model, x, targets, METRICS, NORMALIZATIONS)
+            per_sample(model, x, targets, METRICS, NORMALIZATIONS)
     finally:
         torch.set_num_threads(threads)
     input_jacobian(model, x, targets, "softmax", bigmem=True)
@@ -199,11 +204,11 @@ def test_model_left_untouched():
 
 def test_unknown_names_raise():
     model, x, targets = make_case("gray8")
-    with pytest.raises(ValueError, match="metric"):
-        sample_stats(model, x, targets, ("lipschitz",), ("none",))
+    with pytest.raises(ValueError, match="measure"):
+        per_sample(model, x, targets, ("lipschitz",), ("none",))
     with pytest.raises(ValueError, match="normalization"):
-        sample_stats(model, x, targets, ("jacobian",), ("sigmoid",))
+        per_sample(model, x, targets, ("jacobian",), ("sigmoid",))
     with pytest.raises(ValueError, match="normalization"):
         input_jacobian(model, x, targets, "sigmoid")
     with pytest.raises(ValueError, match="at least one normalization"):
-        sample_stats(model, x, targets, ("jacobian",), ())
+        per_sample(model, x, targets, ("jacobian",), ())

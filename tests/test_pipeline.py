@@ -20,11 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from dvc_repo import PATCH, STATS_PATCH, Repo, clean_env, make_repo
 from lipdd import config as configlib
+from lipdd import names
 from lipdd.data import load_prepared
+from lipdd.measures import MEASURES
 
 CHECKPOINT_EPOCHS = [0, 2, 4]
 EVAL_METRICS = ("train_loss", "test_accuracy", "train_corrupted_accuracy")
@@ -42,15 +45,17 @@ def snapshot(*dirs: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def stat_names(stats: dict) -> list[str]:
-    """The result-file stem of each statistic, as `lipdd stats` names them."""
-    jacobian = ("jacobian_operator_norm", "jacobian")
-    return [f"{m}_{n}" if m in jacobian else m
-            for m in stats["metric"] for n in (stats["normalization"] if m in jacobian else [None])]
+    """Every statistic of the per-sample measures params.yaml asks for."""
+    return [names.stat(m, n) for m in stats["metric"] if MEASURES[m].kind == "sample"
+            for n in (stats["normalization"] if "normalization" in MEASURES[m].options else [None])]
 
 
 def expected_sample_files(stats: dict) -> set[str]:
-    split = stats["dataset_split"]
-    return {f"{name}_{split}_epoch{e:04d}-0.json" for name in stat_names(stats) for e in CHECKPOINT_EPOCHS}
+    """The result files of every checkpoint: per statistic of the per-sample measures, per network measure."""
+    per_network = [m for m in stats["metric"] if MEASURES[m].kind == "network"]
+    return {names.result_file(name, stats["dataset_split"], e, 0) for name in stat_names(stats)
+            for e in CHECKPOINT_EPOCHS} | {names.network_result_file(m, e) for m in per_network
+                                           for e in CHECKPOINT_EPOCHS}
 
 
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -149,7 +154,7 @@ def test_repro_logs_one_complete_run(repo, first_run):
     assert stats_metrics["run_id"] == first_run
     samples = repo.path / params["stats"]["output_dir"]
     assert {p.name for p in samples.glob("*.json")} == expected_sample_files(params["stats"])
-    for path in samples.glob("*.json"):
+    for path in samples.glob("*-0.json"):
         result = json.loads(path.read_text())
         assert SAMPLE_FIELDS <= set(result), path.name
         n = STATS_PATCH["num_samples"]
@@ -158,6 +163,28 @@ def test_repro_logs_one_complete_run(repo, first_run):
         assert result["metadata"]["run_id"] == first_run
 
     assert run.data.tags["dataset_hash"] == meta["content_hash"]
+
+
+def test_the_run_holds_what_people_chart_and_the_plots_read_what_was_written(repo, first_run):
+    """At most 40 metric keys (per-checkpoint summaries, not one key per batch statistic), among
+    them every summary the report draws; every column dvc.yaml's plots name is in its file."""
+    metrics = repo.client().get_run(first_run).data.metrics
+    assert len(metrics) <= 40, sorted(metrics)
+    stats = repo.params()["stats"]
+    for name in stat_names(stats):
+        for summary in names.LOGGED_SUMMARIES:
+            assert names.summary_key(stats["dataset_split"], name, summary) in metrics
+    by_width = (repo.path / "results/report/by_width.csv").read_text().splitlines()[0].split(",")
+    drawn = [c for c in by_width if c.startswith("opnorm_")]
+    assert drawn and all(c.replace("opnorm_", "train_jacobian_operator_norm_") in metrics for c in drawn)
+
+    dvc_yaml = yaml.safe_load((repo.path / "dvc.yaml").read_text())
+    results_dir = repo.params()["results_dir"]
+    for plot in dvc_yaml["plots"]:
+        (spec,) = plot.values()
+        for path, columns in spec["y"].items():
+            header = (repo.path / path.replace("${results_dir}", results_dir)).read_text().splitlines()[0].split(",")
+            assert {spec["x"], *columns} <= set(header), (path, header)
 
 
 # --------------------------------------------------------------------------- 2. dvc exp run
@@ -208,8 +235,10 @@ def test_stats_cli_on_first_run(repo, first_run, experiment):
     for name in written:
         assert str(out / name) in proc.stdout
         result = json.loads((out / name).read_text())
-        assert SAMPLE_FIELDS <= set(result)
         assert result["metadata"]["run_id"] == first_run
+        if "summary" in result:  # a network measure
+            continue
+        assert SAMPLE_FIELDS <= set(result)
         assert result["metadata"]["label_noise"] == 0.2  # the run's data, not the workspace's 0.4
         assert len(result["stats"]) == STATS_PATCH["num_samples"]
 

@@ -3,6 +3,7 @@ smaller sizes, on a directory in the real CIFAR-10 on-disk format."""
 
 import json
 import shlex
+import shutil
 import zipfile
 
 import numpy as np
@@ -27,10 +28,25 @@ STATS = """stats --device="cuda" --name=test --save-dir=checkpoints --workers=4 
 SEED_DIR = "checkpoints/test/resnet18_2/cifar10/augmentation/seed-42"
 
 
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory, empty_store):
+    """The seed README's training, run once for the module in a project folder of its own."""
+    project = tmp_path_factory.mktemp("trained")
+    shutil.copy(empty_store, project / "mlflow.db")
+    write_cifar10(project / "data", n_train_per_batch=20, n_test=30)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+            mp.delenv(var, raising=False)
+        assert cli.main(shlex.split(TRAIN)) == 0
+    return project
+
+
 @pytest.fixture
-def trained(workdir):
-    write_cifar10(workdir / "data", n_train_per_batch=20, n_test=30)
-    assert cli.main(shlex.split(TRAIN)) == 0
+def trained(trained_once, workdir):
+    """That training's project (store, data, results) copied into this test's working directory;
+    its artifacts stay in the module's folder, where tests only add stats tables."""
+    shutil.copytree(trained_once, workdir, dirs_exist_ok=True)
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     return client, run
@@ -55,7 +71,7 @@ def test_seed_stats_command(trained, workdir):
     assert cli.main(shlex.split(STATS)) == 0
     out = workdir / SEED_DIR / "jacobian_operator_norm_none_train_epoch0002-0.json"
     result = json.loads(out.read_text())
-    assert set(result) == {"stats", "sample_ids", "targets", "ground_truths", "metadata"}
+    assert set(result) == {"stats", "batch_means", "sample_ids", "targets", "ground_truths", "metadata"}
     assert len(result["stats"]) == 40 and all(v > 0 for v in result["stats"])
     meta = result["metadata"]
     assert (meta["run_id"], meta["checkpoint_epoch"], meta["metric"], meta["normalization"]) == (

@@ -39,10 +39,10 @@ class Parser(argparse.ArgumentParser):
 
 def add_field(parser, f, dest: str) -> None:
     meta = f.metadata
-    names = [f"--{f.name.replace('_', '-')}", *meta["flags"]]
+    names = [f"--{f.name.replace('_', '-')}"]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     kw = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"], metavar=f.name.upper())
-    if meta.get("choices"):
+    if meta.get("choices") and not callable(meta["choices"]):
         kw["metavar"] = "{" + ",".join(meta["choices"]) + "}"
     if isinstance(default, bool):
         parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
@@ -116,9 +116,11 @@ def cmd_train(cfg: Config) -> None:
 
 
 def cmd_stats(cfg: Config) -> None:
-    from .stats import compute_stats
+    from . import stats
 
-    for path in compute_stats(cfg):
+    if cfg.stats.checkpoint == []:  # the seed's --checkpoint with no value: list them
+        return stats.list_checkpoints(cfg)
+    for path in (stats.merge if cfg.stats.merge else stats.compute_stats)(cfg):
         print(path)
 
 

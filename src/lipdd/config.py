@@ -17,20 +17,22 @@ from typing import Any
 
 import yaml
 
+from .names import NORMALIZATIONS, SPLITS
+
 SOURCES = ("digits", "cifar10", "cifar100")
 MODEL_FAMILIES = ("cnn5", "resnet18", "resnet34")
 OPTIMIZERS = ("sgd", "adam")
 MODEL_ADDITIONS = ("batch_norm",)
 WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
-SPLITS = ("train", "val", "test")
-METRICS = ("jacobian_operator_norm", "jacobian", "accuracy", "crossentropy", "confidence")
-NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy")
-# Params that say where a run executes, not what it computes: free to differ on resume, and
-# not what tells two runs apart.
-PLACE_PARAMS = ("resume_from", "device", "workers", "compile", "data_dir", "prepared_dir", "save_dir",
-                "results_dir", "tracking_uri")
 ENV_VARS = {"SAVE_DIR": "save_dir", "NAME": "name", "DATA_DIR": "data_dir", "DEVICE": "device",
             "WORKERS": "workers"}
+
+
+def measure_names() -> tuple[str, ...]:
+    """The names of measures.MEASURES, read when a config is validated (it imports torch)."""
+    from .measures import MEASURES
+
+    return tuple(MEASURES)
 
 
 class ConfigError(ValueError):
@@ -41,10 +43,19 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run is FAILED, its last good checkpoint stays; exit status 1."""
 
 
-def opt(default, help, group, flags=(), choices=None, kind=None):
+# What a training parameter says about a run (a marker on each field, read by runs.py):
+#   "identity"  the seed's scripts name a run by it (compute_stats.py's flags find the run);
+#   "training"  it changes what the training computes: two runs are the same training when
+#               they agree on every identity and training parameter;
+#   "place"     where the run executes or lands: free to differ on resume, never tells runs apart.
+ROLES = ("identity", "training", "place")
+
+
+def opt(default, help, group, choices=None, kind=None, role="training"):
     """A config field. `kind` is the element parser for list fields and the parser for
-    fields whose default is None; `flags` are extra CLI spellings (the seed's aliases)."""
-    meta = dict(help=help, group=group, flags=tuple(flags), choices=choices, kind=kind)
+    fields whose default is None; `role` is one of ROLES."""
+    assert role in ROLES, role
+    meta = dict(help=help, group=group, choices=choices, kind=kind, role=role)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,8 +64,8 @@ def opt(default, help, group, flags=(), choices=None, kind=None):
 @dataclass
 class StatsConfig:
     # Built-in defaults are the seed's (one metric, raw logits); params.yaml asks for more.
-    metric: list[str] = opt(["jacobian_operator_norm"], "statistics to compute", "stats", choices=METRICS,
-                            kind=str)
+    metric: list[str] = opt(["jacobian_operator_norm"], "measures to compute (lipdd.measures.MEASURES)", "stats",
+                            choices=measure_names, kind=str)
     normalization: list[str] = opt(["none"], "output normalisation(s) for the Jacobian metrics", "stats",
                                    choices=NORMALIZATIONS, kind=str)
     target_logit_only: bool = opt(False, "Jacobian of the labelled output only", "stats")
@@ -86,19 +97,19 @@ class StatsConfig:
 @dataclass
 class Config:
     # data
-    data: str = opt("digits", "dataset", "data", choices=SOURCES)
-    data_dir: str = opt("data/raw", "where raw datasets are read from / downloaded to (env DATA_DIR)", "data")
-    verify_checksums: bool = opt(True, "check CIFAR files against torchvision's md5 sums", "data")
+    data: str = opt("digits", "dataset", "data", choices=SOURCES, role="identity")
+    data_dir: str = opt("data/raw", "where raw datasets are read from / downloaded to (env DATA_DIR)", "data", role="place")
+    verify_checksums: bool = opt(True, "check CIFAR files against torchvision's md5 sums", "data", role="place")
     prepared_dir: str = opt("data/prepared", "where prepared arrays are written (one folder per dataset)",
-                            "data")
-    label_noise: float = opt(0.2, "fraction of training labels replaced by another class", "data")
-    label_seed: int = opt(0, "seed of the label corruption", "data")
-    train_split: int = opt(0, "training samples drawn from the training set (0 = all, no validation)", "data")
-    val_split: int = opt(0, "validation samples drawn from the training set (with train_split)", "data")
-    data_split_seed: int = opt(0, "seed of the train/validation split", "data")
+                            "data", role="place")
+    label_noise: float = opt(0.2, "fraction of training labels replaced by another class", "data", role="identity")
+    label_seed: int = opt(0, "seed of the label corruption", "data", role="identity")
+    train_split: int = opt(0, "training samples drawn from the training set (0 = all, no validation)", "data", role="identity")
+    val_split: int = opt(0, "validation samples drawn from the training set (with train_split)", "data", role="identity")
+    data_split_seed: int = opt(0, "seed of the train/validation split", "data", role="identity")
     # model
-    model: str = opt("cnn5", "cnn5 | resnet18 | resnet34, or a combined name such as cnn5_16", "model")
-    width: int | None = opt(None, "width k (default: from the model name, else 64)", "model", kind=int)
+    model: str = opt("cnn5", "cnn5 | resnet18 | resnet34, or a combined name such as cnn5_16", "model", role="identity")
+    width: int | None = opt(None, "width k (default: from the model name, else 64)", "model", kind=int, role="identity")
     model_additions: list[str] = opt([], "extra layers, e.g. batch_norm", "model",
                                      choices=MODEL_ADDITIONS, kind=str)
     weight_init: str = opt("pytorch", "weight initialisation", "model", choices=WEIGHT_INITS)
@@ -116,7 +127,7 @@ class Config:
     lr_decay_rate: float = opt(0.1, "factor of each step decay", "train")
     batch_size: int = opt(128, "training batch size", "train")
     epochs: int = opt(100, "training epochs", "train")
-    augmentation: bool = opt(False, "random crop (4-pixel zero padding) and horizontal flip", "train")
+    augmentation: bool = opt(False, "random crop (4-pixel zero padding) and horizontal flip", "train", role="identity")
     eval_every: int = opt(10, "evaluate train/val/test loss and accuracy every N epochs (and at the end)",
                           "train")
     early_exit_accuracy: bool = opt(False, "stop once training accuracy reaches the threshold", "train")
@@ -127,23 +138,22 @@ class Config:
                                      "train", kind=int)
     loss_checkpoint: int = opt(1, "log the training loss every N batches", "train")
     resume_from: str | None = opt(None, "MLflow run id whose last checkpoint training continues from",
-                                  "train", kind=str)
-    seed: int = opt(42, "seed of initialisation, batch order and augmentation", "train")
+                                  "train", kind=str, role="place")
+    seed: int = opt(42, "seed of initialisation, batch order and augmentation", "train", role="identity")
     # where things run and land
-    device: str = opt("auto", "cpu | cuda | cuda:N | auto (env DEVICE)", "run")
+    device: str = opt("auto", "cpu | cuda | cuda:N | auto (env DEVICE)", "run", role="place")
     workers: int = opt(1, "CPU threads for the math (env WORKERS): training splits each op over them, stats "
                        "runs that many 32-sample chunks at once; data is device-resident, so no loader workers",
-                       "run")
-    compile: bool = opt(False, "torch.compile the network for training: a one-off compile (about 20 s for cnn5 "
-                        "on 2 CPU cores, needs a C++ compiler on CPU), then fused kernels; no faster on 2 CPU cores, "
-                        "unmeasured on GPUs",
-                        "run")
-    name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run")
+                       "run", role="place")
+    compile: bool = opt(False, "torch.compile the network for training: a one-off compile (needs a C++ "
+                        "compiler on CPU), then fused kernels; measure it on a short run first (README, Performance)",
+                        "run", role="place")
+    name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run", role="place")
     save_dir: str = opt("results/runs", "root of the seed layout for stats files and exported "
-                        "checkpoints (env SAVE_DIR)", "run")
-    results_dir: str = opt("results", "pipeline outputs: train/run.json, metrics, histories", "run")
+                        "checkpoints (env SAVE_DIR)", "run", role="place")
+    results_dir: str = opt("results", "pipeline outputs: train/run.json, metrics, histories", "run", role="place")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else "
-                                   "sqlite:///<project root>/mlflow.db)", "run", kind=str)
+                                   "sqlite:///<project root>/mlflow.db)", "run", kind=str, role="place")
     stats: StatsConfig = field(default_factory=StatsConfig, metadata=dict(group=None))
 
     # --- derived -------------------------------------------------------------------
@@ -167,6 +177,10 @@ class Config:
         """Every resolved training parameter under a stable key: the MLflow run's params.
         Stats options are not among them: one run is analysed many ways."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "stats"}
+
+    def params(self, *roles: str) -> dict[str, Any]:
+        """flat(), cut to the parameters of the given roles (see ROLES)."""
+        return {k: v for k, v in self.flat().items() if ROLE[k] in roles}
 
 
 def parse_model_name(name: str, width: int | None = None) -> tuple[str, int]:
@@ -195,6 +209,9 @@ def parse_model_name(name: str, width: int | None = None) -> tuple[str, int]:
 
 def field_specs(cls=Config):
     return [f for f in fields(cls) if f.name != "stats"]
+
+
+ROLE = {f.name: f.metadata["role"] for f in field_specs()}
 
 
 def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
@@ -315,6 +332,8 @@ def validate(cfg: Config) -> None:
     for cls, obj, prefix in ((Config, cfg, ""), (StatsConfig, cfg.stats, "stats.")):
         for f in field_specs(cls):
             choices, value = f.metadata.get("choices"), getattr(obj, f.name)
+            if callable(choices):
+                choices = choices()
             if choices:
                 for v in value if isinstance(value, list) else [value]:
                     _check(v in choices, prefix + f.name, v, "one of " + ", ".join(choices))

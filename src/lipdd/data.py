@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .config import Config, ConfigError
 
 DIGITS_N_TRAIN = 1297  # the remaining 500 digits are the test set
@@ -53,6 +54,10 @@ class Split:
     @property
     def corrupted(self) -> np.ndarray:
         return self.labels != self.clean_labels
+
+    def take(self, idx) -> "Split":
+        """The samples at positions `idx`, in that order."""
+        return Split(*(getattr(self, a)[idx] for a in ARRAYS))
 
 
 @dataclass
@@ -173,11 +178,7 @@ def _validation_split(train: Split, train_split, val_split, seed: int) -> dict[s
             f"with train_split + val_split <= {n} (the training set size), or neither"
         )
     perm = np.random.default_rng(seed).permutation(n)
-
-    def take(idx):
-        return Split(*(getattr(train, a)[idx] for a in ARRAYS))
-
-    return {"train": take(perm[:ts]), "val": take(perm[ts : ts + vs])}
+    return {"train": train.take(perm[:ts]), "val": train.take(perm[ts : ts + vs])}
 
 
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
@@ -331,7 +332,7 @@ def normalize(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
 
 def random_crop_flip(images_u8: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random HxW crop of the zero-padded batch and a random horizontal flip, per sample, as one
-    gather over the flattened padded pixels (5x faster than 4-way advanced indexing)."""
+    gather over the flattened padded pixels (faster than 4-way advanced indexing)."""
     n, c, h, w = images_u8.shape
     dev = images_u8.device
     padded = F.pad(images_u8, (pad, pad, pad, pad)).flatten(2)
@@ -343,3 +344,71 @@ def random_crop_flip(images_u8: torch.Tensor, generator: torch.Generator, pad: i
     rows = torch.arange(h, device=dev).view(1, h, 1) + dy
     index = (rows * (w + 2 * pad) + cols).view(n, 1, h * w).expand(n, c, h * w)
     return padded.gather(2, index).view(n, c, h, w)
+
+
+@dataclass
+class Loader:
+    """A split resident on the device, served in normalised float batches `(x, y)`.
+
+    Images stay uint8 on the device (4x less memory than float); each batch is gathered, augmented
+    and normalised there, so no per-sample Python or PIL work runs in the loop.
+    - seed: None serves the split in order; an int draws a fresh permutation every epoch from a
+      generator seeded with it (and augments from a second one, seeded seed + 1); `generators`
+      are what a checkpoint saves to resume the very same stream.
+    - shard, under torchrun: "batch" gives each rank its part of every batch, after the whole
+      batch is augmented, so the ranks together train on one process's batches (DDP); "blocks"
+      a contiguous block of whole batches (stats); None every batch (rank 0's evaluation).
+    - channels_last: the layout convolutions run fastest in (oneDNN, cuDNN).
+    `dataclasses.replace(loader, ...)` makes another loader over the same device tensors."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64, as trained on (noisy)
+    clean_labels: torch.Tensor
+    mean: torch.Tensor  # float32 (C,)
+    std: torch.Tensor
+    batch_size: int
+    seed: int | None = None
+    augment: bool = False
+    shard: str | None = None
+    channels_last: bool = False
+
+    def __post_init__(self):
+        assert self.shard in (None, "batch", "blocks"), self.shard
+        self.generators = {} if self.seed is None else {
+            "batches": torch.Generator().manual_seed(self.seed),
+            "augment": torch.Generator(self.images.device).manual_seed(self.seed + 1)}
+
+    @classmethod
+    def of(cls, split: Split, meta: dict, device, batch_size: int, **options) -> "Loader":
+        mean, std = (torch.tensor(meta[k], device=device) for k in ("mean", "std"))
+        return cls(*to_device(split, device), mean, std, batch_size, **options)
+
+    def sizes(self) -> list[int]:
+        """Every batch's size (whole batches, before any shard)."""
+        n, b = len(self.labels), self.batch_size
+        return [min(b, n - i) for i in range(0, n, b)]
+
+    def __len__(self) -> int:
+        return len(self.sizes())
+
+    def __iter__(self):
+        n, b = len(self.labels), self.batch_size
+        starts = range(0, n, b)
+        if self.shard == "blocks":
+            starts = starts[distributed.part(len(starts))]
+        order = None
+        if self.seed is not None:
+            order = torch.randperm(n, generator=self.generators["batches"]).to(self.images.device)
+        for i in starts:
+            if order is None:
+                x, y = self.images[i:i + b], self.labels[i:i + b]
+            else:
+                idx = order[i:i + b]
+                x, y = self.images[idx], self.labels[idx]
+            if self.augment:
+                x = random_crop_flip(x, self.generators["augment"])
+            if self.shard == "batch":
+                mine = distributed.part(len(y))
+                x, y = x[mine], y[mine]
+            x = normalize(x, self.mean, self.std)
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y

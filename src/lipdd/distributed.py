@@ -100,6 +100,24 @@ def on_rank0(fn, *args):
     return result
 
 
+class _Nothing:
+    """Stands in for rank 0's objects on the other ranks: every method does nothing, returns None."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def rank0_only(cls, *args):
+    """cls(*args) on rank 0; on the other ranks an object whose every method does nothing."""
+    return cls(*args) if is_rank0() else _Nothing()
+
+
 def in_turn(fn, *args):
     """fn(*args) on rank 0 first, then on the first process of each other node, then on the
     rest: what the first writes (prepared data) is there for those after it, whether the

@@ -1,4 +1,4 @@
-"""Per-sample statistics of a classifier, chiefly the operator norm of each sample's input-output Jacobian.
+"""Input-output Jacobians of a classifier, per sample, and their exact operator norm.
 
 Every Jacobian here comes from one forward pass and backward passes of the *logits* for a whole batch of
 samples at once: a normalisation (softmax, log_softmax, cross-entropy, picking the target entry) is a
@@ -18,20 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-METRICS = ("jacobian_operator_norm", "jacobian", "accuracy", "crossentropy", "confidence")
-JACOBIAN_METRICS = ("jacobian_operator_norm", "jacobian")
-NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy")
+from .names import NORMALIZATIONS
+
 PRECISIONS = ("fp32", "tf32", "bf16")
-# Samples per forward pass when bigmem is off (see _jacobians). On CPU a chunk's activations stay in
-# cache (measured). On a GPU small chunks leave it idle between kernel launches, so they are larger
-# there, still a bounded fraction of its memory (resnet18 width 64 keeps ~5 MB a sample); not yet measured.
+# Samples per forward pass when bigmem is off (see jacobians). On CPU a chunk's activations stay in
+# cache. On a GPU small chunks leave it idle between kernel launches, so they are larger there, still
+# a bounded fraction of its memory; not yet measured.
 CHUNK = {"cpu": 32, "cuda": 256}
-
-
-def _check(names, allowed, kind):
-    for name in names:
-        if name not in allowed:
-            raise ValueError(f"unknown {kind} {name!r}, expected one of {allowed}")
 
 
 def _logit_map(logits, targets, normalization, target_logit_only):
@@ -83,8 +76,7 @@ def _frozen_copy(model, channels_last):
     torch.func.functional_call with detached tensors: functional_call swaps the module's own parameters
     in and out around each call, so chunks on several threads at once undid each other's swaps and
     left the caller's model holding the detached tensors. On CPU, weights go channels-last (inputs in
-    _chunk_jacobians): oneDNN's convolutions then run without layout reorders, 10-15% faster here on
-    cnn5 (widths 16, 64; 1 thread).
+    _chunk_jacobians): oneDNN's convolutions then run without layout reorders.
     """
     frozen = copy.deepcopy(model).requires_grad_(False)
     return frozen.to(memory_format=torch.channels_last) if channels_last else frozen
@@ -98,8 +90,8 @@ def _backward_rows(logits, x, rows, bigmem):
     graph: peak memory is the forward activations plus one plain backward. bigmem=True sends all R rows
     through one vectorised backward (autograd's is_grads_batched, a vmap over the cotangents): R times
     the backward's transient memory, fewer, larger kernels. On CPU the row loop is the faster of the two
-    (cnn5 width 64, 32 CIFAR-shaped images, 1 thread: 1.6 s vs 1.9 s); a vmap over the rows with
-    chunk_size=1 costs the same kernels plus vmap's per-op overhead (1.7x slower on resnet18 width 16).
+    (benchmarks/bench_stats.py measures both); a vmap over the rows with chunk_size=1 costs the same
+    kernels plus vmap's per-op overhead.
     """
     B, R, _ = rows.shape
     out = torch.empty(B, R, *x.shape[1:], dtype=x.dtype, device=x.device)
@@ -112,14 +104,13 @@ def _backward_rows(logits, x, rows, bigmem):
     return out.flatten(2)
 
 
-def _jacobians(model, x, targets, normalizations, target_logit_only, bigmem, precision="fp32"):
+def jacobians(model, x, targets, normalizations, target_logit_only=False, bigmem=False, precision="fp32"):
     """logits (B, K) and {normalization: (B, K', D) Jacobian}: per chunk of samples, one forward pass and
     K' or K backward rows, whichever is fewer.
 
     bigmem=False works on chunks of at most CHUNK samples, so peak memory is that of a chunk (per CPU
-    thread) whatever the batch size; it is also faster, since a chunk's activations stay in cache (2
-    cores, 1 thread, 64 CIFAR-shaped images: cnn5 width 16 0.36 s whole vs 0.27 s in chunks of 32, width
-    64 3.7 vs 3.1-3.4 s in chunks of 8-32; resnet18 about even). On a multi-threaded CPU the chunks run
+    thread) whatever the batch size; on CPU it is also faster, since a chunk's activations stay in
+    cache. On a multi-threaded CPU the chunks run
     concurrently (_concurrently), and a batch of fewer than CHUNK samples per thread is split so that
     every thread gets one. bigmem=True takes the batch at once.
     """
@@ -145,9 +136,8 @@ def _jacobians(model, x, targets, normalizations, target_logit_only, bigmem, pre
 
 def _concurrently(fn, *iterables, workers):
     """[fn(*args) for args in zip(*iterables)], `workers` calls at a time, each on a thread of its own whose
-    ops run single-threaded. A chunk's convolutions are too small to split well across cores (2 cores,
-    64 CIFAR-shaped samples: cnn5 width 16 runs 1.6x the samples/s of two intra-op threads, cnn5 width 64
-    and resnet18 width 16 1.1x, resnet18 width 64 1.05x); whole chunks in parallel keep every core busy.
+    ops run single-threaded. A chunk's convolutions are too small to split well across cores; whole
+    chunks in parallel keep every core busy (README, Performance).
     Autograd runs a CPU backward on the thread that calls it, so the chunks' graphs never meet. Memory:
     `workers` chunks at a time."""
     threads = torch.get_num_threads()
@@ -177,13 +167,12 @@ def _chunk_jacobians(model, x, targets, normalizations, target_logit_only, bigme
     return logits.detach(), {n: A @ J for n, A in maps.items()}
 
 
-def _operator_norm(J):
+def operator_norm(J):
     """(B,) largest singular value of each (K', D) matrix in J, exactly.
 
-    Top eigenvalue of the small K' x K' Gram matrix J J^T, built in float32 and solved in float64: for
-    128 10x3072 matrices it took 4 ms with 2e-7 relative error against float64 svdvals, while
-    matrix_norm(J, ord=2), an SVD of the wide matrix, took 37 ms with 6e-7. The clamp guards the sqrt
-    against rounding below zero.
+    Top eigenvalue of the small K' x K' Gram matrix J J^T, built in float32 and solved in float64:
+    several times faster than an SVD of the wide matrix (matrix_norm(J, ord=2)), and no less
+    accurate. The clamp guards the sqrt against rounding below zero.
     """
     gram = J @ J.mT
     return torch.linalg.eigvalsh(gram.double())[:, -1].clamp_min(0).sqrt().to(J.dtype)
@@ -192,39 +181,6 @@ def _operator_norm(J):
 def input_jacobian(model, x, targets, normalization="none", target_logit_only=False, bigmem=False,
                    precision="fp32"):
     """(B, K', D) Jacobian of each sample's (normalised) output w.r.t. its own input, D = C*H*W."""
-    _check((normalization,), NORMALIZATIONS, "normalization")
-    return _jacobians(model, x, targets, (normalization,), target_logit_only, bigmem, precision)[1][normalization]
-
-
-def sample_stats(model, x, targets, metrics, normalizations, target_logit_only=False, bigmem=False,
-                 precision="fp32"):
-    """Per-sample values, shape (B,) in the logits' dtype, keyed by (metric, normalization).
-
-    Jacobian metrics get one entry per normalization; accuracy, crossentropy and confidence one entry
-    keyed (metric, "none"). The model should be in eval mode so that samples are independent.
-    bigmem=False bounds memory by chunks of CHUNK samples; precision is "fp32" (exact) except on CUDA.
-    """
-    _check(metrics, METRICS, "metric")
-    _check(normalizations, NORMALIZATIONS, "normalization")
-    stats = {}
-    if any(m in JACOBIAN_METRICS for m in metrics):
-        if not normalizations:
-            raise ValueError("jacobian metrics need at least one normalization")
-        unique = tuple(dict.fromkeys(normalizations))
-        logits, jacobians = _jacobians(model, x, targets, unique, target_logit_only, bigmem, precision)
-        for n, J in jacobians.items():
-            if "jacobian_operator_norm" in metrics:
-                stats["jacobian_operator_norm", n] = _operator_norm(J)
-            if "jacobian" in metrics:
-                stats["jacobian", n] = torch.linalg.vector_norm(J, dim=(1, 2))
-    else:
-        with torch.no_grad():
-            logits = model(x)
-    if "accuracy" in metrics:
-        stats["accuracy", "none"] = (logits.argmax(-1) == targets).to(logits.dtype)
-    if "crossentropy" in metrics:
-        stats["crossentropy", "none"] = F.cross_entropy(logits, targets, reduction="none")
-    if "confidence" in metrics:
-        onehot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
-        stats["confidence", "none"] = torch.linalg.vector_norm(logits.softmax(-1) - onehot, dim=-1)
-    return stats
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}, expected one of {NORMALIZATIONS}")
+    return jacobians(model, x, targets, (normalization,), target_logit_only, bigmem, precision)[1][normalization]

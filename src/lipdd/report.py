@@ -3,16 +3,15 @@ estimate (mean Jacobian operator norm on training points) against width and agai
 
 Reads only MLflow: the finished training runs of experiment `name` with the report's data, model
 family and label noise; where those runs disagree in another training parameter (two sweeps, say
-Adam and SGD), only the ones with the report's value of it (see `narrow`). Runs at one width (seeds,
-reruns) are averaged (plain mean; `n_runs` says how many). matplotlib's Figure without pyplot: no display, no global backend state.
+Adam and SGD), only the ones with the report's value of it (runs.for_report). Runs at one width (seeds,
+reruns) are averaged (plain mean; `n_runs` says how many). matplotlib's Figure without pyplot: no
+display, no global backend state.
 """
 
 from __future__ import annotations
 
 import io
-import re
-import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.cm import ScalarMappable
@@ -20,65 +19,25 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator
 
-from . import files, tracking
-from .config import NORMALIZATIONS, PLACE_PARAMS, Config, ConfigError
+from . import files, names, runs, tracking
+from .config import Config
 
-KIND = "lipdd.kind"  # tag marking report runs, so a report never averages an earlier report
-SUMMARIES = ("mean", "clean_mean", "corrupted_mean")
+SUMMARIES = names.LOGGED_SUMMARIES  # drawn from the runs' metrics
 LABELS = {"mean": "all", "clean_mean": "clean", "corrupted_mean": "corrupted"}
-# Per-checkpoint summaries of `lipdd stats` on the training split, e.g.
-# train_jacobian_operator_norm_softmax_clean_mean; not the per-batch ..._batch_mean_epochNNNN.
-OPNORM = re.compile(r"train_jacobian_operator_norm_((?:%s)(?:_target)?)_(%s)"
-                    % ("|".join(NORMALIZATIONS), "|".join(SUMMARIES)))
-MAX_RUNS = 50_000  # MLflow's cap on one search, far above any sweep here: no paging needed
 
 
-def find_runs(cfg: Config, client) -> tuple[str, list]:
-    exp = client.get_experiment_by_name(cfg.name)
-    if exp is None:
-        raise ConfigError(f"name: experiment {cfg.name!r} does not exist in {client.tracking_uri}; "
-                          "train some runs first")
-    training = [r for r in client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
-                if r.data.tags.get(KIND) != "report"]
-    # Params are logged as str(value), so str() of the resolved config matches them exactly.
-    wanted = dict(data=cfg.data, model=cfg.model, label_noise=str(cfg.label_noise))
-    runs = [r for r in training if r.info.status == "FINISHED"
-            and all(r.data.params.get(k) == v for k, v in wanted.items())
-            and ("test_error" in r.data.metrics or any(OPNORM.fullmatch(k) for k in r.data.metrics))]
-    if not runs:
-        found = Counter("/".join(r.data.params.get(k, "?") for k in wanted) for r in training)
-        have = ", ".join(f"{n} x {k}" for k, n in found.most_common())
-        raise ConfigError(f"report: no finished run with test_error or Jacobian stats in experiment {cfg.name!r} "
-                          f"has {', '.join(f'{k}={v}' for k, v in wanted.items())}; it has {len(training)} "
-                          f"training runs ({'/'.join(wanted)}: {have or 'none'})")
-    return exp.experiment_id, narrow(runs, cfg)
+def opnorm(key: str) -> tuple[str, str] | None:
+    """(normalization, summary) of a per-checkpoint summary of the operator norm on training
+    points, e.g. train_jacobian_operator_norm_softmax_clean_mean; None for any other metric."""
+    parsed = names.parse_summary_key(key)
+    if parsed is None or parsed[0] != "train" or parsed[2] not in SUMMARIES:
+        return None
+    norm = parsed[1].removeprefix(names.OPNORM + "_")
+    return (norm, parsed[2]) if norm != parsed[1] and norm.removesuffix("_target") in names.NORMALIZATIONS else None
 
 
-# What a report's runs may differ in: the width it is drawn against and the seeds it averages.
-VARIED = ("width", "seed")
-
-
-def narrow(runs: list, cfg: Config) -> list:
-    """The runs whose training parameters agree, apart from width and seed: where they disagree
-    in one, those with cfg's value of it. So two sweeps at one noise level are never averaged
-    together, and a parameter every run shares need not be repeated on the command line (the
-    report of a sweep queued with `-S optimizer=sgd ...` needs no `--optimizer`)."""
-    for key, value in cfg.flat().items():
-        if key in VARIED or key in PLACE_PARAMS:
-            continue
-        counts = Counter(r.data.params[key] for r in runs if key in r.data.params)  # older runs may lack a key
-        if len(counts) < 2:
-            continue
-        found = ", ".join(f"{v}: {n} runs" for v, n in sorted(counts.items()))
-        kept = [r for r in runs if r.data.params.get(key, str(value)) == str(value)]
-        if not kept:
-            raise ConfigError(f"report: the runs of {cfg.model} on {cfg.data} at label noise {cfg.label_noise:g} differ "
-                              f"in {key} ({found}) and none has {key}={value}; pass --{key.replace('_', '-')} with "
-                              "one of those values")
-        print(f"report: the runs differ in {key} ({found}); keeping the {len(kept)} with {key}={value}",
-              file=sys.stderr)
-        runs = kept
-    return runs
+def drawable(run) -> bool:
+    return "test_error" in run.data.metrics or any(map(opnorm, run.data.metrics))
 
 
 def collect(client, runs) -> tuple[dict[int, list], list[str]]:
@@ -87,19 +46,19 @@ def collect(client, runs) -> tuple[dict[int, list], list[str]]:
     by_width, norms = defaultdict(list), set()
     for r in runs:
         metrics = r.data.metrics
-        final = {k: metrics.get(k) for k in ("train_error", "test_error")}
+        final = {k: metrics.get(k) for k in names.ERRORS}
         series = {}
         for key, value in metrics.items():
-            if m := OPNORM.fullmatch(key):
-                norms.add(m[1])
-                col = f"opnorm_{m[1]}_{m[2]}"
+            if found := opnorm(key):
+                norms.add(found[0])
+                col = names.opnorm_column(*found)
                 final[col] = value
                 # Same tie-break as MLflow's latest value when a step was logged twice (stats rerun).
                 history = sorted(client.get_metric_history(r.info.run_id, key),
                                  key=lambda h: (h.step, h.timestamp, h.value))
                 series[col] = {h.step: h.value for h in history}
         by_width[int(r.data.params["width"])].append((r.info.run_id, final, series))
-    order = sorted(norms, key=lambda n: (NORMALIZATIONS.index(n.removesuffix("_target")), n))
+    order = sorted(norms, key=lambda n: (names.NORMALIZATIONS.index(n.removesuffix("_target")), n))
     return by_width, order
 
 
@@ -109,13 +68,13 @@ def mean(values: list) -> float | None:
 
 
 def tables(by_width: dict[int, list], norms: list[str]) -> tuple[list[dict], list[dict]]:
-    columns = [f"opnorm_{n}_{s}" for n in norms for s in SUMMARIES]
+    columns = [names.opnorm_column(n, s) for n in norms for s in SUMMARIES]
     width_rows, epoch_rows = [], []
     for width in sorted(by_width):
         group = by_width[width]
         width_rows.append({"width": width, "n_runs": len(group),
                            **{c: mean([final.get(c) for _, final, _ in group])
-                              for c in ("train_error", "test_error", *columns)},
+                              for c in (*names.ERRORS, *columns)},
                            "run_ids": ";".join(run_id for run_id, _, _ in group)})
         for epoch in sorted({e for _, _, series in group for s in series.values() for e in s}):
             epoch_rows.append({"width": width, "epoch": epoch,
@@ -156,7 +115,7 @@ def save(fig: Figure, path: Path) -> Path:
 def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_rows: list[dict]) -> list[Path]:
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    for key in ("train_error", "test_error"):
+    for key in names.ERRORS:
         ax.plot(*points(width_rows, "width", key), "o-", label=key.replace("_", " "))
     width_axis(ax, "final error", title)
     written = [save(fig, out / "error_vs_width.png")]
@@ -164,7 +123,7 @@ def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_
     fig, axes = panels(norms, f"{title}, last checkpoint")
     for ax, norm in zip(axes, norms):
         for summary in SUMMARIES:
-            ax.plot(*points(width_rows, "width", f"opnorm_{norm}_{summary}"), "o-", label=LABELS[summary])
+            ax.plot(*points(width_rows, "width", names.opnorm_column(norm, summary)), "o-", label=LABELS[summary])
         width_axis(ax, "operator norm", f"normalization: {norm}")
     written.append(save(fig, out / "lipschitz_vs_width.png"))
 
@@ -174,7 +133,7 @@ def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_
     for ax, norm in zip(axes, norms):
         for width in widths:
             rows = [row for row in epoch_rows if row["width"] == width]
-            ax.plot(*points(rows, "epoch", f"opnorm_{norm}_mean"), color=colors.to_rgba(width))
+            ax.plot(*points(rows, "epoch", names.opnorm_column(norm, "mean")), color=colors.to_rgba(width))
         ax.set(xlabel="epoch", ylabel="operator norm", title=f"normalization: {norm}")
     if norms:
         bar = fig.colorbar(colors, ax=axes, label="width", ticks=LogLocator(base=2), format="{x:g}")
@@ -187,8 +146,8 @@ def report(cfg: Config) -> list[Path]:
     """Draw the report for cfg's data, model family and label noise; returns the files written,
     also logged as artifacts of a new report run in the same experiment."""
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
-    exp_id, runs = find_runs(cfg, client)
-    by_width, norms = collect(client, runs)
+    exp_id, drawn = runs.for_report(client, cfg, drawable)
+    by_width, norms = collect(client, drawn)
     width_rows, epoch_rows = tables(by_width, norms)
     out = Path(cfg.results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -197,10 +156,10 @@ def report(cfg: Config) -> list[Path]:
                *draw(out, title, norms, width_rows, epoch_rows)]
 
     run = client.create_run(exp_id, run_name=f"report-{cfg.model}-{cfg.data}-noise{cfg.label_noise:g}",
-                            tags={KIND: "report"})
-    with tracking.terminating(client, run.info.run_id):
+                            tags={runs.KIND: "report"})
+    with runs.ending(client, run.info.run_id):
         tracking.log_params(client, run.info.run_id, dict(data=cfg.data, model=cfg.model, label_noise=cfg.label_noise,
-                                                          n_runs=len(runs), widths=sorted(by_width)))
+                                                          n_runs=len(drawn), widths=sorted(by_width)))
         for path in written:
             client.log_artifact(run.info.run_id, str(path))
     return written

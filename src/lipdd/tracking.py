@@ -1,4 +1,4 @@
-"""MLflow: where runs live, how they start and end, and metric logging that costs ~nothing.
+"""MLflow: where runs live, params, metric logging that stays off the training's path, checkpoints.
 
 Everything goes through an explicit MlflowClient (no fluent global state), so the same
 code serves the training loop, the stats stage and tests that talk to several stores.
@@ -10,14 +10,13 @@ import contextlib
 import fcntl
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # MLflow 3 sends usage telemetry by default; a cluster job or an offline laptop should not
 # open network connections behind the user's back. Checkpoint downloads are many and small:
@@ -25,7 +24,7 @@ from typing import Any, Iterator
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -93,15 +92,6 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return exp.experiment_id
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(k, str(v)) for k, v in sorted(params.items())]
     for i in range(0, len(items), MAX_PARAMS):
@@ -115,11 +105,10 @@ def write_metrics(client: MlflowClient, run_id: str, rows: list[tuple[str, float
 
 
 class MetricLogger:
-    """Buffers metrics and writes them with log_batch: 60-100 us per metric against SQLite
-    (MLflow's ORM; benchmarks/bench_train.py) instead of ~4 ms for each log_metric call, and
-    one call per 1,000 metrics or per SEND_SECONDS (so the UI stays live): a log_batch call
-    costs ~3 ms, as much as a small model's training step. flush() returns once everything
-    logged is in the store. A context manager: leaving it flushes."""
+    """Buffers metrics and writes them with log_batch, one call per 1,000 metrics or per
+    SEND_SECONDS (so the UI stays live): one log_metric call per metric costs many times more
+    against a SQL store. flush() returns once everything logged is in the store. A context
+    manager: leaving it flushes."""
 
     SEND_EVERY, SEND_SECONDS = MAX_METRICS, 30.0
 
@@ -178,14 +167,14 @@ _SYNC = "sync"  # asks the sender to answer once everything before it is written
 class BackgroundMetricLogger(MetricLogger):
     """A MetricLogger whose writes happen in a process of its own, for the training loop.
 
-    MLflow's ORM holds the GIL for its 60-100 us per metric, 1.5-3% of a small model's 5 ms
-    step whether the trainer writes or a thread of it does (measured: a thread was no faster).
-    Here the trainer only pickles batches of SEND_EVERY rows down a pipe (~7 us a metric), and
-    a sender process writes them while the training goes on.
+    MLflow's ORM holds the GIL while it writes, so a thread of the trainer would slow a small
+    model's steps as much as writing inline (README, Performance). Here the trainer only pickles
+    batches of SEND_EVERY rows down a pipe, and a sender process writes them while the training
+    goes on.
 
     The sender is a fresh interpreter (`python -c`): a fork would copy the trainer's threads and
     open database connections, multiprocessing's spawn would re-run a user's script that calls
-    train() without a __main__ guard, and its imports (~1.3 s) overlap the training instead of
+    train() without a __main__ guard, and its imports overlap the training instead of
     delaying it. It has a session of its own, so Ctrl-C stops only the trainer, whose close()
     still has everything it sent written. A failed write is raised by the trainer's next call."""
 
@@ -261,25 +250,9 @@ def send_metrics(uri: str, run_id: str, fd: str) -> None:
     except Exception as e:
         with contextlib.suppress(OSError):  # unless the trainer is gone too
             pipe.send(f"{type(e).__name__}: {e}")
-    # Every write is committed: skip tearing down MLflow's import graph (~0.7 s), which the
-    # trainer's close() would wait for.
+    # Every write is committed: skip tearing down MLflow's import graph, which the trainer's
+    # close() would wait for.
     os._exit(0)
-
-
-@contextlib.contextmanager
-def terminating(client: MlflowClient, run_id: str) -> Iterator[None]:
-    """Ends the run FINISHED, KILLED on an interrupt, FAILED on any error (message in a tag),
-    so no exited process leaves a run RUNNING."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
-        raise
-    except BaseException as e:
-        client.log_batch(run_id, tags=[RunTag("error", f"{type(e).__name__}: {e}"[:5000])])
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
 
 
 # --- checkpoints: artifacts checkpoints/epoch_NNNN.pt of a training run ---------------------
@@ -320,22 +293,3 @@ def load_checkpoint(client: MlflowClient, run_id: str, artifact: str, device="cp
 
 class CheckpointError(ConfigError):
     """A checkpoint that is corrupted, truncated or carries code; never loaded."""
-
-
-def process_alive(run) -> bool:
-    """Whether the process that owns a RUNNING run may still exist. Only its own host can
-    tell; a run of another host counts as alive, one without owner tags as dead."""
-    host, pid = run.data.tags.get("host"), run.data.tags.get("pid", "")
-    if host != socket.gethostname() or not pid.isdigit():
-        return host is not None and host != socket.gethostname()
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def owner_tags() -> dict[str, str]:
-    return {"host": socket.gethostname(), "pid": str(os.getpid())}

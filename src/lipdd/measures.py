@@ -1,0 +1,146 @@
+"""What `lipdd stats` can measure: a registry of measures, each one function.
+
+A measure has a name (what `stats.metric` selects and result files are called), a kind and the
+stats options it reads:
+- "sample": fn(batch, **options) -> (B,) tensor, one value per sample of a `Batch`; a measure with
+  the option "normalization" gives one statistic per normalization asked for (names.stat);
+- "network": fn(network) -> (summary, details): named floats for MLflow and the summary files, and
+  anything JSON-able (per-layer values, ...) for the checkpoint's result file.
+
+A new measure is one function below and one entry in MEASURES; `lipdd stats --metric NAME` then
+computes it at every chosen checkpoint, writes its result files and logs its summaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import jacobian
+from .names import NORMALIZATIONS
+
+
+@dataclass(frozen=True)
+class Measure:
+    name: str
+    kind: str  # "sample" | "network"
+    fn: Callable
+    options: tuple[str, ...] = ()
+
+
+class Batch:
+    """A batch of samples as the per-sample measures see it. The model's logits and, when any
+    normalization is asked for, the input Jacobians of all of them are computed once, on first
+    use, and shared by every measure: one forward pass and K backward rows (jacobian.jacobians)."""
+
+    def __init__(self, model, x, targets, normalizations=(), target_logit_only=False, bigmem=False,
+                 precision="fp32"):
+        self.model, self.x, self.targets = model, x, targets
+        self.normalizations = tuple(dict.fromkeys(normalizations))
+        self.target_logit_only, self.bigmem, self.precision = target_logit_only, bigmem, precision
+
+    @cached_property
+    def _outputs(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.normalizations:  # the logits come from the Jacobians' own forward pass
+            return jacobian.jacobians(self.model, self.x, self.targets, self.normalizations, self.target_logit_only,
+                                      self.bigmem, self.precision)
+        with torch.no_grad():
+            return self.model(self.x), {}
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self._outputs[0]
+
+    @property
+    def jacobians(self) -> dict[str, torch.Tensor]:
+        """{normalization: (B, K', D) Jacobian of each sample's normalised output w.r.t. its input}."""
+        return self._outputs[1]
+
+
+@dataclass
+class Network:
+    """A checkpoint as the per-network measures see it: the model (eval mode) and the initial
+    network's parameters."""
+
+    model: torch.nn.Module
+    initial: Callable[[], dict[str, torch.Tensor]]  # state dict of epoch 0, loaded on first call
+
+
+# --- per sample ------------------------------------------------------------------------------------
+
+def jacobian_operator_norm(batch: Batch, normalization: str) -> torch.Tensor:
+    """Largest singular value of the K' x D input Jacobian (exact)."""
+    return jacobian.operator_norm(batch.jacobians[normalization])
+
+
+def jacobian_frobenius_norm(batch: Batch, normalization: str) -> torch.Tensor:
+    """Frobenius norm of the K' x D input Jacobian."""
+    return torch.linalg.vector_norm(batch.jacobians[normalization], dim=(1, 2))
+
+
+def accuracy(batch: Batch) -> torch.Tensor:
+    """1 where the largest logit is the label's, else 0."""
+    return (batch.logits.argmax(-1) == batch.targets).to(batch.logits.dtype)
+
+
+def crossentropy(batch: Batch) -> torch.Tensor:
+    return F.cross_entropy(batch.logits, batch.targets, reduction="none")
+
+
+def confidence(batch: Batch) -> torch.Tensor:
+    """Euclidean distance of the softmax output from the one-hot label."""
+    onehot = F.one_hot(batch.targets, batch.logits.shape[1]).to(batch.logits.dtype)
+    return torch.linalg.vector_norm(batch.logits.softmax(-1) - onehot, dim=-1)
+
+
+# --- per network -----------------------------------------------------------------------------------
+
+def distance_from_init(network: Network) -> tuple[dict[str, float], dict]:
+    """||theta_t - theta_0||_2 over all parameters, the same over ||theta_0||_2, and ||theta_t||_2
+    (float64); per parameter tensor in the details."""
+    initial = network.initial()
+    per_layer, sums = {}, torch.zeros(3, dtype=torch.float64)
+    for name, p in network.model.named_parameters():
+        p, p0 = p.detach().double(), initial[name].double().to(p.device)
+        squares = torch.stack([(p - p0).square().sum(), p0.square().sum(), p.square().sum()]).cpu()
+        sums += squares
+        per_layer[name] = dict(zip(("distance", "initial_norm", "norm"), squares.sqrt().tolist()))
+    distance, initial_norm, norm = sums.sqrt().tolist()
+    summary = {"distance_from_init": distance, "distance_from_init_relative": distance / initial_norm,
+               "parameter_norm": norm}
+    return summary, {"per_layer": per_layer}
+
+
+MEASURES = {m.name: m for m in (
+    Measure("jacobian_operator_norm", "sample", jacobian_operator_norm, ("normalization",)),
+    Measure("jacobian", "sample", jacobian_frobenius_norm, ("normalization",)),
+    Measure("accuracy", "sample", accuracy),
+    Measure("crossentropy", "sample", crossentropy),
+    Measure("confidence", "sample", confidence),
+    Measure("distance_from_init", "network", distance_from_init),
+)}
+
+
+def per_sample(model, x, targets, selected, normalizations, target_logit_only=False, bigmem=False,
+               precision="fp32") -> dict[tuple[str, str | None], torch.Tensor]:
+    """{(measure, normalization or None): (B,) values} of the selected per-sample measures."""
+    for name in selected:
+        if name not in MEASURES:
+            raise ValueError(f"unknown measure {name!r}, expected one of {tuple(MEASURES)}")
+    for n in normalizations:
+        if n not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {n!r}, expected one of {NORMALIZATIONS}")
+    chosen = [MEASURES[name] for name in selected if MEASURES[name].kind == "sample"]
+    if any("normalization" in m.options for m in chosen) and not normalizations:
+        raise ValueError(f"{', '.join(m.name for m in chosen)}: Jacobian measures need at least one normalization")
+    needed = normalizations if any("normalization" in m.options for m in chosen) else ()
+    batch = Batch(model, x, targets, needed, target_logit_only, bigmem, precision)
+    out = {}
+    for m in chosen:
+        for n in (normalizations if "normalization" in m.options else (None,)):
+            out[m.name, n] = m.fn(batch, n) if n is not None else m.fn(batch)
+    return out

@@ -1,0 +1,80 @@
+"""The metric-naming contract: how every MLflow metric key, summary column and result file that
+lipdd writes is spelled, in one place, for the stages that write them (train, stats), the one that
+reads them back (report), dvc.yaml's plots and the tests."""
+
+from __future__ import annotations
+
+SPLITS = ("train", "val", "test")
+NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy")
+
+# --- training: per batch (step = global step) and per evaluation (step = epoch) ------------------
+BATCH_LOSS = "batch_loss"
+LR = "lr"
+EVALUATED = ("loss", "accuracy", "error")
+# accuracy on the corrupted training samples against their noisy labels: how much noise was memorised
+NOISE = ("train_corrupted_accuracy", "train_clean_accuracy")
+
+
+def evaluation(split: str, quantity: str) -> str:
+    return f"{split}_{quantity}"
+
+
+def is_evaluation(key: str) -> bool:
+    """Whether `key` is one of an evaluation's metrics (what results/train/history.csv holds)."""
+    return key == LR or key in NOISE or any(key == evaluation(s, q) for s in SPLITS for q in EVALUATED)
+
+
+# --- stats: per checkpoint (step = epoch) -------------------------------------------------------
+# MLflow holds what a researcher charts against epochs and compares across runs; the result files,
+# results/stats/metrics.json and history.csv hold every summary.
+LOGGED_SUMMARIES = ("mean", "clean_mean", "corrupted_mean")
+SUMMARIES = ("mean", "median", "std", "clean_mean", "corrupted_mean")
+
+
+def stat(measure: str, normalization: str | None = None, target_logit_only: bool = False) -> str:
+    """One statistic's name: the measure, then for a Jacobian measure its normalization (and
+    `_target` when only the labelled output is differentiated)."""
+    if normalization is None:
+        return measure
+    return f"{measure}_{normalization}" + ("_target" if target_logit_only else "")
+
+
+def summary_key(split: str, stat_name: str, summary: str) -> str:
+    """The MLflow metric of one summary of one statistic on one split, e.g.
+    train_jacobian_operator_norm_softmax_mean."""
+    return f"{split}_{stat_name}_{summary}"
+
+
+def parse_summary_key(key: str) -> tuple[str, str, str] | None:
+    """(split, statistic, summary) of a summary_key, or None for any other metric."""
+    split, _, rest = key.partition("_")
+    if split not in SPLITS:
+        return None
+    for summary in sorted(SUMMARIES, key=len, reverse=True):  # corrupted_mean before mean
+        if rest.endswith("_" + summary):
+            return split, rest[: -len(summary) - 1], summary
+    return None
+
+
+def result_file(stat_name: str, split: str, epoch: int, first_batch: int, outname: str | None = None) -> str:
+    """Per-sample result file of one statistic at one checkpoint, shard `first_batch`."""
+    return f"{outname or f'{stat_name}_{split}_epoch{epoch:04d}'}-{first_batch}.json"
+
+
+def network_result_file(measure: str, epoch: int) -> str:
+    """Result file of a per-network measure at one checkpoint."""
+    return f"{measure}_epoch{epoch:04d}.json"
+
+
+def batch_means_artifact(split: str, epoch: int, first_batch: int) -> str:
+    """MLflow artifact with the per-batch means of every statistic of one checkpoint."""
+    return f"stats/{split}/batch_means_epoch{epoch:04d}-{first_batch}.csv"
+
+
+# --- report: columns of by_width.csv / by_epoch.csv --------------------------------------------
+ERRORS = ("train_error", "test_error")
+OPNORM = "jacobian_operator_norm"
+
+
+def opnorm_column(normalization: str, summary: str) -> str:
+    return f"opnorm_{normalization}_{summary}"

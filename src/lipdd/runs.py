@@ -1,0 +1,236 @@
+"""A training run's life in MLflow: which runs are the same training, starting one, finding the one
+to resume or to analyse, and ending it. The parameters that tell runs apart are the config fields'
+roles (config.ROLES): this module is their one reader."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from mlflow.entities import RunTag
+
+from . import tracking
+from .config import ROLE, Config, ConfigError
+
+KIND = "lipdd.kind"  # tag of report runs, so nothing takes a report for a training
+# A report draws the runs of one setting (its title) against its axes, averaging over seeds.
+REPORT_SETTING = ("data", "model", "label_noise")
+REPORT_AXES = ("width", "seed")
+MAX_RUNS = 50_000  # MLflow's cap on one search, far above any sweep here: no paging needed
+
+
+def what_trains(params: dict[str, str]) -> dict[str, str]:
+    """A run's params without those that only say where it ran (unknown keys stay: they count)."""
+    return {k: v for k, v in params.items() if ROLE.get(k) != "place"}
+
+
+def differing_param(params: dict[str, str], cfg: Config) -> str | None:
+    """The first parameter in which a run's params differ from cfg's training, if any."""
+    for key, value in cfg.params("identity", "training").items():
+        if params.get(key) != str(value):
+            return key
+    return None
+
+
+def search(client, cfg: Config, where: str = "") -> list:
+    """Runs of cfg's experiment whose identity params (the seed's flags) are cfg's, newest first.
+    Params are logged as str(value), so str() of the resolved config matches them exactly."""
+    exp = client.get_experiment_by_name(cfg.name)
+    if exp is None:
+        return []
+    query = [f"params.{k} = '{v}'" for k, v in cfg.params("identity").items()] + ([where] if where else [])
+    return client.search_runs([exp.experiment_id], " and ".join(query), max_results=MAX_RUNS,
+                              order_by=["attributes.start_time DESC"])
+
+
+# --- training: start, or continue an interrupted run -------------------------------------------
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tracking.project_root(), capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def owner_tags() -> dict[str, str]:
+    return {"host": socket.gethostname(), "pid": str(os.getpid())}
+
+
+def process_alive(run) -> bool:
+    """Whether the process that owns a RUNNING run may still exist. Only its own host can
+    tell; a run of another host counts as alive, one without owner tags as dead."""
+    host, pid = run.data.tags.get("host"), run.data.tags.get("pid", "")
+    if host != socket.gethostname() or not pid.isdigit():
+        return host is not None and host != socket.gethostname()
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start(client, cfg: Config, dataset_hash: str, steps_per_epoch: int) -> str:
+    exp_id = tracking.experiment_id(client, cfg.name)
+    tags = {"dvc_exp_name": os.environ.get("DVC_EXP_NAME"), "git_commit": git_commit(),
+            "dataset_hash": dataset_hash, "steps_per_epoch": steps_per_epoch, **owner_tags()}
+    run = client.create_run(exp_id, run_name=cfg.run_name(),
+                            tags={k: str(v) for k, v in tags.items() if v is not None})
+    tracking.log_params(client, run.info.run_id, cfg.flat())
+    return run.info.run_id
+
+
+def interrupted(client, cfg: Config) -> str | None:
+    """The latest run of this exact training that was interrupted (KILLED, FAILED but not
+    diverged, or RUNNING with its process gone) and holds a checkpoint: started again with
+    the same parameters, a training continues it rather than starting over."""
+    for run in search(client, cfg, "attributes.status != 'FINISHED'"):
+        if (differing_param(run.data.params, cfg) is None and "diverged" not in run.data.tags
+                and not (run.info.status == "RUNNING" and process_alive(run))
+                and tracking.list_checkpoints(client, run.info.run_id)):
+            return run.info.run_id
+    return None
+
+
+def resume_checkpoint(client, run_id: str, cfg: Config, dataset_hash: str) -> str:
+    """The last checkpoint of run `run_id`, which must have been trained with cfg's parameters
+    on the very data prepared now."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:
+        raise ConfigError(f"resume_from: {run_id!r} is not a run in the store {client.tracking_uri}") from None
+    key = differing_param(run.data.params, cfg)
+    if key is not None:
+        raise ConfigError(f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this "
+                          f"training asks for {str(getattr(cfg, key))!r}; resume with the run's parameters")
+    if run.data.tags.get("dataset_hash", dataset_hash) != dataset_hash:
+        raise ConfigError(f"resume_from: run {run_id} was trained on data with hash "
+                          f"{run.data.tags['dataset_hash'][:12]}, the prepared data now has "
+                          f"{dataset_hash[:12]}; the source files or the preparing code changed")
+    checkpoints = tracking.list_checkpoints(client, run_id)
+    if not checkpoints:
+        raise ConfigError(f"resume_from: run {run_id} has no checkpoint to resume from")
+    return checkpoints[-1][1]
+
+
+def open_training(client, cfg: Config, dataset_hash: str, steps_per_epoch: int) -> tuple[str, str | None]:
+    """(run id, checkpoint to continue from): run `resume_from`, else the interrupted run of
+    this training, else a new run, which has no checkpoint yet."""
+    run_id = cfg.resume_from or interrupted(client, cfg)
+    if run_id:
+        return run_id, resume_checkpoint(client, run_id, cfg, dataset_hash)
+    return start(client, cfg, dataset_hash, steps_per_epoch), None
+
+
+def reopen(client, run_id: str) -> None:
+    """Marks a run this process continues as RUNNING, and its own."""
+    client.update_run(run_id, "RUNNING")
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in owner_tags().items()])
+
+
+@contextlib.contextmanager
+def ending(client, run_id: str) -> Iterator[None]:
+    """Ends the run FINISHED, KILLED on an interrupt, FAILED on any error (message in a tag),
+    so no exited process leaves a run RUNNING."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as e:
+        client.log_batch(run_id, tags=[RunTag("error", f"{type(e).__name__}: {e}"[:5000])])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+# --- analysis: the run `lipdd stats` measures, the runs `lipdd report` draws --------------------
+
+def pipeline_run_id(cfg: Config) -> str | None:
+    """The run the pipeline's train stage recorded in results/train/run.json, if it is a run of
+    cfg's experiment (a file the user did not name never overrides the experiment they did)."""
+    run_file = Path(cfg.results_dir) / "train" / "run.json"
+    if not run_file.exists():
+        return None
+    recorded = json.loads(run_file.read_text())
+    return recorded["run_id"] if recorded.get("experiment_name", cfg.name) == cfg.name else None
+
+
+def trained(client, cfg: Config) -> str:
+    """The run to analyse: --run-id; else results/train/run.json's when its identity params are
+    cfg's; else the latest finished run of cfg's experiment with cfg's identity params."""
+    if cfg.stats.run_id:
+        try:
+            client.get_run(cfg.stats.run_id)
+        except Exception:
+            raise ConfigError(f"stats.run_id: {cfg.stats.run_id!r} is not a run in the store "
+                              f"{client.tracking_uri}") from None
+        return cfg.stats.run_id
+    wanted = {k: str(v) for k, v in cfg.params("identity").items()}
+    if run_id := pipeline_run_id(cfg):
+        try:
+            params = client.get_run(run_id).data.params
+        except Exception:
+            params = {}
+        if all(params.get(k) == v for k, v in wanted.items()):
+            return run_id
+    runs = search(client, cfg, "attributes.status = 'FINISHED'")
+    if not runs:
+        raise ConfigError(f"stats.run_id: no finished run in experiment {cfg.name!r} has "
+                          f"{', '.join(f'{k}={v}' for k, v in wanted.items())}; pass --run-id")
+    # Re-runs of one training are interchangeable (the latest wins); runs that differ in
+    # anything else (learning rate, epochs, ...) are a choice only the user can make.
+    differing = [r for r in runs if what_trains(r.data.params) != what_trains(runs[0].data.params)]
+    if differing:
+        listing = "; ".join(f"{r.info.run_id} ({r.info.run_name})" for r in runs[:10])
+        raise ConfigError(f"stats.run_id: {len(runs)} finished runs match and differ in other parameters: "
+                          f"{listing}; pass --run-id")
+    return runs[0].info.run_id
+
+
+def for_report(client, cfg: Config, usable) -> tuple[str, list]:
+    """(experiment id, runs) a report draws: the finished, `usable` training runs of cfg's
+    REPORT_SETTING; where those disagree in another training parameter, the ones with cfg's
+    value of it. So two sweeps at one noise level are never averaged together, and a parameter
+    every run shares need not be repeated on the command line."""
+    exp = client.get_experiment_by_name(cfg.name)
+    if exp is None:
+        raise ConfigError(f"name: experiment {cfg.name!r} does not exist in {client.tracking_uri}; "
+                          "train some runs first")
+    training = [r for r in client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
+                if r.data.tags.get(KIND) != "report"]
+    wanted = {k: str(getattr(cfg, k)) for k in REPORT_SETTING}
+    runs = [r for r in training if r.info.status == "FINISHED" and usable(r)
+            and all(r.data.params.get(k) == v for k, v in wanted.items())]
+    if not runs:
+        found = Counter("/".join(r.data.params.get(k, "?") for k in wanted) for r in training)
+        have = ", ".join(f"{n} x {k}" for k, n in found.most_common())
+        raise ConfigError(f"report: no finished run with test_error or Jacobian stats in experiment {cfg.name!r} "
+                          f"has {', '.join(f'{k}={v}' for k, v in wanted.items())}; it has {len(training)} "
+                          f"training runs ({'/'.join(wanted)}: {have or 'none'})")
+    for key, value in cfg.params("identity", "training").items():
+        if key in REPORT_AXES:
+            continue
+        counts = Counter(r.data.params[key] for r in runs if key in r.data.params)  # older runs may lack a key
+        if len(counts) < 2:
+            continue
+        found = ", ".join(f"{v}: {n} runs" for v, n in sorted(counts.items()))
+        kept = [r for r in runs if r.data.params.get(key, str(value)) == str(value)]
+        if not kept:
+            raise ConfigError(f"report: the runs of {cfg.model} on {cfg.data} at label noise {cfg.label_noise:g} differ "
+                              f"in {key} ({found}) and none has {key}={value}; pass --{key.replace('_', '-')} with "
+                              "one of those values")
+        print(f"report: the runs differ in {key} ({found}); keeping the {len(kept)} with {key}={value}",
+              file=sys.stderr)
+        runs = kept
+    return exp.experiment_id, runs

@@ -1,0 +1,52 @@
+"""Where a command's arithmetic runs: the device, CPU threads and the allocator."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+import torch
+
+from . import distributed
+from .config import Config, ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present. An explicit CUDA device on a machine without one runs on
+    the CPU with a warning, so a GPU cluster's command also runs on a laptop, visibly slower.
+    Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    if name == "auto" or (name.startswith("cuda") and not torch.cuda.is_available()):
+        if name != "auto":
+            print(f"warning: device {name!r} requested but CUDA is not available; running on the CPU",
+                  file=sys.stderr)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and distributed.world_size() > 1:
+        return torch.device("cuda", distributed.local_rank())
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} "
+                          "CUDA devices")
+    return torch.device(name)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters in glibc's <malloc.h>
+
+
+def retain_freed_memory() -> None:
+    """Has glibc's malloc keep freed memory for the process's next allocations. By default it
+    maps every large block (a batch's activations, their gradients) afresh and unmaps it when
+    freed, so each CPU training step page-faults all of them in again (README, Performance).
+    The price: the process keeps its peak memory. A no-op without glibc."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 1 << 30)  # blocks below 1 GiB come from the heap,
+        mallopt(M_TRIM_THRESHOLD, 1 << 30)  # which keeps up to 1 GiB free at its top
+
+
+def setup(cfg: Config) -> torch.device:
+    """The device `cfg` asks for, with `cfg.workers` CPU threads and, on the CPU, an allocator that
+    keeps freed memory."""
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.workers)
+    if device.type == "cpu":
+        retain_freed_memory()
+    return device
