@@ -14,5 +14,6 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 repro: $(VENV)/.installed
 	PATH=$(BIN):$$PATH dvc repro
 
+# Test files run in parallel, each whole on one worker (a module's tests may build on each other).
 test: $(VENV)/.installed
-	PATH=$(BIN):$$PATH python -m pytest -q
+	PATH=$(BIN):$$PATH python -m pytest -q -n auto --dist loadfile

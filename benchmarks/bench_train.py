@@ -5,9 +5,8 @@
 1. Images/s of training steps (SGD, momentum 0.9, batch 128, augmentation on) on CIFAR-shaped data
    (random uint8 3x32x32 images, 10 classes), for cnn5 width 4 (input-bound) and resnet18 width 64:
      seed          a torchvision Dataset of PIL images, RandomCrop(32, padding=4), RandomHorizontalFlip,
-                   ToTensor, Normalize; a shuffling DataLoader; a plain loop. num_workers=0: on these 2
-                   cores worker processes only compete with the training (measured 3,030 img/s with 0
-                   workers, 2,450 with 1, 2,490 with 2, cnn5 width 4).
+                   ToTensor, Normalize; a shuffling DataLoader; a plain loop. num_workers=0: on 2 cores
+                   worker processes only compete with the training (they were slower when measured).
      ours          lipdd.train.train_epoch, the loop lipdd.train runs, over a lipdd.data.Loader: data
                    resident on the device, a seeded permutation, lipdd.data.random_crop_flip (one gather)
                    and normalize on the whole batch, channels-last model and batches, in-place ReLUs, one
@@ -24,12 +23,9 @@
    spends in lipdd.tracking.BackgroundMetricLogger is timed: starting the sender process, each log
    (buffering, and pickling every 100 rows down the pipe), each flush before a checkpoint (which waits
    until the sender has written everything) and the close. The sender writes in parallel on the core
-   the 1-thread trainer leaves free; a trainer that uses every core shares them with the sender's
-   60-100 us a metric. Timing the calls measures what logging adds without the
-   noise of differencing two timings on a shared machine. History of this figure: a flush per epoch
-   cost 17.9%; MLflow's asynchronous log_batch (synchronous=False, a thread) ~20%, its thread holding
-   the GIL against this Python-bound loop; synchronous log_batch per 1,000 metrics 2.7% (~100 us a
-   metric, MLflow's ORM).
+   the 1-thread trainer leaves free; a trainer that uses every core shares them with the sender.
+   Timing the calls measures what logging adds without the noise of differencing two timings on a
+   shared machine. (The README's Performance section keeps the history of this figure.)
 
 The last line is one JSON object: vs_seed_pipeline_cnn5_4 and vs_seed_pipeline_resnet18_64 (lipdd as
 configured by default over the seed; the _compiled keys with --compile), logging_overhead and

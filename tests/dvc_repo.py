@@ -92,6 +92,7 @@ def make_repo(path: Path, env: dict[str, str]) -> Repo:
     repo.run("git", "config", "user.email", "tests@lipdd.invalid")
     repo.run("git", "config", "commit.gpgsign", "false")
     repo.run("dvc", "init", "-q")
+    shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-q", "-m", "pipeline under test")
     return repo

@@ -274,3 +274,20 @@ def test_invalid_label_noise_is_refused_before_any_work(repo, first_run):
     assert "1.5" in lines[0]
     assert {r.info.run_id for r in repo.runs()} == before_runs
     assert snapshot(*watched) == before_files
+
+
+# --------------------------------------------------------------------------- 5. code dependencies
+
+
+def test_an_edit_to_any_module_changes_every_stage(repo, first_run):
+    """Every stage depends on the whole package, so an edit to a module none of them names
+    (files.py: atomic writes) still reruns them."""
+    module = repo.path / "src/lipdd/files.py"
+    text = module.read_text()
+    assert "modified" not in repo.run("dvc", "status").stdout
+    try:
+        module.write_text(text + "\n# an edit\n")
+        changed = json.loads(repo.run("dvc", "status", "--json").stdout)
+        assert {"prepare", "train", "stats", "report"} <= set(changed), changed
+    finally:
+        module.write_text(text)

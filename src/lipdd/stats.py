@@ -132,8 +132,9 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     run_id = run.info.run_id
     available = tracking.list_checkpoints(client, run_id)
     chosen = select_checkpoints(cfg, available, int(run.data.tags.get("steps_per_epoch", 0)) or 1)
-    if any(MEASURES[m].kind == "network" for m in s.metric) and (not available or available[0][0] != 0):
-        raise ConfigError(f"stats.metric: {', '.join(s.metric)} needs the initial network, and run {run_id} "
+    per_network = [m for m in s.metric if MEASURES[m].kind == "network"]
+    if per_network and (not available or available[0][0] != 0):
+        raise ConfigError(f"stats.metric: {', '.join(per_network)} needs the initial network, and run {run_id} "
                           "has no checkpoint of epoch 0")
     prepared = distributed.in_turn(datalib.ensure_prepared, run_cfg, run.data.tags.get("dataset_hash"))
     if s.dataset_split not in prepared.splits:
@@ -153,7 +154,7 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
             values = gather_values(measure_samples(model, loader, s))
             network = measure_network(model, initial, s.metric) if distributed.is_rank0() else None
             write.checkpoint(epoch, state["global_step"], values, network, time.time() - started)
-    return write.written if distributed.is_rank0() else []
+    return write.files() or []
 
 
 class Writer:
@@ -223,6 +224,9 @@ class Writer:
                 self.client.log_artifact(self.run_id, str(local), str(artifact.parent))
         self.history.append(row)
         self.log.flush()
+
+    def files(self) -> list[Path]:
+        return self.written
 
     def log_summary(self, epoch: int, summary: dict[str, float]) -> None:
         # A recomputation (dvc repro -f, a re-run by hand) logs nothing the run already holds.

@@ -40,11 +40,10 @@ def train(cfg: Config) -> str:
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size: {cfg.batch_size} does not divide over world size {world}; the batch "
                           f"size is global, each of the {world} processes takes batch_size / {world}")
-    if cfg.compile and runtime.resolve_device(cfg.device).type == "cpu" and not any(
-            map(shutil.which, (os.environ.get("CXX", "g++"), "c++"))):
+    device = runtime.setup(cfg)
+    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++"))):
         raise ConfigError("compile: torch.compile on the CPU needs a C++ compiler (g++ or c++ on PATH, or $CXX); "
                           "install one or train with compile: false")
-    device = runtime.setup(cfg)
     with distributed.process_group(device):
         return _train(cfg, device)
 
@@ -80,8 +79,9 @@ def _train(cfg: Config, device: torch.device) -> str:
                 group["lr"] = lr
             losses = train_epoch(cfg, net, model, optimizer, loader).tolist()
             record.losses(losses, step + 1)
-            if not all(map(math.isfinite, losses)):  # every rank sees the same losses: all stop here
-                s, value = next((s, v) for s, v in enumerate(losses, step + 1) if not math.isfinite(v))
+            bad = [(s, v) for s, v in enumerate(losses, step + 1) if not math.isfinite(v)]
+            if bad:  # every rank sees the same losses: all stop here
+                s, value = bad[0]
                 record.diverged()
                 raise TrainingDiverged(f"training diverged: loss {value} at epoch {epoch}, step {s}; lower the "
                                        f"learning rate (the last good checkpoint stays in run {run_id})")
