@@ -135,3 +135,12 @@ def test_a_moved_store_is_named(trained, workdir, capsys):
     err = capsys.readouterr().err
     assert f"the MLflow store {workdir / 'mlflow.db'} does not exist" in err
     assert not (workdir / "mlflow.db").exists()
+
+
+def test_a_named_experiment_is_never_overridden_by_the_pipelines_run(trained, workdir, capsys):
+    """results/train/run.json names the run of experiment `test`; stats asked for experiment
+    `other` (same identifying flags) must not take it."""
+    assert json.loads((workdir / "results/train/run.json").read_text())["experiment_name"] == "test"
+    assert cli.main(shlex.split(STATS.replace("--name=test", "--name=other"))) == 2
+    assert "no finished run in experiment 'other'" in capsys.readouterr().err
+    assert not (workdir / "checkpoints/other").exists()
