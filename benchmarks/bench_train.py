@@ -9,8 +9,8 @@
                    worker processes only compete with the training (they were slower when measured).
      ours          lipdd.train.train_epoch, the loop lipdd.train runs, over a lipdd.data.Loader: data
                    resident on the device, a seeded permutation, lipdd.data.random_crop_flip (one gather)
-                   and normalize on the whole batch, channels-last model and batches, in-place ReLUs, one
-                   host sync per epoch.
+                   and normalize on the whole batch, channels-last model and batches (where
+                   lipdd.runtime.channels_last allows), in-place ReLUs, one host sync per epoch.
      ours_compiled the same with the network under torch.compile (lipdd train --compile); the one-off
                    compile happens in the warm-up round and is not timed.
    On CPU the process first calls lipdd.runtime.retain_freed_memory, as lipdd train does: the seed runs
@@ -51,8 +51,8 @@ from lipdd import data as datalib
 from lipdd import tracking
 from lipdd.config import Config, build
 from lipdd.models import build_model
-from lipdd.runtime import retain_freed_memory
-from lipdd.train import CL, evaluate, make_optimizer, train, train_epoch
+from lipdd.runtime import channels_last, retain_freed_memory
+from lipdd.train import evaluate, make_optimizer, train, train_epoch
 
 BATCH = 128
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,11 +113,12 @@ class OurTrainer:
 
     def __init__(self, model, split, mean, std, device, batches, compile=False):
         self.cfg = Config(width=4, learning_rate=0.01, momentum=0.9, batch_size=BATCH, augmentation=True)
-        self.model = model.to(device, memory_format=CL)
+        cl = channels_last(device)  # the layout lipdd train picks here
+        self.model = model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format)
         self.net = torch.compile(self.model) if compile else self.model
         self.opt = make_optimizer(self.cfg, self.model)
         self.loader = datalib.Loader.of(split.take(np.arange(batches * BATCH)), dict(mean=mean, std=std), device,
-                                        BATCH, seed=0, augment=True, channels_last=True)
+                                        BATCH, seed=0, augment=True, channels_last=cl)
 
     def run(self, batches, device):
         losses = train_epoch(self.cfg, self.net, self.model, self.opt, self.loader)

@@ -2,12 +2,14 @@
 the path a new measure takes (one function, one entry) through `lipdd stats` to files and MLflow."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from lipdd import cli, config, train
-from lipdd.models import model_for
+from lipdd import cli, config, lipschitz, train
+from lipdd.jacobian import input_jacobian
+from lipdd.models import build_model, model_for
 from lipdd.measures import MEASURES, Measure
 from lipdd.tracking import get_client, list_checkpoints, load_checkpoint
 
@@ -85,3 +87,78 @@ def test_network_measure_needs_the_initial_checkpoint(workdir, capsys):
     assert cli.main(["stats", "--run-id", run_id, "--metric", "distance_from_init", *STATS]) == 2
     assert "has no checkpoint of epoch 0" in capsys.readouterr().err
     assert not (workdir / "out").exists()
+
+
+# --- the Lipschitz upper bound ------------------------------------------------------------------
+
+
+def explicit_norm(affine, shape) -> float:
+    """Largest singular value of the matrix of affine's linear part, built column by column (float64)."""
+    matrix = torch.autograd.functional.jacobian(lambda x: affine(x[None])[0], torch.zeros(shape, dtype=torch.float64))
+    return torch.linalg.svdvals(matrix.reshape(matrix[..., 0, 0, 0].numel(), -1))[0].item()
+
+
+def with_running_stats(model):
+    """Batch norm with running statistics and affine parameters far from their defaults."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t in (m.running_mean, m.weight, m.bias):
+                t.data.normal_()
+            m.running_var.data.uniform_(0.2, 3.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_cnn5_bound_is_the_product_of_its_maps_exact_norms(batch_norm):
+    torch.manual_seed(0)
+    model = with_running_stats(build_model("cnn5", 2, 1, 10, batch_norm=batch_norm))
+    bound, maps = lipschitz.upper_bound(model, (1, 8, 8))
+    net = model.double()
+    layers = list(net)
+    cuts = [i for i, m in enumerate(layers) if isinstance(m, torch.nn.ReLU)]
+    runs = [torch.nn.Sequential(*layers[a + 1:b]) for a, b in zip([-1, *cuts], [*cuts, len(layers)])]
+    shapes = [(1, 8, 8), (2, 8, 8), (4, 8, 8), (8, 4, 4), (16, 2, 2)]  # pooling opens the third and fourth
+    want = [explicit_norm(run, shape) for run, shape in zip(runs, shapes)]
+    assert [m["input_shape"] for m in maps] == [list(s) for s in shapes]
+    assert [m["norm"] for m in maps] == pytest.approx(want, rel=1e-8)
+    assert bound == pytest.approx(math.prod(want), rel=1e-8)
+
+
+@pytest.mark.parametrize("weight_init, batch_norm", [("pytorch", True), ("mfixup", False)])
+def test_resnet_bound_adds_shortcut_and_branch_per_block(weight_init, batch_norm):
+    torch.manual_seed(0)
+    model = with_running_stats(build_model("resnet18", 1, 3, 10, batch_norm=batch_norm, weight_init=weight_init))
+    bound, maps = lipschitz.upper_bound(model, (3, 8, 8))
+    net = model.double()
+    norms = {m["map"]: m["norm"] for m in maps}
+    want, shape = explicit_norm(net.stem, (3, 8, 8)), (1, 8, 8)
+    assert norms["stem0"] == pytest.approx(want, rel=1e-8)
+    for i, block in enumerate(net.blocks):
+        scale = block.scale.item() if block.fixup else 1.0
+        first = explicit_norm(lambda x: block.bn1(block.conv1(x)), shape)
+        out = tuple(block.conv1(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
+        second = explicit_norm(lambda x: block.bn2(block.conv2(x)) * scale, out)
+        shortcut = 1.0 if isinstance(block.shortcut, torch.nn.Identity) else explicit_norm(block.shortcut, shape)
+        assert norms[f"blocks.{i}.branch0"] == pytest.approx(first, rel=1e-8)
+        assert norms[f"blocks.{i}.branch1"] == pytest.approx(second, rel=1e-8)
+        assert norms.get(f"blocks.{i}.shortcut", 1.0) == pytest.approx(shortcut, rel=1e-8)
+        want *= shortcut + first * second
+        shape = out
+    want *= explicit_norm(net.head, shape)
+    assert bound == pytest.approx(want, rel=1e-8)
+    # No input's Jacobian may exceed it.
+    x = torch.randn(64, 3, 8, 8)
+    opnorms = torch.linalg.matrix_norm(input_jacobian(model.float(), x, torch.zeros(64, dtype=torch.long)), ord=2)
+    assert 0 < opnorms.max().item() <= bound
+
+
+def test_upper_bound_holds_at_every_checkpoint(workdir, run_id):
+    """The bound is never below the largest per-sample operator norm: a failure is a wrong bound."""
+    args = ["--metric", "jacobian_operator_norm", "lipschitz_upper_bound", "--normalization", "none", "softmax"]
+    assert cli.main(["stats", "--run-id", run_id, *args, *STATS]) == 0
+    for epoch in (0, 2):
+        bound = json.loads((workdir / f"out/lipschitz_upper_bound_epoch{epoch:04d}.json").read_text())["summary"]
+        for norm, key in (("none", "lipschitz_upper_bound"), ("softmax", "lipschitz_upper_bound_softmax")):
+            result = json.loads((workdir / f"out/jacobian_operator_norm_{norm}_train_epoch{epoch:04d}-0.json")
+                                .read_text())
+            assert 0 < max(result["stats"]) <= bound[key], (epoch, norm)

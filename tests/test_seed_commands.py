@@ -2,9 +2,13 @@
 smaller sizes, on a directory in the real CIFAR-10 on-disk format."""
 
 import json
+import os
 import shlex
 import shutil
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,3 +148,16 @@ def test_a_named_experiment_is_never_overridden_by_the_pipelines_run(trained, wo
     assert cli.main(shlex.split(STATS.replace("--name=test", "--name=other"))) == 2
     assert "no finished run in experiment 'other'" in capsys.readouterr().err
     assert not (workdir / "checkpoints/other").exists()
+
+
+def test_narrow_resnets_train_under_onednn_avx2(trained_once, tmp_path):
+    """oneDNN's AVX2 kernel of a strided 1x1 convolution's weight gradient writes out of bounds on
+    channels-last inputs of fewer than 8 channels (oneDNN #6035): this training crashed or hung
+    under ONEDNN_MAX_CPU_ISA=AVX2, as it would on an AVX2 CPU, until training left channels-last there."""
+    shutil.copytree(trained_once, tmp_path / "project")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(ONEDNN_MAX_CPU_ISA="AVX2", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    argv = shlex.split(TRAIN.replace("--name='test'", "--name=avx2").replace("--workers=4", "--workers=1"))
+    proc = subprocess.run(["lipdd", *argv], cwd=tmp_path / "project", env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

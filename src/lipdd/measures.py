@@ -5,7 +5,8 @@ stats options it reads:
 - "sample": fn(batch, **options) -> (B,) tensor, one value per sample of a `Batch`; a measure with
   the option "normalization" gives one statistic per normalization asked for (names.stat);
 - "network": fn(network) -> (summary, details): named floats for MLflow and the summary files, and
-  anything JSON-able (per-layer values, ...) for the checkpoint's result file.
+  anything JSON-able (per-layer values, ...) for the checkpoint's result file; a measure with the
+  option "initial" reads the initial network, so the run needs its epoch-0 checkpoint.
 
 A new measure is one function below and one entry in MEASURES; `lipdd stats --metric NAME` then
 computes it at every chosen checkpoint, writes its result files and logs its summaries.
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import jacobian
+from . import jacobian, lipschitz
 from .names import NORMALIZATIONS
 
 
@@ -63,11 +64,12 @@ class Batch:
 
 @dataclass
 class Network:
-    """A checkpoint as the per-network measures see it: the model (eval mode) and the initial
-    network's parameters."""
+    """A checkpoint as the per-network measures see it: the model (eval mode), the initial
+    network's parameters and the shape of one input."""
 
     model: torch.nn.Module
     initial: Callable[[], dict[str, torch.Tensor]]  # state dict of epoch 0, loaded on first call
+    input_shape: tuple[int, int, int]  # (C, H, W)
 
 
 # --- per sample ------------------------------------------------------------------------------------
@@ -115,13 +117,23 @@ def distance_from_init(network: Network) -> tuple[dict[str, float], dict]:
     return summary, {"per_layer": per_layer}
 
 
+def lipschitz_upper_bound(network: Network) -> tuple[dict[str, float], dict]:
+    """Upper bound on the l2 Lipschitz constant of the logits w.r.t. the normalised input: the
+    product of the exact spectral norms of the linear maps between ReLUs (lipdd.lipschitz), each
+    map's norm in the details. The softmax outputs' bound is half of it: softmax's Jacobian
+    diag(p) - p p^T has spectral norm at most 1/2."""
+    bound, maps = lipschitz.upper_bound(network.model, network.input_shape)
+    return {"lipschitz_upper_bound": bound, "lipschitz_upper_bound_softmax": bound / 2}, {"maps": maps}
+
+
 MEASURES = {m.name: m for m in (
     Measure("jacobian_operator_norm", "sample", jacobian_operator_norm, ("normalization",)),
     Measure("jacobian", "sample", jacobian_frobenius_norm, ("normalization",)),
     Measure("accuracy", "sample", accuracy),
     Measure("crossentropy", "sample", crossentropy),
     Measure("confidence", "sample", confidence),
-    Measure("distance_from_init", "network", distance_from_init),
+    Measure("distance_from_init", "network", distance_from_init, ("initial",)),
+    Measure("lipschitz_upper_bound", "network", lipschitz_upper_bound),
 )}
 
 

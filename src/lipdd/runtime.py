@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 
 import torch
@@ -40,6 +41,20 @@ def retain_freed_memory() -> None:
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, 1 << 30)  # blocks below 1 GiB come from the heap,
         mallopt(M_TRIM_THRESHOLD, 1 << 30)  # which keeps up to 1 GiB free at its top
+
+
+def channels_last(device: torch.device) -> bool:
+    """Whether training runs channels-last, the layout convolutions run fastest in: on GPUs and on
+    CPUs whose oneDNN kernels are AVX-512 or newer. oneDNN's AVX2 kernel of the strided 1x1
+    convolution's weight gradient writes out of bounds on channels-last inputs of fewer than 8
+    channels (oneDNN issue #6035), as the shortcuts of resnets narrower than 8 have: with torch
+    2.14.1 under ONEDNN_MAX_CPU_ISA=AVX2 a width-2 resnet18 corrupts the heap or hangs. Training
+    stays NCHW there."""
+    if device.type != "cpu":
+        return True
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    older_isa = isa == "AVX" or isa.startswith(("SSE", "AVX2"))
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and not older_isa
 
 
 def setup(cfg: Config) -> torch.device:

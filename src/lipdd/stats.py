@@ -93,9 +93,8 @@ def measure_samples(model, loader: datalib.Loader, s: configlib.StatsConfig) -> 
     return {k: torch.cat(v).numpy() for k, v in values.items()}
 
 
-def measure_network(model, initial, selected: list[str]) -> dict[str, tuple[dict, dict]]:
+def measure_network(network: Network, selected: list[str]) -> dict[str, tuple[dict, dict]]:
     """{measure: (summary, details)} of the selected per-network measures."""
-    network = Network(model, initial)
     return {name: MEASURES[name].fn(network) for name in selected if MEASURES[name].kind == "network"}
 
 
@@ -132,9 +131,9 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     run_id = run.info.run_id
     available = tracking.list_checkpoints(client, run_id)
     chosen = select_checkpoints(cfg, available, int(run.data.tags.get("steps_per_epoch", 0)) or 1)
-    per_network = [m for m in s.metric if MEASURES[m].kind == "network"]
-    if per_network and (not available or available[0][0] != 0):
-        raise ConfigError(f"stats.metric: {', '.join(per_network)} needs the initial network, and run {run_id} "
+    from_start = [m for m in s.metric if "initial" in MEASURES[m].options]
+    if from_start and (not available or available[0][0] != 0):
+        raise ConfigError(f"stats.metric: {', '.join(from_start)} needs the initial network, and run {run_id} "
                           "has no checkpoint of epoch 0")
     prepared = distributed.in_turn(datalib.ensure_prepared, run_cfg, run.data.tags.get("dataset_hash"))
     if s.dataset_split not in prepared.splits:
@@ -145,6 +144,8 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     loader = datalib.Loader.of(samples, prepared.meta, device, s.batch_size, shard="blocks")
     model = model_for(run_cfg, prepared.meta).to(device).eval()
     initial = cache(lambda: tracking.load_checkpoint(client, run_id, available[0][1], device)["model"])
+    channels_first = prepared.meta["image_shape"][2:] + prepared.meta["image_shape"][:2]
+    network = Network(model, initial, tuple(channels_first))
     write = distributed.rank0_only(Writer, cfg, client, run_id, run_cfg, samples, prepared.meta, out_dir)
     with write:
         for epoch, artifact in chosen:
@@ -152,8 +153,8 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
             state = tracking.load_checkpoint(client, run_id, artifact, device)
             model.load_state_dict(state["model"])
             values = gather_values(measure_samples(model, loader, s))
-            network = measure_network(model, initial, s.metric) if distributed.is_rank0() else None
-            write.checkpoint(epoch, state["global_step"], values, network, time.time() - started)
+            measured = measure_network(network, s.metric) if distributed.is_rank0() else None
+            write.checkpoint(epoch, state["global_step"], values, measured, time.time() - started)
     return write.files() or []
 
 

@@ -29,11 +29,6 @@ from . import distributed, files, names, runs, runtime, tracking
 from .config import Config, ConfigError, TrainingDiverged
 from .models import model_for
 
-# Channels-last weights and batches: convolutions run without layout reorders (oneDNN on CPU,
-# cuDNN on GPU).
-CL = torch.channels_last
-
-
 def train(cfg: Config) -> str:
     """Train one network as `cfg` says (or continue run `cfg.resume_from`); returns the run id."""
     world = distributed.world_size()
@@ -50,10 +45,13 @@ def train(cfg: Config) -> str:
 
 def _train(cfg: Config, device: torch.device) -> str:
     prepared = distributed.in_turn(datalib.ensure_prepared, cfg)
+    # Channels-last weights and batches where it is safe: convolutions run without layout reorders.
+    channels_last = runtime.channels_last(device)
     loader = datalib.Loader.of(prepared.splits["train"], prepared.meta, device, cfg.batch_size, seed=cfg.seed,
-                               augment=cfg.augmentation, shard="batch", channels_last=True)
+                               augment=cfg.augmentation, shard="batch", channels_last=channels_last)
     torch.manual_seed(cfg.seed)
-    model = model_for(cfg, prepared.meta).to(device, memory_format=CL)
+    model = model_for(cfg, prepared.meta).to(device, memory_format=torch.channels_last if channels_last
+                                             else torch.contiguous_format)
     # `net` trains (under torchrun, DDP averages its gradients over the ranks); `model`, the same
     # parameters, is what gets evaluated, regularised and saved.
     net = model if distributed.world_size() == 1 else DistributedDataParallel(
@@ -166,11 +164,11 @@ class Recorder:
                 runs.reopen(self.client, self.run_id)
                 print(f"resuming run {self.run_id} from epoch {self.start_epoch}", file=sys.stderr)
             # Every split un-augmented and in order; training's shares the training loader's tensors.
-            device, meta = self.loader.images.device, self.prepared.meta
+            device, meta, cl = self.loader.images.device, self.prepared.meta, self.loader.channels_last
             self.eval_loaders = {
                 split: dataclasses.replace(self.loader, batch_size=self.EVAL_BATCH, seed=None, augment=False,
                                            shard=None)
-                if split == "train" else datalib.Loader.of(data, meta, device, self.EVAL_BATCH, channels_last=True)
+                if split == "train" else datalib.Loader.of(data, meta, device, self.EVAL_BATCH, channels_last=cl)
                 for split, data in self.prepared.splits.items()}
             self.bar = stack.enter_context(tqdm(total=self.cfg.epochs, initial=self.start_epoch,
                                                 desc=self.cfg.run_name(), disable=not sys.stderr.isatty()))
