@@ -86,6 +86,8 @@ def measure_samples(model, loader: datalib.Loader, s: configlib.StatsConfig) -> 
     """{(measure, normalization or None): float64 values, one per sample of the loader's batches}
     of the selected per-sample measures, from one loaded checkpoint."""
     values: dict[tuple, list] = {}
+    if not any(MEASURES[m].kind == "sample" for m in s.metric):
+        return {}  # per-network measures only: no batch to go through
     bar = tqdm(loader, desc="batches", disable=not (distributed.is_rank0() and sys.stderr.isatty()))
     for x, y in bar:
         for key, v in per_sample(model, x, y, s.metric, s.normalization, s.target_logit_only, s.bigmem).items():
