@@ -1,4 +1,5 @@
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from cifar_fixture import write_cifar10, write_cifar100
 from sklearn.datasets import load_digits
 
 from lipdd.data import (
+    SEED_STATS,
     DataError,
     Loader,
     Split,
@@ -17,7 +19,9 @@ from lipdd.data import (
     prepare,
     random_crop_flip,
     to_device,
+    _validation_split,
 )
+from seed_reference import seed_corrupt, seed_split
 
 
 def prep(out, **kw):
@@ -66,6 +70,52 @@ def test_corrupt_labels_rejects_bad_noise(noise):
         corrupt_labels(np.zeros(10, dtype=np.int64), 10, noise, 0)
 
 
+# ----------------------------------------------------------------------------- the seed's data, as facts
+
+
+@pytest.mark.parametrize("n, ts, vs, seed", [(1297, 1000, 297, 42), (100, 80, 20, 3), (50000, 49000, 1000, 42)])
+def test_split_is_the_seeds_random_split(n, ts, vs, seed):
+    index = np.arange(n) + 7
+    splits = _validation_split(Split(np.zeros((n, 1, 1, 1), np.uint8), index % 10, index % 10, index), ts, vs, seed)
+    train, val = seed_split(n, ts, vs, seed)
+    assert splits["train"].index.tolist() == [i + 7 for i in train]
+    assert splits["val"].index.tolist() == [i + 7 for i in val]
+
+
+@pytest.mark.parametrize("n, noise, seed", [(1000, 0.2, 0), (49000, 0.2, 42), (80, 0.5, 3), (333, 1.0, 9)])
+def test_label_noise_is_the_seeds(n, noise, seed):
+    clean = np.random.default_rng(n).integers(0, 10, n)
+    assert corrupt_labels(clean, 10, noise, seed).tolist() == seed_corrupt(clean.tolist(), noise, seed)
+
+
+def test_label_noise_two_classes_is_the_seeds():
+    clean = np.arange(101) % 2
+    assert corrupt_labels(clean, 2, 0.3, 5).tolist() == seed_corrupt(clean.tolist(), 0.3, 5)
+
+
+def test_seed_normalisation_constants(tmp_path):
+    assert SEED_STATS["cifar10"] == ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
+    assert SEED_STATS["cifar100"] == ([0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023])
+    write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
+    fixed = prepare(tmp_path / "fixed", "cifar10", tmp_path / "raw", verify_checksums=False, label_noise=0.2)
+    split = prepare(tmp_path / "split", "cifar10", tmp_path / "raw", verify_checksums=False, label_noise=0.2,
+                    stats="split")
+    assert (fixed["mean"], fixed["std"]) == SEED_STATS["cifar10"]
+    assert split["mean"] != fixed["mean"] and split["content_hash"] != fixed["content_hash"]
+
+
+def test_python3_pickles_read_like_the_originals(tmp_path):
+    write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
+    original = prepare(tmp_path / "a", "cifar10", tmp_path / "raw", verify_checksums=False)
+    folder = tmp_path / "raw/cifar-10-batches-py"
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            entry = pickle.load(fh, encoding="bytes")
+        with open(f, "wb") as fh:  # what Python 3 writes back: str keys
+            pickle.dump({k.decode(): v for k, v in entry.items()}, fh)
+    assert prepare(tmp_path / "b", "cifar10", tmp_path / "raw", verify_checksums=False) == original
+
+
 # ----------------------------------------------------------------------------- prepare (digits)
 
 
@@ -98,9 +148,11 @@ def test_prepare_digits_with_val(digits_dir):
     assert m["dataset"] == "digits" and m["num_classes"] == 10 and m["image_shape"] == [8, 8, 1]
     assert (m["label_noise"], m["label_seed"], m["data_split_seed"]) == (0.2, 3, 7)
     assert (m["train_split"], m["val_split"]) == (1000, 200)
-    x = train.images.astype(np.float64) / 255
-    assert np.allclose(m["mean"], x.mean(axis=(0, 1, 2))) and np.allclose(m["std"], x.std(axis=(0, 1, 2)))
-    assert m["content_hash"] == content_hash(p.splits)
+    # "fixed" normalisation on digits: the statistics of its whole training set, whatever the split
+    x = np.round(digits.images[perm[:1297]] * 255 / 16) / 255
+    assert np.allclose(m["mean"], [x.mean()], rtol=1e-12) and np.allclose(m["std"], [x.std()], rtol=1e-12)
+    assert m["input_stats"] == "fixed"
+    assert m["content_hash"] == content_hash(p.splits, m["mean"], m["std"])
     text = (digits_dir / "meta.json").read_text()
     assert text == json.dumps(m, indent=2, sort_keys=True) + "\n"
 

@@ -18,7 +18,7 @@ BIN = Path(sys.executable).parent
 STATS = ["--num-samples=250", "--batch-size=50", "--metric", "jacobian_operator_norm", "accuracy",
          "--normalization", "none", "softmax", "--device=cpu"]
 # SGD, whose steps scale with the gradient (Adam's do not), so a wrongly averaged gradient shows.
-DDP_TRAIN = ["--width=2", "--epochs=4", "--batch-size=128", "--eval-every=2", "--save-checkpoint=2", "--device=cpu",
+DDP_TRAIN = ["--width=2", "--label-seed=0", "--epochs=4", "--batch-size=128", "--eval-every=2", "--save-checkpoint=2", "--device=cpu",
              "--optimizer=sgd", "--learning-rate=0.01", "--augmentation"]
 
 
@@ -49,14 +49,14 @@ def assert_same_results(got: dict, want: dict):
         g = got[name]
         for field in ("sample_ids", "targets", "ground_truths", "metadata"):
             assert g[field] == w[field], (name, field)
-        assert g["stats"] == pytest.approx(w["stats"], rel=1e-6), name
+        assert [v for (v,) in g["stats"]] == pytest.approx([v for (v,) in w["stats"]], rel=1e-6), name
         assert g["batch_means"] == pytest.approx(w["batch_means"], rel=1e-6), name
 
 
 @pytest.fixture
 def run_id(workdir):
     """A tiny trained network with checkpoints at epochs 0 and 2."""
-    return train.train(config.build(dict(width=2, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[0],
+    return train.train(config.build(dict(width=2, label_seed=0, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[0],
                                          device="cpu"), environ={}))
 
 
@@ -72,8 +72,9 @@ def test_stats_under_torchrun_equal_one_process(workdir, run_id):
     for key in logged:  # one entry per checkpoint: rank 0 alone logs
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 2], key
     # The per-batch means of the 5 batches, in each result file and in one table per checkpoint.
-    result = two["jacobian_operator_norm_none_train_epoch0002-0.json"]
-    assert result["batch_means"] == pytest.approx([sum(result["stats"][i:i + 50]) / 50 for i in range(0, 250, 50)])
+    result = two["jacobian_operator_norm-train-checkpoint-1.json"]
+    values = [v for (v,) in result["stats"]]
+    assert result["batch_means"] == pytest.approx([sum(values[i:i + 50]) / 50 for i in range(0, 250, 50)])
     table = client.download_artifacts(run_id, "stats/train/batch_means_epoch0002-0.csv", str(workdir))
     rows = [line.split(",") for line in Path(table).read_text().splitlines()[1:]]
     assert [float(m) for name, b, m in rows if name == "jacobian_operator_norm_none"] == result["batch_means"]
@@ -123,9 +124,10 @@ def test_batch_size_must_divide_over_the_world(workdir, monkeypatch, capsys):
 
 def test_merge_joins_skip_shards_into_one_process_result(workdir, run_id, capsys):
     job = [sys.executable, "-m", "lipdd", "stats", "--run-id", run_id, *STATS, "--output-dir=shards"]
-    run([*job, "--num-samples=100"], [*job, "--skip=100"], cwd=workdir)  # two independent jobs: 0..99, 100..249
-    assert sorted(results(workdir / "shards"))[:2] == ["accuracy_train_epoch0000-0.json",
-                                                       "accuracy_train_epoch0000-2.json"]
+    # two independent jobs: samples 0..99 and 100..249
+    run([*job, "--skip=0", "--num-samples=100"], [*job, "--skip=100", "--num-samples=150"], cwd=workdir)
+    assert sorted(results(workdir / "shards"))[:2] == ["accuracy-train-checkpoint-0-id-0.json",
+                                                       "accuracy-train-checkpoint-0-id-2.json"]
     capsys.readouterr()
     merge = ["stats", "--merge", "--run-id", run_id, "--output-dir=shards"]
     assert cli.main(merge) == 0
@@ -135,9 +137,11 @@ def test_merge_joins_skip_shards_into_one_process_result(workdir, run_id, capsys
     capsys.readouterr()
     assert cli.main(merge) == 0 and capsys.readouterr().out == ""  # merged already: nothing to do
 
-    # A shard overlapping the merged result is refused, on one line.
-    assert cli.main(["stats", "--run-id", run_id, *STATS, "--skip=50", "--num-samples=150", "--output-dir=shards"]) == 0
+    # Overlapping shards are refused, on one line.
+    for skip, n in ((0, 100), (50, 150)):
+        assert cli.main(["stats", "--run-id", run_id, *STATS, f"--skip={skip}", f"--num-samples={n}",
+                         "--output-dir=overlap"]) == 0
     capsys.readouterr()
-    assert cli.main(merge) == 2
+    assert cli.main([*merge[:-1], "--output-dir=overlap"]) == 2
     err = capsys.readouterr().err.strip()
     assert "must be contiguous and must not overlap" in err and "\n" not in err

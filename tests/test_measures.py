@@ -19,7 +19,7 @@ STATS = ["--num-samples=100", "--batch-size=50", "--output-dir=out", "--device=c
 @pytest.fixture
 def run_id(workdir):
     """A tiny trained network with checkpoints at epochs 0 and 2."""
-    return train.train(config.build(dict(width=2, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[0],
+    return train.train(config.build(dict(width=2, label_seed=0, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[0],
                                          device="cpu"), environ={}))
 
 
@@ -34,11 +34,11 @@ def test_distance_from_init_against_two_downloaded_checkpoints(workdir, run_id):
     def norm(tensors):
         return torch.cat([t.double().flatten() for t in tensors]).norm().item()
 
-    at0 = json.loads((workdir / "out/distance_from_init_epoch0000.json").read_text())
+    at0 = json.loads((workdir / "out/distance_from_init-checkpoint-0.json").read_text())
     assert at0["summary"]["distance_from_init"] == 0 and at0["summary"]["distance_from_init_relative"] == 0
     assert at0["summary"]["parameter_norm"] == pytest.approx(norm(theta0[k] for k in params), rel=1e-12)
 
-    at2 = json.loads((workdir / "out/distance_from_init_epoch0002.json").read_text())
+    at2 = json.loads((workdir / "out/distance_from_init-checkpoint-1.json").read_text())
     distance, initial = norm(theta[k] - theta0[k] for k in params), norm(theta0[k] for k in params)
     assert distance > 0
     assert at2["summary"]["distance_from_init"] == pytest.approx(distance, rel=1e-12)
@@ -48,6 +48,7 @@ def test_distance_from_init_against_two_downloaded_checkpoints(workdir, run_id):
     for k in params:
         assert at2["per_layer"][k]["distance"] == pytest.approx(norm([theta[k] - theta0[k]]), rel=1e-12)
     assert at2["metadata"]["metric"] == "distance_from_init" and at2["metadata"]["checkpoint_epoch"] == 2
+    assert at2["metadata"]["checkpoint"] == 1
 
     history = client.get_metric_history(run_id, "distance_from_init")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (2, at2["summary"]["distance_from_init"])]
@@ -60,10 +61,11 @@ def test_a_new_measure_is_one_function_and_one_entry(workdir, run_id, monkeypatc
                                                  {})))
     assert cli.main(["stats", "--run-id", run_id, "--metric", "logit_norm", "parameter_count", "accuracy",
                      *STATS]) == 0
-    out = {p.name for p in (workdir / "out").glob("*_epoch*.json")}
-    assert out == {f"parameter_count_epoch{e:04d}.json" for e in (0, 2)} | {
-        f"{name}_train_epoch{e:04d}-0.json" for name in ("accuracy", "logit_norm") for e in (0, 2)}
-    values = json.loads((workdir / "out/logit_norm_train_epoch0002-0.json").read_text())
+    out = {p.name for p in (workdir / "out").glob("*.json")}
+    assert out == {f"parameter_count-checkpoint-{c}.json" for c in (0, 1)} | {
+        f"{name}-train-checkpoint-{c}.json" for name in ("accuracy", "logit_norm") for c in (0, 1)}
+    values = json.loads((workdir / "out/logit_norm-train-checkpoint-1.json").read_text())
+    values["stats"] = [v for (v,) in values["stats"]]
     assert len(values["stats"]) == 100 and min(values["stats"]) > 0 and len(values["batch_means"]) == 2
 
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
@@ -82,7 +84,7 @@ def test_unknown_measure_is_refused_before_any_work(workdir, run_id, capsys):
 
 
 def test_network_measure_needs_the_initial_checkpoint(workdir, capsys):
-    run_id = train.train(config.build(dict(width=2, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[1, 2],
+    run_id = train.train(config.build(dict(width=2, label_seed=0, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[1, 2],
                                            device="cpu"), environ={}))
     assert cli.main(["stats", "--run-id", run_id, "--metric", "distance_from_init", *STATS]) == 2
     assert "has no checkpoint of epoch 0" in capsys.readouterr().err
@@ -114,9 +116,10 @@ def test_cnn5_bound_is_the_product_of_its_maps_exact_norms(batch_norm):
     model = with_running_stats(build_model("cnn5", 2, 1, 10, batch_norm=batch_norm))
     bound, maps = lipschitz.upper_bound(model, (1, 8, 8))
     net = model.double()
-    layers = list(net)
-    cuts = [i for i, m in enumerate(layers) if isinstance(m, torch.nn.ReLU)]
-    runs = [torch.nn.Sequential(*layers[a + 1:b]) for a, b in zip([-1, *cuts], [*cuts, len(layers)])]
+    runs = [torch.nn.Sequential(net.layer1.conv, net.layer1.bn), torch.nn.Sequential(net.layer2.conv, net.layer2.bn),
+            torch.nn.Sequential(net.pool, net.layer3.conv, net.layer3.bn),
+            torch.nn.Sequential(net.pool, net.layer4.conv, net.layer4.bn),
+            torch.nn.Sequential(net.apool, torch.nn.Flatten(), net.fc)]
     shapes = [(1, 8, 8), (2, 8, 8), (4, 8, 8), (8, 4, 4), (16, 2, 2)]  # pooling opens the third and fourth
     want = [explicit_norm(run, shape) for run, shape in zip(runs, shapes)]
     assert [m["input_shape"] for m in maps] == [list(s) for s in shapes]
@@ -127,24 +130,25 @@ def test_cnn5_bound_is_the_product_of_its_maps_exact_norms(batch_norm):
 @pytest.mark.parametrize("weight_init, batch_norm", [("pytorch", True), ("mfixup", False)])
 def test_resnet_bound_adds_shortcut_and_branch_per_block(weight_init, batch_norm):
     torch.manual_seed(0)
-    model = with_running_stats(build_model("resnet18", 1, 3, 10, batch_norm=batch_norm, weight_init=weight_init))
+    model = with_running_stats(build_model("resnet18", 2, 3, 10, batch_norm=batch_norm, weight_init=weight_init))
     bound, maps = lipschitz.upper_bound(model, (3, 8, 8))
     net = model.double()
     norms = {m["map"]: m["norm"] for m in maps}
-    want, shape = explicit_norm(net.stem, (3, 8, 8)), (1, 8, 8)
+    want, shape = explicit_norm(lambda x: net.bn1(net.conv1(x)), (3, 8, 8)), (2, 8, 8)
     assert norms["stem0"] == pytest.approx(want, rel=1e-8)
-    for i, block in enumerate(net.blocks):
-        scale = block.scale.item() if block.fixup else 1.0
+    blocks = [(f"layer{i}.{j}", block) for i in range(1, 5) for j, block in enumerate(getattr(net, f"layer{i}"))]
+    assert len(blocks) == 8
+    for name, block in blocks:
         first = explicit_norm(lambda x: block.bn1(block.conv1(x)), shape)
         out = tuple(block.conv1(torch.zeros(1, *shape, dtype=torch.float64)).shape[1:])
-        second = explicit_norm(lambda x: block.bn2(block.conv2(x)) * scale, out)
-        shortcut = 1.0 if isinstance(block.shortcut, torch.nn.Identity) else explicit_norm(block.shortcut, shape)
-        assert norms[f"blocks.{i}.branch0"] == pytest.approx(first, rel=1e-8)
-        assert norms[f"blocks.{i}.branch1"] == pytest.approx(second, rel=1e-8)
-        assert norms.get(f"blocks.{i}.shortcut", 1.0) == pytest.approx(shortcut, rel=1e-8)
+        second = explicit_norm(lambda x: block.bn2(block.conv2(x)), out)
+        shortcut = 1.0 if block.downsample is None else explicit_norm(block.downsample, shape)
+        assert norms[f"{name}.branch0"] == pytest.approx(first, rel=1e-8)
+        assert norms[f"{name}.branch1"] == pytest.approx(second, rel=1e-8)
+        assert norms.get(f"{name}.shortcut", 1.0) == pytest.approx(shortcut, rel=1e-8)
         want *= shortcut + first * second
         shape = out
-    want *= explicit_norm(net.head, shape)
+    want *= explicit_norm(torch.nn.Sequential(net.avgpool, torch.nn.Flatten(), net.fc), shape)
     assert bound == pytest.approx(want, rel=1e-8)
     # No input's Jacobian may exceed it.
     x = torch.randn(64, 3, 8, 8)
@@ -156,9 +160,9 @@ def test_upper_bound_holds_at_every_checkpoint(workdir, run_id):
     """The bound is never below the largest per-sample operator norm: a failure is a wrong bound."""
     args = ["--metric", "jacobian_operator_norm", "lipschitz_upper_bound", "--normalization", "none", "softmax"]
     assert cli.main(["stats", "--run-id", run_id, *args, *STATS]) == 0
-    for epoch in (0, 2):
-        bound = json.loads((workdir / f"out/lipschitz_upper_bound_epoch{epoch:04d}.json").read_text())["summary"]
-        for norm, key in (("none", "lipschitz_upper_bound"), ("softmax", "lipschitz_upper_bound_softmax")):
-            result = json.loads((workdir / f"out/jacobian_operator_norm_{norm}_train_epoch{epoch:04d}-0.json")
+    for checkpoint in (0, 1):
+        bound = json.loads((workdir / f"out/lipschitz_upper_bound-checkpoint-{checkpoint}.json").read_text())["summary"]
+        for norm, key in (("", "lipschitz_upper_bound"), ("-softmax", "lipschitz_upper_bound_softmax")):
+            result = json.loads((workdir / f"out/jacobian_operator_norm{norm}-train-checkpoint-{checkpoint}.json")
                                 .read_text())
-            assert 0 < max(result["stats"]) <= bound[key], (epoch, norm)
+            assert 0 < max(v for (v,) in result["stats"]) <= bound[key], (checkpoint, norm)

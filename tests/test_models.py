@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from lipdd.config import parse_model_name
 from lipdd.models import MODEL_FAMILIES, WEIGHT_INITS, build_model
+from seed_reference import seed_model
 
 INPUTS = [(1, 8), (3, 32)]  # (channels, side): 8x8x1 and 32x32x3
 
@@ -41,14 +42,40 @@ def test_cnn5_param_count(k):
     assert sum(p.numel() for p in model.parameters()) == cnn5_param_count(k, 3, 10)
 
 
-@pytest.mark.parametrize("family,num_bn", [("cnn5", 4), ("resnet18", 1 + 2 * 8 + 3)])
+@pytest.mark.parametrize("family,num_bn", [("cnn5", 4), ("resnet18", 1 + 2 * 8)])
 def test_batch_norm_replaces_conv_bias(family, num_bn):
     plain = build_model(family, 4, 3, 10)
     normed = build_model(family, 4, 3, 10, batch_norm=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in normed.modules()) == num_bn
-    assert all(m.bias is not None for m in plain.modules() if isinstance(m, nn.Conv2d))
-    assert all(m.bias is None for m in normed.modules() if isinstance(m, nn.Conv2d))
+    # 3x3 convolutions have a bias exactly without batch norm; the seed's 1x1 shortcuts never have one
+    for model, bias in ((plain, True), (normed, False)):
+        assert all((m.bias is not None) == (bias and m.kernel_size == (3, 3))
+                   for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("family", MODEL_FAMILIES)
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_seed_parameter_names_and_weights(family, batch_norm):
+    """Same seed, same network as the seed's: its parameter names (strict load both ways), and
+    bitwise the same default initialisation, because the weights are drawn in the seed's order."""
+    torch.manual_seed(7)
+    ours = build_model(family, 3, 3, 10, batch_norm=batch_norm)
+    torch.manual_seed(7)
+    seed = seed_model(family, 3, bn=batch_norm)
+    assert list(ours.state_dict()) == list(seed.state_dict())
+    assert all(torch.equal(v, seed.state_dict()[k]) for k, v in ours.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(ours.eval()(x), seed.eval()(x), atol=1e-6)
+
+
+def test_seed_parameter_names_spelled_out():
+    cnn5 = list(build_model("cnn5", 2, 3, 10).state_dict())
+    assert cnn5 == [f"layer{i}.conv.{p}" for i in range(1, 5) for p in ("weight", "bias")] + ["fc.weight", "fc.bias"]
+    resnet = build_model("resnet18", 2, 3, 10).state_dict()
+    assert {"conv1.weight", "conv1.bias", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
+            "layer4.1.conv2.bias", "fc.weight"} <= set(resnet)
+    assert "layer2.0.downsample.0.bias" not in resnet and not any(k.startswith("bn1") for k in resnet)
 
 
 @pytest.mark.parametrize(
@@ -85,35 +112,51 @@ def test_fixup_starts_at_zero():
     torch.manual_seed(0)
     model = build_model("resnet18", 4, 3, 10, weight_init="fixup")
     block_inputs = []
-    for block in model.blocks:
-        block.register_forward_pre_hook(lambda module, args: block_inputs.append((module, args[0])))
+    for stage in model.stages():
+        for block in stage:
+            block.register_forward_pre_hook(lambda module, args: block_inputs.append((module, args[0])))
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), torch.zeros(2, 10))
     assert len(block_inputs) == 8
     for block, h in block_inputs:
         assert h.abs().sum() > 0  # otherwise a zero branch output would prove nothing
-        assert not block.branch(h + block.bias1a).any()
+        assert not block.branch(h).any()
 
 
-def test_mfixup_is_nonzero():
-    torch.manual_seed(0)
-    model = build_model("resnet18", 4, 3, 10, weight_init="mfixup")
-    assert model(torch.randn(2, 3, 32, 32)).abs().sum() > 0
-    assert all(block.conv2.weight.abs().sum() > 0 for block in model.blocks)
-
-
-def test_fixup_parameters_only_under_fixup():
-    assert not any("bias1a" in key for key in build_model("resnet18", 2, 3, 10).state_dict())
-    keys = build_model("resnet18", 2, 3, 10, weight_init="fixup").state_dict()
-    assert {"blocks.0.bias1a", "blocks.0.bias1b", "blocks.0.bias2a", "blocks.0.bias2b", "blocks.0.scale"} <= set(keys)
+@pytest.mark.parametrize("weight_init", ["fixup", "mfixup"])
+def test_fixup_as_the_seed_draws_it(weight_init):
+    """The seed's Fixup re-draws only the residual branches and the linear layer, after PyTorch's
+    default draws: the stem and the shortcuts are the default network's; no extra parameters."""
+    torch.manual_seed(3)
+    default = build_model("resnet18", 4, 3, 10).state_dict()
+    torch.manual_seed(3)
+    fixup = build_model("resnet18", 4, 3, 10, weight_init=weight_init).state_dict()
+    assert list(fixup) == list(default)
+    for key in ("conv1.weight", "conv1.bias", "layer2.0.downsample.0.weight", "layer4.0.downsample.0.weight"):
+        assert torch.equal(fixup[key], default[key]), key
+    assert not fixup["layer1.0.conv1.bias"].any() and not fixup["layer3.1.conv2.bias"].any()
+    second, fc = fixup["layer4.1.conv2.weight"], fixup["fc.weight"]
+    if weight_init == "fixup":
+        assert not second.any() and not fc.any()
+    else:
+        assert second.std().item() == pytest.approx(1e-6, rel=0.05) and fc.std().item() == pytest.approx(1e-6, rel=0.1)
 
 
 def test_fixup_scales_first_conv():
     # conv1 of the widest block: std should be the Kaiming fan_out std times L^-0.5, with L = 16 blocks
     model = build_model("resnet34", 16, 3, 10, weight_init="fixup")
-    w = model.blocks[-1].conv1.weight
+    w = model.layer4[-1].conv1.weight
     expected = math.sqrt(2 / (w.shape[0] * 9)) / 4
     assert w.std().item() == pytest.approx(expected, rel=0.05)
+
+
+def test_dropout_before_the_last_layer():
+    torch.manual_seed(0)
+    model = build_model("cnn5", 4, 3, 10, dropout=0.5)
+    x = torch.randn(4, 3, 8, 8)
+    assert not torch.equal(model.train()(x), model(x))  # dropout draws in training
+    assert torch.equal(model.eval()(x), model(x))  # and is the identity in eval mode
+    assert list(model.state_dict()) == list(build_model("cnn5", 4, 3, 10).state_dict())
 
 
 @pytest.mark.parametrize("weight_init", ["fixup", "mfixup"])
@@ -127,6 +170,9 @@ def test_nkaiming_conv_std():
     conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]  # 256 -> 512 channels
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (512 * 9)), rel=0.02)
     assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    # the seed's nkaiming draws the linear layer too, Kaiming fan_out with a linear gain
+    assert model.fc.weight.std().item() == pytest.approx(math.sqrt(1 / 10), rel=0.05)
+    assert not model.fc.bias.any()
 
 
 @pytest.mark.parametrize("weight_init", WEIGHT_INITS)

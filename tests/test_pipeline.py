@@ -44,18 +44,19 @@ def snapshot(*dirs: Path) -> dict[str, tuple[int, bytes]]:
     return out
 
 
-def stat_names(stats: dict) -> list[str]:
-    """Every statistic of the per-sample measures params.yaml asks for."""
-    return [names.stat(m, n) for m in stats["metric"] if MEASURES[m].kind == "sample"
+def statistics(stats: dict) -> list[tuple[str, str | None]]:
+    """(measure, normalization) of every statistic of the per-sample measures params.yaml asks for."""
+    return [(m, n) for m in stats["metric"] if MEASURES[m].kind == "sample"
             for n in (stats["normalization"] if "normalization" in MEASURES[m].options else [None])]
 
 
 def expected_sample_files(stats: dict) -> set[str]:
-    """The result files of every checkpoint: per statistic of the per-sample measures, per network measure."""
+    """The result files of every checkpoint (by ordinal): per statistic of the per-sample measures, per
+    network measure."""
     per_network = [m for m in stats["metric"] if MEASURES[m].kind == "network"]
-    return {names.result_file(name, stats["dataset_split"], e, 0) for name in stat_names(stats)
-            for e in CHECKPOINT_EPOCHS} | {names.network_result_file(m, e) for m in per_network
-                                           for e in CHECKPOINT_EPOCHS}
+    ordinals = range(len(CHECKPOINT_EPOCHS))
+    return {names.result_file(m, n, False, stats["dataset_split"], c) for m, n in statistics(stats)
+            for c in ordinals} | {names.result_file(m, None, False, None, c) for m in per_network for c in ordinals}
 
 
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -154,7 +155,7 @@ def test_repro_logs_one_complete_run(repo, first_run):
     assert stats_metrics["run_id"] == first_run
     samples = repo.path / params["stats"]["output_dir"]
     assert {p.name for p in samples.glob("*.json")} == expected_sample_files(params["stats"])
-    for path in samples.glob("*-0.json"):
+    for path in samples.glob(f"*-{params['stats']['dataset_split']}-checkpoint-*.json"):
         result = json.loads(path.read_text())
         assert SAMPLE_FIELDS <= set(result), path.name
         n = STATS_PATCH["num_samples"]
@@ -171,9 +172,9 @@ def test_the_run_holds_what_people_chart_and_the_plots_read_what_was_written(rep
     metrics = repo.client().get_run(first_run).data.metrics
     assert len(metrics) <= 40, sorted(metrics)
     stats = repo.params()["stats"]
-    for name in stat_names(stats):
+    for measure, normalization in statistics(stats):
         for summary in names.LOGGED_SUMMARIES:
-            assert names.summary_key(stats["dataset_split"], name, summary) in metrics
+            assert names.summary_key(stats["dataset_split"], names.stat(measure, normalization), summary) in metrics
     by_width = (repo.path / "results/report/by_width.csv").read_text().splitlines()[0].split(",")
     drawn = [c for c in by_width if c.startswith("opnorm_")]
     assert drawn and all(c.replace("opnorm_", "train_jacobian_operator_norm_") in metrics for c in drawn)
@@ -239,7 +240,7 @@ def test_stats_cli_on_first_run(repo, first_run, experiment):
         if "summary" in result:  # a network measure
             continue
         assert SAMPLE_FIELDS <= set(result)
-        assert result["metadata"]["label_noise"] == 0.2  # the run's data, not the workspace's 0.4
+        assert result["metadata"]["label-noise"] == 0.2  # the run's data, not the workspace's 0.4
         assert len(result["stats"]) == STATS_PATCH["num_samples"]
 
 

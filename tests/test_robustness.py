@@ -17,7 +17,7 @@ import torch
 from lipdd import cli, config, train
 from lipdd.tracking import get_client, list_checkpoints
 
-TINY = ["--width", "2", "--batch-size", "256", "--device", "cpu", "--optimizer", "sgd", "--learning-rate", "0.05"]
+TINY = ["--width", "2", "--label-seed", "0", "--batch-size", "256", "--device", "cpu", "--optimizer", "sgd", "--learning-rate", "0.05"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
     os.chdir(root)
     try:
         env = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "DVC_ROOT") if k in os.environ}
-        run_id = train.train(config.build(dict(width=2, epochs=3, batch_size=256, save_checkpoint=[1],
+        run_id = train.train(config.build(dict(width=2, label_seed=0, epochs=3, batch_size=256, save_checkpoint=[1],
                                                device="cpu"), environ={}))
         os.environ.update(env)
     finally:
@@ -65,7 +65,8 @@ BAD = [
     ("train --model cnn5_0", "width: model 'cnn5_0' with width 0"),
     ("train --weight-init fixup", "weight_init: 'fixup' is not allowed; expected pytorch or nkaiming for cnn5"),
     ("train --model resnet18 --weight-init fixup --model-additions batch_norm", "with batch_norm"),
-    ("train --model-additions dropout", "model_additions: 'dropout' is not allowed"),
+    ("train --label-seed -1", "label_seed: -1 is not allowed; expected an integer >= 0"),
+    ("train --dropout 1", "dropout: 1.0 is not allowed; expected a rate in [0, 1)"),
     ("train --device tpu", "device: 'tpu' is not allowed; expected cpu, cuda, cuda:N or auto"),
     ("train --save-checkpoint 3 20 --epochs 10", "save_checkpoint: [3, 20] is not allowed; expected epochs within 0..10"),
     ("train --momentum 1.5", "momentum: 1.5 is not allowed; expected a number in [0, 1)"),
@@ -76,15 +77,21 @@ BAD = [
     ("stats --run-id 0123456789abcdef", "stats.run_id: '0123456789abcdef' is not a run in the store"),
     ("stats --num-samples 150 --batch-size 100", "stats.num_samples: 150 is not allowed; expected a positive multiple of stats.batch_size=100"),
     ("stats --skip 50 --batch-size 100", "stats.skip: 50 is not allowed"),
-    ("stats --num-samples 100 --batch-size 100 --skip 100", "stats.skip: 100 is not allowed; expected less than stats.num_samples=100"),
-    ("stats --checkpoint 9", "stats.checkpoint: ordinal 9 is out of range; the run has 4 checkpoints"),
-    ("stats --checkpoint-by-step --checkpoint 7", "stats.checkpoint: step 7 is no checkpoint of this run"),
+    ("stats --num-samples 200 --batch-size 100 --skip 1200", "stats.num_samples: 200 samples from position 1200 are "
+     "more than the 1297 samples of split 'train'"),
+    ("stats --checkpoint 9", "stats.checkpoint: ordinal 9 is no checkpoint of this run; it has ordinals [0, 1, 2, 3]"),
+    ("stats --checkpoint-by-step --checkpoint 7", "stats.checkpoint: step 7 is no checkpoint of this run; it has "
+     "steps [0, 6, 12, 18]"),
     ("stats --metric lipschitz", "stats.metric: 'lipschitz' is not allowed"),
     ("stats --normalization sigmoid", "stats.normalization: 'sigmoid' is not allowed"),
     ("stats --dataset-split holdout", "stats.dataset_split: 'holdout' is not allowed"),
     ("stats --dataset-split val", "stats.dataset_split: 'val' does not exist for this run"),
-    ("stats --num-samples 5000 --batch-size 100", "stats.num_samples: 5000 is more than the 1297 samples"),
+    ("stats --num-samples 5000 --batch-size 100", "stats.num_samples: 5000 samples from position 0 are more than "
+     "the 1297 samples"),
     ("stats --seed 7", "stats.run_id: no finished run in experiment 'lipdd' has"),
+    ("import-checkpoints --label-noise 0", "import: no checkpoint_STEP.pt in results/runs/lipdd/cnn5_2/digits/default/"
+     "seed-42/checkpoints.zip"),
+    ("import-checkpoints", "label_seed: the seed drew this run's noisy labels from fresh randomness"),
 ]
 
 
@@ -94,7 +101,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(trained, monkeypatc
     monkeypatch.chdir(root)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     command, *args = command.split()
-    identify = ["--width", "2"] if command == "stats" else []  # the run the stats cases refer to
+    identify = ["--width", "2"] if command in ("stats", "import-checkpoints") else []  # the run the stats cases refer to
     before = snapshot(root)
     try:
         status = cli.main([command, "--device", "cpu", *identify, *args])

@@ -1,6 +1,7 @@
 """The seed README's commands, pasted with `lipdd train` / `lipdd stats` for the scripts and
 smaller sizes, on a directory in the real CIFAR-10 on-disk format."""
 
+import io
 import json
 import os
 import shlex
@@ -12,11 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cifar_fixture import write_cifar10
 from lipdd import cli
 from lipdd.data import load_prepared
 from lipdd.tracking import get_client
+from seed_reference import seed_corrupt, seed_model, seed_sample_positions, seed_split
+
+SEED_METADATA = ("model", "dataset", "split", "seed", "label-noise", "augmentation", "checkpoint", "nsamples",
+                 "label-noise-seed", "data-split-seed", "mc-sample-seed", "metric", "normalization",
+                 "sampling-strategy")
 
 # Seed values kept, except: --epochs, --train-split, --val-split, width and --num-samples
 # (smaller), and --no-verify-checksums (the fixture's bytes are not the real files').
@@ -29,7 +36,7 @@ STATS = """stats --device="cuda" --name=test --save-dir=checkpoints --workers=4 
   --data=cifar10 --dataset-split=train --label-noise=0.2 --model=resnet18_2 --augmentation --seed 42
   --checkpoint=1 --train-split=80 --val-split=20 --num-samples=40 --batch-size=20
   --metric=jacobian_operator_norm --no-verify-checksums"""
-SEED_DIR = "checkpoints/test/resnet18_2/cifar10/augmentation/seed-42"
+SEED_DIR = "checkpoints/test/resnet18_2/cifar10/augmentation/noise-0.2000-seed-42"
 
 
 @pytest.fixture(scope="module")
@@ -70,43 +77,104 @@ def test_seed_train_command(trained, workdir):
     assert lrs == pytest.approx([0.001 + (0.005 - 0.001) * 1 / 5])
 
 
+def seed_facts(workdir, run):
+    """The training split and its noisy labels as the seed's own calls draw them, with the label
+    seed lipdd drew for the run (the seed command gives none)."""
+    train = load_prepared(workdir / "data/prepared/cifar10").splits["train"]
+    indices, _ = seed_split(100, 80, 20, 42)  # --data-split-seed: the seed's default
+    assert train.index.tolist() == indices
+    label_seed = int(run.data.params["label_seed"])
+    assert train.labels.tolist() == seed_corrupt(train.clean_labels.tolist(), 0.2, label_seed)
+    return train
+
+
 def test_seed_stats_command(trained, workdir):
     client, run = trained
     assert cli.main(shlex.split(STATS)) == 0
-    out = workdir / SEED_DIR / "jacobian_operator_norm_none_train_epoch0002-0.json"
-    result = json.loads(out.read_text())
+    result = json.loads((workdir / SEED_DIR / "jacobian_operator_norm-train-checkpoint-1.json").read_text())
     assert set(result) == {"stats", "batch_means", "sample_ids", "targets", "ground_truths", "metadata"}
-    assert len(result["stats"]) == 40 and all(v > 0 for v in result["stats"])
+    assert len(result["stats"]) == 40 and all(len(v) == 1 and v[0] > 0 for v in result["stats"])
     meta = result["metadata"]
-    assert (meta["run_id"], meta["checkpoint_epoch"], meta["metric"], meta["normalization"]) == (
-        run.info.run_id, 2, "jacobian_operator_norm", "none")
-    assert (meta["model"], meta["dataset"], meta["label_noise"], meta["augmentation"]) == (
-        "resnet18_2", "cifar10", 0.2, True)
-    # The samples are the first 40 of the mc_sample_seed order; targets noisy, ground truths clean.
-    train = load_prepared(workdir / "data/prepared/cifar10").splits["train"]
-    order = np.random.default_rng(0).permutation(80)[:40]
-    assert result["sample_ids"] == train.index[order].tolist()
-    assert result["targets"] == train.labels[order].tolist()
-    assert result["ground_truths"] == train.clean_labels[order].tolist()
-    assert (workdir / SEED_DIR / "stats-0.log").read_text().count("epoch 2") == 1
+    assert {k: meta[k] for k in SEED_METADATA} == {
+        "model": "resnet18_2", "dataset": "cifar10", "split": "train", "seed": 42, "label-noise": 0.2,
+        "augmentation": True, "checkpoint": 1, "nsamples": 40, "label-noise-seed": int(run.data.params["label_seed"]),
+        "data-split-seed": 42, "mc-sample-seed": 4321, "metric": "jacobian_operator_norm", "normalization": None,
+        "sampling-strategy": "none"}
+    assert (meta["run_id"], meta["checkpoint_epoch"]) == (run.info.run_id, 2)
+    # The seed's sampler: the split in order, the first --num-samples; targets noisy, ground truths clean.
+    train = seed_facts(workdir, run)
+    positions = seed_sample_positions(80, 20, 40)
+    assert result["sample_ids"] == train.index[positions].tolist()
+    assert result["targets"] == train.labels[positions].tolist()
+    assert result["ground_truths"] == train.clean_labels[positions].tolist()
+    assert (workdir / SEED_DIR / "stats-0.log").read_text().count("(epoch 2)") == 1
     assert [m.step for m in client.get_metric_history(
         run.info.run_id, "train_jacobian_operator_norm_none_mean")] == [2]
 
 
-def test_skip_selects_the_next_shard(trained, workdir):
+def test_skip_then_num_samples_counts(trained, workdir):
+    client, run = trained
     assert cli.main(shlex.split(STATS.replace("--checkpoint=1", "--checkpoint=0 --skip=20"))) == 0
-    shard = json.loads((workdir / SEED_DIR / "jacobian_operator_norm_none_train_epoch0000-1.json").read_text())
-    train = load_prepared(workdir / "data/prepared/cifar10").splits["train"]
-    assert shard["sample_ids"] == train.index[np.random.default_rng(0).permutation(80)[20:40]].tolist()
+    shard = json.loads((workdir / SEED_DIR / "jacobian_operator_norm-train-checkpoint-0-id-1.json").read_text())
+    positions = seed_sample_positions(80, 20, 40, skip=20)
+    assert positions == list(range(20, 60))
+    assert shard["sample_ids"] == seed_facts(workdir, run).index[positions].tolist()
 
 
-def test_export_checkpoints_writes_the_seed_zip(trained, workdir, capsys):
-    argv = shlex.split(STATS)
-    keep = [a for a in argv[1:] if not a.startswith(("--checkpoint", "--num-samples", "--batch-size",
-                                                     "--metric", "--dataset-split"))]
-    assert cli.main(["export-checkpoints", *keep]) == 0
+def test_outname_and_normalizations_over_several_checkpoints_never_share_a_file(trained, workdir):
+    argv = shlex.split(STATS.replace("--checkpoint=1", "--checkpoint 0 1 --outname=foo --normalization none softmax"))
+    assert cli.main(argv) == 0
+    assert {p.name for p in (workdir / SEED_DIR).glob("foo-*.json")} == {
+        f"foo-jacobian_operator_norm{n}-train-checkpoint-{c}.json" for c in (0, 1) for n in ("", "-softmax")}
+
+
+def test_runs_differing_only_in_label_noise_never_share_a_directory(trained, workdir):
+    assert cli.main(shlex.split(TRAIN.replace("--label-noise=0.2", "--label-noise=0.1"))) == 0
+    for noise in ("0.2", "0.1"):
+        assert cli.main(shlex.split(STATS.replace("--label-noise=0.2", f"--label-noise={noise}"))) == 0
+    files = {noise: json.loads((workdir / f"checkpoints/test/resnet18_2/cifar10/augmentation/noise-{noise}000-seed-42"
+                                / "jacobian_operator_norm-train-checkpoint-1.json").read_text())
+             for noise in ("0.2", "0.1")}
+    assert [files[n]["metadata"]["label-noise"] for n in ("0.2", "0.1")] == [0.2, 0.1]
+    assert files["0.2"]["metadata"]["run_id"] != files["0.1"]["metadata"]["run_id"]
+
+
+def export(workdir, *extra):
+    keep = [a for a in shlex.split(STATS)[1:] if not a.startswith(("--checkpoint", "--num-samples", "--batch-size",
+                                                                   "--metric", "--dataset-split"))]
+    assert cli.main(["export-checkpoints", *keep, *extra]) == 0
+
+
+def test_exported_checkpoints_load_into_the_seeds_network(trained, workdir):
+    export(workdir)
     with zipfile.ZipFile(workdir / SEED_DIR / "checkpoints.zip") as z:
-        assert sorted(z.namelist()) == ["checkpoints/", "checkpoints/epoch_0000.pt", "checkpoints/epoch_0002.pt"]
+        assert sorted(z.namelist()) == ["checkpoint_0.pt", "checkpoint_2.pt"]  # global steps: one step an epoch
+        for name in z.namelist():
+            saved = torch.load(io.BytesIO(z.read(name)), weights_only=True)
+            seed_model("resnet18", 2).load_state_dict(saved["model"])  # strict, as compute_stats.py loads it
+            assert saved["trainer"]["iteration"] == int(name[11:-3])
+    export(workdir, "--raw-checkpoints=1")
+    assert sorted(p.name for p in (workdir / SEED_DIR / "checkpoints").iterdir()) == ["checkpoint_0.pt",
+                                                                                        "checkpoint_2.pt"]
+
+
+def test_export_then_import_gives_the_same_stats(trained, workdir):
+    client, run = trained
+    export(workdir)
+    theirs = workdir / "checkpoints/imported" / SEED_DIR.removeprefix("checkpoints/test/")
+    theirs.mkdir(parents=True)
+    shutil.copy(workdir / SEED_DIR / "checkpoints.zip", theirs)
+    seed_train = TRAIN.replace("--name='test'", "--name=imported") + f" --label-seed={run.data.params['label_seed']}"
+    assert cli.main(["import-checkpoints", *shlex.split(seed_train)[1:]]) == 0
+    imported = client.search_runs([client.get_experiment_by_name("imported").experiment_id])
+    assert [r.info.status for r in imported] == ["FINISHED"] and "imported_from" in imported[0].data.tags
+    assert [m.step for m in client.get_metric_history(imported[0].info.run_id, "test_error")] == [0, 2]
+    assert cli.main(shlex.split(STATS)) == 0
+    assert cli.main(shlex.split(STATS.replace("--name=test", "--name=imported"))) == 0
+    ours, again = (json.loads((workdir / d / "jacobian_operator_norm-train-checkpoint-1.json").read_text())
+                   for d in (SEED_DIR, theirs))
+    assert again["sample_ids"] == ours["sample_ids"] and again["targets"] == ours["targets"]
+    assert np.allclose(again["stats"], ours["stats"], rtol=1e-6, atol=0)
 
 
 def test_checkpoint_flag_without_value_lists_them(trained, capsys):
@@ -118,19 +186,20 @@ def test_checkpoint_flag_without_value_lists_them(trained, capsys):
 
 def test_ordinal_out_of_range_is_refused(trained, capsys):
     assert cli.main(shlex.split(STATS.replace("--checkpoint=1", "--checkpoint=5"))) == 2
-    assert "stats.checkpoint: ordinal 5 is out of range; the run has 2 checkpoints" in capsys.readouterr().err
+    assert "stats.checkpoint: ordinal 5 is no checkpoint of this run; it has ordinals [0, 1]" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, epochs", [
-    (["--checkpoint-by-step", "--checkpoint", "2"], [2]),  # 80 samples, batch 128: one step an epoch
-    (["--checkpoint-by-step", "--nsteps-per-epoch", "2", "--checkpoint", "0", "4"], [0, 2]),
-    (["--checkpoint", "1", "0"], [2, 0]),
+@pytest.mark.parametrize("flags, keys, epochs", [
+    (["--checkpoint-by-step", "--checkpoint", "2"], [2], [2]),  # 80 samples, batch 128: one step an epoch
+    (["--checkpoint-by-step", "--nsteps-per-epoch", "2", "--checkpoint", "0", "1"], [0, 1], [0, 2]),  # step // 2
+    (["--checkpoint", "1", "0"], [1, 0], [2, 0]),
 ])
-def test_checkpoints_by_ordinal_and_by_step(trained, workdir, flags, epochs):
+def test_checkpoints_by_ordinal_and_by_step(trained, workdir, flags, keys, epochs):
     argv = [a for a in shlex.split(STATS) if not a.startswith("--checkpoint")] + flags
     assert cli.main(argv) == 0
-    written = sorted((workdir / SEED_DIR).glob("jacobian_operator_norm_none_train_epoch*-0.json"))
-    assert [json.loads(p.read_text())["metadata"]["checkpoint_epoch"] for p in written] == sorted(epochs)
+    for key, epoch in zip(keys, epochs):
+        path = workdir / SEED_DIR / f"jacobian_operator_norm-train-checkpoint-{key}.json"
+        assert json.loads(path.read_text())["metadata"]["checkpoint_epoch"] == epoch
 
 
 def test_a_moved_store_is_named(trained, workdir, capsys):

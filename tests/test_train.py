@@ -9,7 +9,7 @@ import torch
 from lipdd import config, train
 from lipdd.tracking import get_client, list_checkpoints
 
-FAST = dict(width=2, epochs=6, batch_size=256, eval_every=2, save_checkpoint=[3], device="cpu",
+FAST = dict(width=2, label_seed=0, epochs=6, batch_size=256, eval_every=2, save_checkpoint=[3], device="cpu",
             optimizer="sgd", learning_rate=0.05)
 
 

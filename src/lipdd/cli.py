@@ -20,12 +20,16 @@ GROUPS = {
     "train": ("data", "model", "train", "run"),
     "stats": ("data", "model", "train", "run", "stats"),
     "export-checkpoints": ("data", "model", "train", "run"),
+    "import-checkpoints": ("data", "model", "train", "run"),
     "report": ("data", "model", "run"),
 }
 DESCRIPTIONS = {
     "report": "Figures and tables across the finished runs of one data / model / label-noise setting, "
               "by width and by epoch; logged to a report run.",
-    "export-checkpoints": "Write a run's checkpoints to SAVE_DIR/NAME/MODEL/DATA/SETTING/seed-SEED/checkpoints.zip.",
+    "export-checkpoints": "Write a run's checkpoints as the seed's train.py does, to SAVE_DIR/NAME/MODEL/DATA/SETTING/"
+                          "[noise-N-]seed-S/checkpoints.zip (checkpoints/ with --raw-checkpoints).",
+    "import-checkpoints": "Turn the seed run these flags name (its checkpoints.zip or checkpoints/) into a finished "
+                          "MLflow run with its params, checkpoints and an evaluation per checkpoint.",
     "prepare": "Turn a dataset into the prepared format: uint8 arrays, clean and noisy labels, splits, meta.json.",
     "train": "Train one network; log params, per-batch loss, evaluations and checkpoints to one MLflow run.",
     "stats": "Compute per-sample statistics (Jacobian operator norm, ...) of a run's checkpoints.",
@@ -44,7 +48,9 @@ def add_field(parser, f, dest: str) -> None:
     kw = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"], metavar=f.name.upper())
     if meta.get("choices") and not callable(meta["choices"]):
         kw["metavar"] = "{" + ",".join(meta["choices"]) + "}"
-    if isinstance(default, bool):
+    if f.name == "raw_checkpoints":  # the seed's flag takes a value
+        parser.add_argument(*names, nargs="?", const=True, **kw)
+    elif isinstance(default, bool):
         parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
     elif f.type.startswith("list"):
         parser.add_argument(*names, nargs="*" if f.name == "checkpoint" else "+", **kw)
@@ -101,10 +107,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_prepare(cfg: Config) -> None:
-    from .data import prepare
+    from .data import prepare_for
 
-    meta = prepare(cfg.prepared_path, cfg.data, cfg.data_dir, cfg.verify_checksums, cfg.label_noise,
-                   cfg.label_seed, cfg.train_split, cfg.val_split, cfg.data_split_seed)
+    if cfg.label_seed is None:
+        cfg.label_seed = config.draw_label_seed()
+    meta = prepare_for(cfg)
     print(f"prepared {cfg.data} in {cfg.prepared_path}: {meta['splits']}, "
           f"{meta['n_corrupted']} corrupted training labels")
 
@@ -125,9 +132,15 @@ def cmd_stats(cfg: Config) -> None:
 
 
 def cmd_export_checkpoints(cfg: Config) -> None:
-    from .stats import export_checkpoints
+    from .seedlayout import export_checkpoints
 
     print(export_checkpoints(cfg))
+
+
+def cmd_import_checkpoints(cfg: Config) -> None:
+    from .seedlayout import import_checkpoints
+
+    print(f"run {import_checkpoints(cfg)} imported")
 
 
 def cmd_report(cfg: Config) -> None:
@@ -138,7 +151,8 @@ def cmd_report(cfg: Config) -> None:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "stats": cmd_stats,
-            "export-checkpoints": cmd_export_checkpoints, "report": cmd_report}
+            "export-checkpoints": cmd_export_checkpoints, "import-checkpoints": cmd_import_checkpoints,
+            "report": cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

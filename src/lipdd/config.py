@@ -20,9 +20,10 @@ import yaml
 from .names import NORMALIZATIONS, SPLITS
 
 SOURCES = ("digits", "cifar10", "cifar100")
+INPUT_STATS = ("fixed", "split")
 MODEL_FAMILIES = ("cnn5", "resnet18", "resnet34")
 OPTIMIZERS = ("sgd", "adam")
-MODEL_ADDITIONS = ("batch_norm",)
+MODEL_ADDITIONS = ("batch_norm", "dropout")
 WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
 ENV_VARS = {"SAVE_DIR": "save_dir", "NAME": "name", "DATA_DIR": "data_dir", "DEVICE": "device",
             "WORKERS": "workers"}
@@ -33,6 +34,16 @@ def measure_names() -> tuple[str, ...]:
     from .measures import MEASURES
 
     return tuple(MEASURES)
+
+
+def draw_label_seed() -> int:
+    """A fresh label_seed for a run given none (the seed's default: fresh randomness), said aloud so
+    the labels can be corrupted the same way again; lipdd logs it with the run."""
+    import numpy as np
+
+    seed = int(np.random.SeedSequence().generate_state(1)[0])
+    print(f"label_seed: drew {seed} (pass --label-seed={seed} to corrupt the same labels again)")
+    return seed
 
 
 class ConfigError(ValueError):
@@ -70,11 +81,13 @@ class StatsConfig:
                                    choices=NORMALIZATIONS, kind=str)
     target_logit_only: bool = opt(False, "Jacobian of the labelled output only", "stats")
     dataset_split: str = opt("train", "split the samples come from", "stats", choices=SPLITS)
-    num_samples: int | None = opt(None, "samples to use, a multiple of batch_size (default: whole split)",
-                                  "stats", kind=int)
+    num_samples: int | None = opt(None, "how many samples, from position SKIP on, a multiple of batch_size "
+                                  "(default: the rest of the split)", "stats", kind=int)
     batch_size: int = opt(100, "samples per batch (one result file per shard)", "stats")
-    skip: int = opt(0, "leave out the first SKIP selected samples (manual data parallelism)", "stats")
-    mc_sample_seed: int = opt(0, "seed of the sample order", "stats")
+    skip: int | None = opt(None, "start at sample SKIP of the split, a multiple of batch_size (manual data "
+                           "parallelism); given, the result files are named -id-SKIP/BATCH_SIZE", "stats", kind=int)
+    mc_sample_seed: int = opt(4321, "recorded only, as in the seed, whose stats loader never shuffles: the "
+                              "samples are the split's, in order", "stats")
     checkpoint: list[int] | None = opt(
         None, "checkpoint ordinals (0 = initial); default all; the flag with no value lists them",
         "stats", kind=int)
@@ -103,15 +116,22 @@ class Config:
     prepared_dir: str = opt("data/prepared", "where prepared arrays are written (one folder per dataset)",
                             "data", role="place")
     label_noise: float = opt(0.2, "fraction of training labels replaced by another class", "data", role="identity")
-    label_seed: int = opt(0, "seed of the label corruption", "data", role="identity")
+    label_seed: int | None = opt(None, "seed of the label corruption (unset: train draws one and logs it; "
+                                 "stats takes the run's)", "data", kind=int, role="identity")
     train_split: int = opt(0, "training samples drawn from the training set (0 = all, no validation)", "data", role="identity")
     val_split: int = opt(0, "validation samples drawn from the training set (with train_split)", "data", role="identity")
-    data_split_seed: int = opt(0, "seed of the train/validation split", "data", role="identity")
+    data_split_seed: int = opt(42, "seed of the train/validation split", "data", role="identity")
+    input_stats: str = opt("fixed", "per-channel mean/std inputs are normalised with: fixed (the seed's CIFAR "
+                           "constants; digits: its whole training set's) or split (the prepared training split's)",
+                           "data", choices=INPUT_STATS)
     # model
     model: str = opt("cnn5", "cnn5 | resnet18 | resnet34, or a combined name such as cnn5_16", "model", role="identity")
     width: int | None = opt(None, "width k (default: from the model name, else 64)", "model", kind=int, role="identity")
-    model_additions: list[str] = opt([], "extra layers, e.g. batch_norm", "model",
+    model_additions: list[str] = opt([], "extra layers: batch_norm after every convolution; dropout (rate "
+                                     "--dropout) on the pooled features before the last linear layer", "model",
                                      choices=MODEL_ADDITIONS, kind=str)
+    dropout: float = opt(0.0, "dropout rate of the dropout addition (without it, no effect, as in the seed)",
+                         "model")
     weight_init: str = opt("pytorch", "weight initialisation", "model", choices=WEIGHT_INITS)
     # training
     optimizer: str = opt("sgd", "optimizer", "train", choices=OPTIMIZERS)
@@ -137,7 +157,8 @@ class Config:
     save_checkpoint: list[int] = opt([0], "0: initial and final; N: every N epochs too; several: those epochs",
                                      "train", kind=int)
     loss_checkpoint: int = opt(1, "log the training loss every N batches", "train")
-    resume_from: str | None = opt(None, "MLflow run id whose last checkpoint training continues from",
+    resume_from: str | None = opt(None, "MLflow run id whose last checkpoint training continues from; a number "
+                                  "is the seed's global step of the last checkpoint of this training's interrupted run",
                                   "train", kind=str, role="place")
     seed: int = opt(42, "seed of initialisation, batch order and augmentation", "train", role="identity")
     # where things run and land
@@ -151,6 +172,8 @@ class Config:
     name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run", role="place")
     save_dir: str = opt("results/runs", "root of the seed layout for stats files and exported "
                         "checkpoints (env SAVE_DIR)", "run", role="place")
+    raw_checkpoints: bool = opt(False, "export-checkpoints writes a checkpoints/ folder, not checkpoints.zip "
+                                "(the seed's flag takes a value: --raw-checkpoints=1)", "run", role="place")
     results_dir: str = opt("results", "pipeline outputs: train/run.json, metrics, histories", "run", role="place")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else "
                                    "sqlite:///<project root>/mlflow.db)", "run", kind=str, role="place")
@@ -166,9 +189,26 @@ class Config:
         return Path(self.prepared_dir) / self.data
 
     @property
-    def training_setting(self) -> str:
-        """The seed layout's TRAINING_SETTING path component."""
-        return "augmentation" if self.augmentation else "no-augmentation"
+    def seed_setting(self) -> str:
+        """The seed layout's SETTING directory (its core/utils.py log_additions): the model additions
+        (dropout with its rate), -l1-/-l2- coefficients, augmentation, wd_ weight decay; else default."""
+        parts = [f"dropout_{self.dropout}" if a == "dropout" and self.dropout else a for a in self.model_additions]
+        name = "-".join(parts)
+        if self.l1_regularization:
+            name += f"-l1-{self.l1_regularization:0.5f}"
+        if self.l2_regularization:
+            name += f"-l2-{self.l2_regularization:0.5f}"
+        if self.augmentation:
+            name += "-augmentation"
+        if self.weight_decay:
+            name += f"-wd_{self.weight_decay}"
+        return name.strip("-") or "default"
+
+    @property
+    def seed_run_dir(self) -> str:
+        """The seed layout's MODEL/DATA/SETTING/[noise-N-]seed-S for this run."""
+        noise = f"noise-{self.label_noise:.4f}-" if self.label_noise != 0 else ""
+        return f"{self.model_name}/{self.data}/{self.seed_setting}/{noise}seed-{self.seed}"
 
     def run_name(self) -> str:
         return f"{self.model_name}-{self.data}-noise{self.label_noise:g}-seed{self.seed}"
@@ -339,6 +379,8 @@ def validate(cfg: Config) -> None:
                     _check(v in choices, prefix + f.name, v, "one of " + ", ".join(choices))
     family, _ = parse_model_name(cfg.model, cfg.width)
     _check(0.0 <= cfg.label_noise <= 1.0, "label_noise", cfg.label_noise, "a fraction in [0, 1]")
+    _check(cfg.label_seed is None or cfg.label_seed >= 0, "label_seed", cfg.label_seed,
+           "an integer >= 0 (numpy's default_rng takes no negative seed), or unset for a fresh one")
     _check(cfg.train_split >= 0, "train_split", cfg.train_split, "an integer >= 0")
     _check(cfg.val_split >= 0, "val_split", cfg.val_split, "an integer >= 0")
     _check((cfg.train_split > 0) == (cfg.val_split > 0), "val_split", cfg.val_split,
@@ -358,7 +400,9 @@ def validate(cfg: Config) -> None:
                         lr_step=cfg.lr_step)
     for name, value in non_negative.items():
         _check(value >= 0 and math.isfinite(value), name, value, "a number >= 0")
-    _check(cfg.workers >= 1, "workers", cfg.workers, "an integer >= 1")
+    _check(cfg.workers >= 0, "workers", cfg.workers, "an integer >= 0 (0, the seed's no loader processes, "
+           "computes on one thread like 1)")
+    _check(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "a rate in [0, 1)")
     _check(cfg.momentum < 1, "momentum", cfg.momentum, "a number in [0, 1)")
     _check(0 <= cfg.stop_by_accuracy_threshold <= 1, "stop_by_accuracy_threshold",
            cfg.stop_by_accuracy_threshold, "a fraction in [0, 1]")
@@ -374,12 +418,12 @@ def validate(cfg: Config) -> None:
 
     s = cfg.stats
     _check(s.batch_size > 0, "stats.batch_size", s.batch_size, "a positive integer")
-    _check(s.skip >= 0 and s.skip % s.batch_size == 0, "stats.skip", s.skip,
-           f"a multiple of stats.batch_size={s.batch_size} (the result file's batch id is skip / batch_size)")
+    if s.skip is not None:
+        _check(s.skip >= 0 and s.skip % s.batch_size == 0, "stats.skip", s.skip,
+               f"a multiple of stats.batch_size={s.batch_size} (the result file's id is skip / batch_size)")
     if s.num_samples is not None:
         _check(s.num_samples > 0 and s.num_samples % s.batch_size == 0, "stats.num_samples", s.num_samples,
                f"a positive multiple of stats.batch_size={s.batch_size}")
-        _check(s.skip < s.num_samples, "stats.skip", s.skip, f"less than stats.num_samples={s.num_samples}")
     _check(len(s.metric) > 0, "stats.metric", s.metric, "at least one metric")
     _check(len(s.normalization) > 0, "stats.normalization", s.normalization, "at least one normalization")
     _check(s.num_power_iters >= 0, "stats.num_power_iters", s.num_power_iters, "an integer >= 0")

@@ -80,13 +80,15 @@ def _load_digits() -> tuple[Split, Split, int]:
     return _split(images[train], labels[train], train), _split(images[test], labels[test], test), 10
 
 
-def _read_cifar(paths: list[Path], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar(paths: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate CIFAR python pickles: rows of 3072 bytes (R, G, B planes, each 32x32 row-major)."""
     data, labels = [], []
     for path in paths:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="bytes")  # the originals are Python 2 pickles
-        data.append(np.asarray(entry[b"data"], dtype=np.uint8))
+        # files written again by Python 3 have str keys, which torchvision reads too
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        data.append(np.asarray(entry["data"], dtype=np.uint8))
         labels.extend(entry[label_key])
     images = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)
@@ -120,8 +122,8 @@ def _load_cifar(data: str, data_dir: Path, verify_checksums: bool) -> tuple[Spli
     import torchvision.datasets as tvd  # slow import, only needed here
 
     cls, name, label_key, num_classes = {
-        "cifar10": (tvd.CIFAR10, "CIFAR-10", b"labels", 10),
-        "cifar100": (tvd.CIFAR100, "CIFAR-100", b"fine_labels", 100),
+        "cifar10": (tvd.CIFAR10, "CIFAR-10", "labels", 10),
+        "cifar100": (tvd.CIFAR100, "CIFAR-100", "fine_labels", 100),
     }[data]
     folder = data_dir / cls.base_folder
     files = cls.train_list + cls.test_list
@@ -154,20 +156,29 @@ def _load_source(data: str, data_dir, verify_checksums: bool) -> tuple[Split, Sp
 # ----------------------------------------------------------------------------- preparation
 
 
-def corrupt_labels(labels: np.ndarray, num_classes: int, label_noise: float, seed: int) -> np.ndarray:
-    """Replace exactly round(label_noise * n) labels by a different class, uniform over the other K-1."""
+def corrupt_labels(labels: np.ndarray, num_classes: int, label_noise: float, seed: int | None) -> np.ndarray:
+    """The seed's `corrupt_labels`: with numpy.random.default_rng(seed), draw round(n * label_noise)
+    offsets in 1..K-1, give them the first positions of an all-zero offset vector, shuffle that vector by
+    a permutation from the same generator, and add it to the labels modulo K. (With K = 2 the offsets
+    are all 1 and only the permutation is drawn.) The seed takes K from the classes present in the
+    split; every class is present in any split of CIFAR or digits size."""
     if not 0 <= label_noise <= 1:
         raise DataError(f"label_noise={label_noise} must be in [0, 1]")
-    n = len(labels)
-    n_corrupt = round(label_noise * n)
-    rng = np.random.default_rng(seed)
-    pos = rng.choice(n, n_corrupt, replace=False)
+    n_corrupt = int(round(len(labels) * label_noise))
     noisy = labels.astype(np.int64)  # astype copies, so `labels` stays clean
-    noisy[pos] = (noisy[pos] + rng.integers(1, num_classes, n_corrupt)) % num_classes
-    return noisy
+    if n_corrupt == 0:
+        return noisy
+    rng = np.random.default_rng(seed)
+    offsets = np.zeros(len(labels), dtype=np.int64)
+    offsets[:n_corrupt] = 1 if num_classes == 2 else rng.integers(1, num_classes, n_corrupt)
+    return (noisy + offsets[rng.permutation(len(labels))]) % num_classes
 
 
 def _validation_split(train: Split, train_split, val_split, seed: int) -> dict[str, Split]:
+    """The seed's split: torch.utils.data.random_split of the training set into (train_split,
+    val_split) with a CPU generator seeded `seed`, i.e. the first train_split positions of
+    torch.randperm(n) train and the next val_split validate. The seed needs train_split + val_split
+    == n; a smaller sum leaves the rest of the permutation out."""
     n = len(train.labels)
     ts, vs = train_split or 0, val_split or 0
     if ts == 0 and vs == 0:
@@ -177,7 +188,7 @@ def _validation_split(train: Split, train_split, val_split, seed: int) -> dict[s
             f"train_split={train_split} and val_split={val_split}: give both as positive counts "
             f"with train_split + val_split <= {n} (the training set size), or neither"
         )
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = torch.randperm(n, generator=torch.Generator("cpu").manual_seed(seed)).numpy()
     return {"train": train.take(perm[:ts]), "val": train.take(perm[ts : ts + vs])}
 
 
@@ -192,9 +203,25 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-def content_hash(splits: dict[str, Split]) -> str:
-    """sha256 over each split (sorted by name): its name, then the raw bytes of its arrays in ARRAYS order."""
+# The seed's fixed normalisation constants (core/data.py), per channel of images / 255.
+SEED_STATS = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
+              "cifar100": ([0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023])}
+
+
+def input_stats(kind: str, data: str, source_train: Split, train: Split) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) the inputs are normalised with. "fixed": constants of the dataset,
+    the same for every split and noise level (the seed's for CIFAR; for digits, which the seed never
+    had, those of its whole training set); "split": those of the training split as prepared."""
+    if kind == "split":
+        return _channel_stats(train.images)
+    return SEED_STATS[data] if data in SEED_STATS else _channel_stats(source_train.images)
+
+
+def content_hash(splits: dict[str, Split], mean: list[float], std: list[float]) -> str:
+    """sha256 over each split (sorted by name): its name, then the raw bytes of its arrays in ARRAYS
+    order; then the normalisation constants, which decide what the network sees as much as the bytes."""
     h = hashlib.sha256()
+    h.update(json.dumps([mean, std]).encode())
     for name in sorted(splits):
         h.update(name.encode())
         for a in ARRAYS:
@@ -211,7 +238,8 @@ def prepare(
     label_seed: int = 0,
     train_split: int | None = 0,
     val_split: int | None = 0,
-    data_split_seed: int = 0,
+    data_split_seed: int = 42,
+    stats: str = "fixed",
 ) -> dict:
     """Write the prepared dataset into `out_dir` (replacing it atomically) and return its meta."""
     train, test, num_classes = _load_source(data, data_dir, verify_checksums)
@@ -219,7 +247,7 @@ def prepare(
     tr = splits["train"]
     tr.labels = corrupt_labels(tr.clean_labels, num_classes, label_noise, label_seed)
     splits["test"] = test
-    mean, std = _channel_stats(tr.images)
+    mean, std = input_stats(stats, data, train, tr)
     meta = {
         "dataset": data,
         "num_classes": num_classes,
@@ -227,13 +255,14 @@ def prepare(
         "splits": {k: len(v.labels) for k, v in splits.items()},
         "mean": mean,
         "std": std,
+        "input_stats": stats,
         "label_noise": float(label_noise),
         "n_corrupted": int(tr.corrupted.sum()),
         "label_seed": label_seed,
         "data_split_seed": data_split_seed,
         "train_split": train_split or 0,
         "val_split": val_split or 0,
-        "content_hash": content_hash(splits),
+        "content_hash": content_hash(splits, mean, std),
     }
 
     # Write beside out_dir, then swap with renames: a killed prepare leaves the old data or none,
@@ -257,6 +286,12 @@ def prepare(
     return meta
 
 
+def prepare_for(cfg: Config, path=None) -> dict:
+    """`prepare` with the data parameters of `cfg` (into cfg.prepared_path by default)."""
+    return prepare(path or cfg.prepared_path, cfg.data, cfg.data_dir, cfg.verify_checksums, cfg.label_noise,
+                   cfg.label_seed, cfg.train_split, cfg.val_split, cfg.data_split_seed, cfg.input_stats)
+
+
 def load_prepared(path, verify: bool = True) -> Prepared:
     """Read a directory written by `prepare`; with `verify`, refuse arrays that don't match meta.json."""
     path = Path(path)
@@ -272,7 +307,7 @@ def load_prepared(path, verify: bool = True) -> Prepared:
                 splits[name] = Split(*(z[a] for a in ARRAYS))
         except Exception as e:  # missing, truncated, bad CRC, missing array: all fixed by re-preparing
             raise DataError(f"cannot read {f} ({type(e).__name__}: {e}); {PREPARE_HINT}") from e
-    if verify and content_hash(splits) != meta["content_hash"]:
+    if verify and content_hash(splits, meta.get("mean"), meta.get("std")) != meta["content_hash"]:
         raise DataError(f"prepared data in {path} does not match its meta.json content hash; re-run `lipdd prepare`")
     return Prepared(meta, splits)
 
@@ -286,15 +321,15 @@ def ensure_prepared(cfg: Config, expected_hash: str | None = None) -> Prepared:
     their own beside it, so analysing an older run by hand leaves the pipeline's data alone.
     `expected_hash` (a run's dataset_hash) must match what is used."""
     wanted = dict(dataset=cfg.data, label_noise=float(cfg.label_noise), label_seed=cfg.label_seed,
-                  train_split=cfg.train_split, val_split=cfg.val_split, data_split_seed=cfg.data_split_seed)
+                  train_split=cfg.train_split, val_split=cfg.val_split, data_split_seed=cfg.data_split_seed,
+                  input_stats=cfg.input_stats)
     path = cfg.prepared_path
     if path.exists() and not _matches(path, wanted):
         key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
         path = path.parent / f"{cfg.data}-{key}"
     if not _matches(path, wanted):
         print(f"preparing {cfg.data} in {path} (label_noise={cfg.label_noise:g})")
-        prepare(path, cfg.data, cfg.data_dir, cfg.verify_checksums, cfg.label_noise, cfg.label_seed,
-                cfg.train_split, cfg.val_split, cfg.data_split_seed)
+        prepare_for(cfg, path)
     prepared = load_prepared(path)
     if expected_hash and prepared.meta["content_hash"] != expected_hash:
         raise DataError(f"data: the prepared data in {path} (hash {prepared.meta['content_hash'][:12]}) is not "

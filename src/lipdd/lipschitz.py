@@ -20,10 +20,12 @@ import torch
 import torch.nn as nn
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from .models import BasicBlock, ResNet
+from .models import CNN5, BasicBlock, ResNet
 
 TOLERANCE = 1e-10  # eigsh's relative tolerance on the top eigenvalue of A^T A
-LINEAR = (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Identity)
+# in eval mode, where the bound is taken, dropout is the identity
+LINEAR = (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Identity,
+          nn.Dropout)
 
 
 def spectral_norm(affine, shape: tuple[int, ...]) -> float:
@@ -80,11 +82,10 @@ class _Bound:
 
     def block(self, name: str, block: BasicBlock) -> None:
         shape = self.shape
-        shortcut = 1.0 if isinstance(block.shortcut, nn.Identity) else self.map(f"{name}.shortcut", block.shortcut)
+        shortcut = 1.0 if block.downsample is None else self.map(f"{name}.shortcut", block.downsample)
         self.shape = shape
-        scale = block.scale if block.fixup else 1.0  # Fixup's scalar biases shift, its multiplier stretches
         first = self.map(f"{name}.branch0", lambda x: block.bn1(block.conv1(x)))
-        second = self.map(f"{name}.branch1", lambda x: block.bn2(block.conv2(x)) * scale)
+        second = self.map(f"{name}.branch1", lambda x: block.bn2(block.conv2(x)))
         self.value *= shortcut + first * second
 
 
@@ -95,12 +96,16 @@ def upper_bound(model: nn.Module, input_shape) -> tuple[float, list[dict]]:
     bound = _Bound(input_shape)
     with torch.no_grad():
         if isinstance(net, ResNet):
-            bound.stack("stem", list(net.stem))
-            for i, block in enumerate(net.blocks):
-                bound.block(f"blocks.{i}", block)
-            bound.stack("head", list(net.head))
-        elif isinstance(net, nn.Sequential):
-            bound.stack("layers", list(net))
+            bound.stack("stem", [net.conv1, net.bn1])
+            for i, stage in enumerate(net.stages()):
+                for j, block in enumerate(stage):
+                    bound.block(f"layer{i + 1}.{j}", block)
+            bound.stack("head", [net.avgpool, nn.Flatten(), net.dropout, net.fc])
+        elif isinstance(net, CNN5):
+            relu = nn.ReLU()
+            bound.stack("layers", [net.layer1.conv, net.layer1.bn, relu, net.layer2.conv, net.layer2.bn, relu,
+                                   net.pool, net.layer3.conv, net.layer3.bn, relu, net.pool, net.layer4.conv,
+                                   net.layer4.bn, relu, net.apool, nn.Flatten(), net.dropout, net.fc])
         else:
             raise TypeError(f"no Lipschitz bound for {type(model).__name__}")
     return bound.value, bound.maps

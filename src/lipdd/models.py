@@ -5,7 +5,8 @@ ReLUs run in place on tensors nothing else reads (a conv's or batch norm's outpu
 only its input): fewer memory passes on CPU, and autograd accepts it.
 """
 
-import torch
+import math
+
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -14,112 +15,138 @@ from .config import MODEL_FAMILIES, WEIGHT_INITS
 RESNET_STAGES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
 
-def _conv(cin, cout, kernel_size, stride, batch_norm):
+def _conv3x3(cin, cout, stride, batch_norm):
     # batch norm's own shift makes a conv bias redundant
-    return nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=kernel_size // 2, bias=not batch_norm)
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=not batch_norm)
 
 
 def _norm(channels, batch_norm):
     return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
 
 
-def cnn5(width, in_channels, num_classes, batch_norm=False):
-    layers = []
-    cin = in_channels
-    for i in range(4):
-        cout = width * 2**i
-        layers += [_conv(cin, cout, 3, 1, batch_norm), _norm(cout, batch_norm), nn.ReLU(inplace=True)]
-        if i in (1, 2):
-            layers.append(nn.AvgPool2d(2))
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
-    return nn.Sequential(*layers)
+def _dropout(rate):
+    return nn.Dropout(rate) if rate else nn.Identity()
+
+
+class ConvBlock(nn.Module):
+    """conv 3x3 -> (batch norm) -> ReLU."""
+
+    def __init__(self, cin, cout, batch_norm):
+        super().__init__()
+        self.conv = _conv3x3(cin, cout, 1, batch_norm)
+        self.bn = _norm(cout, batch_norm)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class CNN5(nn.Module):
+    """Four conv blocks of widths k, 2k, 4k, 8k, average pooling after the second and third, global
+    average pooling, a linear layer."""
+
+    def __init__(self, width, in_channels, num_classes, batch_norm=False, dropout=0.0):
+        super().__init__()
+        self.pool = nn.AvgPool2d(2)
+        self.apool = nn.AdaptiveAvgPool2d(1)
+        self.layer1 = ConvBlock(in_channels, width, batch_norm)
+        self.layer2 = ConvBlock(width, 2 * width, batch_norm)
+        self.layer3 = ConvBlock(2 * width, 4 * width, batch_norm)
+        self.layer4 = ConvBlock(4 * width, 8 * width, batch_norm)
+        self.dropout = _dropout(dropout)
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x):
+        x = self.pool(self.layer2(self.layer1(x)))
+        x = self.layer4(self.pool(self.layer3(x)))
+        return self.fc(self.dropout(self.apool(x).flatten(1)))
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride, batch_norm, fixup):
+    """relu(branch(x) + shortcut(x)); the shortcut is a bias-free strided 1x1 convolution (no batch
+    norm, even with the batch_norm addition) where the shape changes, else the identity."""
+
+    def __init__(self, cin, cout, stride, batch_norm):
         super().__init__()
-        self.conv1 = _conv(cin, cout, 3, stride, batch_norm)
+        # The shortcut is built first: its weights are drawn before the branch's, as in the seed.
+        downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False)) \
+            if stride != 1 or cin != cout else None
+        self.conv1 = _conv3x3(cin, cout, stride, batch_norm)
         self.bn1 = _norm(cout, batch_norm)
-        self.conv2 = _conv(cout, cout, 3, 1, batch_norm)
+        self.conv2 = _conv3x3(cout, cout, 1, batch_norm)
         self.bn2 = _norm(cout, batch_norm)
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(_conv(cin, cout, 1, stride, batch_norm), _norm(cout, batch_norm))
-        else:
-            self.shortcut = nn.Identity()
-        # Fixup's scalar biases and multiplier exist only under Fixup so plain state_dicts stay plain
-        self.fixup = fixup
-        if fixup:
-            self.bias1a, self.bias1b, self.bias2a, self.bias2b = (nn.Parameter(torch.zeros(1)) for _ in range(4))
-            self.scale = nn.Parameter(torch.ones(1))
+        self.downsample = downsample
 
     def forward(self, x):
-        if self.fixup:
-            x = x + self.bias1a  # the shortcut sees the shifted input too, as in the Fixup paper
         return F.relu(self.branch(x) + self.shortcut(x), inplace=True)
 
     def branch(self, x):
-        """The residual branch; under Fixup, x must already include bias1a."""
-        if not self.fixup:
-            return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))
-        out = F.relu(self.bn1(self.conv1(x)) + self.bias1b, inplace=True)
-        return self.bn2(self.conv2(out + self.bias2a)) * self.scale + self.bias2b
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)), inplace=True)))
+
+    def shortcut(self, x):
+        return x if self.downsample is None else self.downsample(x)
 
 
 class ResNet(nn.Module):
-    def __init__(self, stages, width, in_channels, num_classes, batch_norm=False, fixup=False):
+    def __init__(self, stages, width, in_channels, num_classes, batch_norm=False, dropout=0.0):
         super().__init__()
-        self.stem = nn.Sequential(_conv(in_channels, width, 3, 1, batch_norm), _norm(width, batch_norm))
-        blocks = []
+        self.conv1 = _conv3x3(in_channels, width, 1, batch_norm)
+        self.bn1 = _norm(width, batch_norm)
         cin = width
         for i, num_blocks in enumerate(stages):
             cout = width * 2**i
+            blocks = []
             for j in range(num_blocks):
                 # padding 1 makes strided convs map 8 -> 4 -> 2 -> 1, so 8x8 inputs work
-                stride = 2 if i > 0 and j == 0 else 1
-                blocks.append(BasicBlock(cin, cout, stride, batch_norm, fixup))
+                blocks.append(BasicBlock(cin, cout, 2 if i > 0 and j == 0 else 1, batch_norm))
                 cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = _dropout(dropout)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [m for name, m in self.named_children() if name.startswith("layer")]
 
     def forward(self, x):
-        return self.head(self.blocks(F.relu(self.stem(x), inplace=True)))
+        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        for stage in self.stages():
+            x = stage(x)
+        return self.fc(self.dropout(self.avgpool(x).flatten(1)))
 
 
 def _init_nkaiming(model):
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-# Fixup (Zhang et al. 2019): every conv starts Kaiming normal (fan_out), conv biases zero; the first conv of each
-# residual branch is scaled by L^(-1/(2m-2)) = L^-0.5 (L blocks, m = 2 convs per branch), the last conv and the
-# linear layer start at zero, so each block starts as its shortcut and the network output is exactly zero.
-# mfixup ("modified Fixup") scales the last conv by L^-0.5 too instead of zeroing it and keeps the default linear
-# init, so the network is non-degenerate at init and its input Jacobian is not just the shortcut path.
-def _init_fixup(model, zero_last):
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nonlinearity = "linear" if isinstance(m, nn.Linear) else "relu"
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+# Fixup (Zhang et al. 2019) as the seed initialises it: the first conv of each residual branch is
+# normal with the Kaiming fan_out std times L^-0.5 (L: the number of blocks); under "fixup" the second
+# conv and the linear layer start at zero, so each block starts as its shortcut and the output is 0;
+# "mfixup" (modified) draws them normal with std 1e-6 instead, so the network starts non-degenerate.
+# Every other layer keeps PyTorch's default initialisation; no extra parameters.
+def _init_fixup(model, modified):
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
-    scale = len(blocks) ** -0.5
-    with torch.no_grad():
-        for block in blocks:
-            block.conv1.weight.mul_(scale)
-            if zero_last:
-                block.conv2.weight.zero_()
+    for m in model.modules():
+        if isinstance(m, BasicBlock):
+            w = m.conv1.weight
+            nn.init.normal_(w, 0, math.sqrt(2.0 / (w.shape[0] * math.prod(w.shape[2:]))) * len(blocks) ** -0.5)
+            if modified:
+                nn.init.normal_(m.conv2.weight, 0, 1e-6)
             else:
-                block.conv2.weight.mul_(scale)
-        if zero_last:
-            model.head[-1].weight.zero_()
-            model.head[-1].bias.zero_()
+                nn.init.zeros_(m.conv2.weight)
+            for conv in (m.conv1, m.conv2):
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+        elif isinstance(m, nn.Linear):
+            if modified:
+                nn.init.normal_(m.weight, 0, 1e-6)
+            else:
+                nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 def build_model(
@@ -129,6 +156,7 @@ def build_model(
     num_classes: int,
     batch_norm: bool = False,
     weight_init: str = "pytorch",
+    dropout: float = 0.0,
 ) -> nn.Module:
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; families are {', '.join(MODEL_FAMILIES)}")
@@ -143,18 +171,19 @@ def build_model(
         raise ValueError(f"weight_init {weight_init!r} replaces batch norm; use batch_norm=False")
 
     if family == "cnn5":
-        model = cnn5(width, in_channels, num_classes, batch_norm)
+        model = CNN5(width, in_channels, num_classes, batch_norm, dropout)
     else:
-        model = ResNet(RESNET_STAGES[family], width, in_channels, num_classes, batch_norm, fixup)
+        model = ResNet(RESNET_STAGES[family], width, in_channels, num_classes, batch_norm, dropout)
 
     if weight_init == "nkaiming":
         _init_nkaiming(model)
     elif fixup:
-        _init_fixup(model, zero_last=weight_init == "fixup")
+        _init_fixup(model, modified=weight_init == "mfixup")
     return model
 
 
 def model_for(cfg, meta: dict) -> nn.Module:
     """The network a run configured by `cfg` (a Config) trains, shaped for its prepared data."""
     return build_model(cfg.model, cfg.width, in_channels=meta["image_shape"][2], num_classes=meta["num_classes"],
-                       batch_norm="batch_norm" in cfg.model_additions, weight_init=cfg.weight_init)
+                       batch_norm="batch_norm" in cfg.model_additions, weight_init=cfg.weight_init,
+                       dropout=cfg.dropout if "dropout" in cfg.model_additions else 0.0)

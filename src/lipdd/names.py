@@ -56,14 +56,27 @@ def parse_summary_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def result_file(stat_name: str, split: str, epoch: int, first_batch: int, outname: str | None = None) -> str:
-    """Per-sample result file of one statistic at one checkpoint, shard `first_batch`."""
-    return f"{outname or f'{stat_name}_{split}_epoch{epoch:04d}'}-{first_batch}.json"
+def result_file(measure: str, normalization: str | None, target_logit_only: bool, split: str | None,
+                checkpoint: int, uid: int | None = None, outname: str | None = None) -> str:
+    """The seed's result file name, [OUTNAME-]METRIC[-target_only]-SPLIT-checkpoint-KEY[-id-UID].json
+    (KEY: the checkpoint as --checkpoint named it; UID: skip / batch_size, when --skip was given),
+    with one addition: a normalization other than none follows METRIC, because one lipdd call
+    computes several where the seed computed one. Per-network measures have no SPLIT."""
+    name = f"{outname}-{measure}" if outname else measure
+    if normalization not in (None, "none"):
+        name += f"-{normalization}"
+    if target_logit_only and normalization != "crossentropy":
+        name += "-target_only"
+    if split:
+        name += f"-{split}"
+    name += f"-checkpoint-{checkpoint}"
+    return name + (f"-id-{uid}" if uid is not None else "") + ".json"
 
 
-def network_result_file(measure: str, epoch: int) -> str:
-    """Result file of a per-network measure at one checkpoint."""
-    return f"{measure}_epoch{epoch:04d}.json"
+def shard_of(filename: str) -> tuple[str, int] | None:
+    """(the name without -id-UID, UID) of a result file of a --skip run, else None."""
+    stem, sep, uid = filename.removesuffix(".json").rpartition("-id-")
+    return (stem, int(uid)) if sep and uid.isdigit() else None
 
 
 def batch_means_artifact(split: str, epoch: int, first_batch: int) -> str:

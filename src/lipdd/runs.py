@@ -5,6 +5,7 @@ roles (config.ROLES): this module is their one reader."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -17,7 +18,7 @@ from typing import Iterator
 from mlflow.entities import RunTag
 
 from . import tracking
-from .config import ROLE, Config, ConfigError
+from .config import ROLE, Config, ConfigError, draw_label_seed
 
 KIND = "lipdd.kind"  # tag of report runs, so nothing takes a report for a training
 # A report draws the runs of one setting (its title) against its axes, averaging over seeds.
@@ -26,17 +27,32 @@ REPORT_AXES = ("width", "seed")
 MAX_RUNS = 50_000  # MLflow's cap on one search, far above any sweep here: no paging needed
 
 
+def get_run(client, run_id: str, flag: str):
+    """The run `run_id` names, or one line saying it is not in the store."""
+    try:
+        return client.get_run(run_id)
+    except Exception:
+        raise ConfigError(f"{flag}: {run_id!r} is not a run in the store {client.tracking_uri}") from None
+
+
 def what_trains(params: dict[str, str]) -> dict[str, str]:
     """A run's params without those that only say where it ran (unknown keys stay: they count)."""
     return {k: v for k, v in params.items() if ROLE.get(k) != "place"}
 
 
 def differing_param(params: dict[str, str], cfg: Config) -> str | None:
-    """The first parameter in which a run's params differ from cfg's training, if any."""
+    """The first parameter in which a run's params differ from cfg's training, if any (an unset
+    label_seed matches any)."""
     for key, value in cfg.params("identity", "training").items():
-        if params.get(key) != str(value):
+        if params.get(key) != str(value) and not (key == "label_seed" and value is None):
             return key
     return None
+
+
+def identity(cfg: Config) -> dict[str, str]:
+    """cfg's identity params as logged (str(value)); an unset label_seed names no value (the seed
+    drew a fresh one; lipdd records the one it drew), so it matches any run's."""
+    return {k: str(v) for k, v in cfg.params("identity").items() if not (k == "label_seed" and v is None)}
 
 
 def search(client, cfg: Config, where: str = "") -> list:
@@ -45,7 +61,7 @@ def search(client, cfg: Config, where: str = "") -> list:
     exp = client.get_experiment_by_name(cfg.name)
     if exp is None:
         return []
-    query = [f"params.{k} = '{v}'" for k, v in cfg.params("identity").items()] + ([where] if where else [])
+    query = [f"params.{k} = '{v}'" for k, v in identity(cfg).items()] + ([where] if where else [])
     return client.search_runs([exp.experiment_id], " and ".join(query), max_results=MAX_RUNS,
                               order_by=["attributes.start_time DESC"])
 
@@ -105,10 +121,7 @@ def interrupted(client, cfg: Config) -> str | None:
 def resume_checkpoint(client, run_id: str, cfg: Config, dataset_hash: str) -> str:
     """The last checkpoint of run `run_id`, which must have been trained with cfg's parameters
     on the very data prepared now."""
-    try:
-        run = client.get_run(run_id)
-    except Exception:
-        raise ConfigError(f"resume_from: {run_id!r} is not a run in the store {client.tracking_uri}") from None
+    run = get_run(client, run_id, "resume_from")
     key = differing_param(run.data.params, cfg)
     if key is not None:
         raise ConfigError(f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this "
@@ -117,19 +130,53 @@ def resume_checkpoint(client, run_id: str, cfg: Config, dataset_hash: str) -> st
         raise ConfigError(f"resume_from: run {run_id} was trained on data with hash "
                           f"{run.data.tags['dataset_hash'][:12]}, the prepared data now has "
                           f"{dataset_hash[:12]}; the source files or the preparing code changed")
+    if "imported_from" in run.data.tags:
+        raise ConfigError(f"resume_from: run {run_id} was imported from the seed's files, whose checkpoints do not "
+                          "hold the batch order and augmentation state to continue exactly; train a new run")
     checkpoints = tracking.list_checkpoints(client, run_id)
     if not checkpoints:
         raise ConfigError(f"resume_from: run {run_id} has no checkpoint to resume from")
     return checkpoints[-1][1]
 
 
+def with_label_seed(client, cfg: Config) -> Config:
+    """cfg with its label_seed set: an unset one (the seed's default, fresh randomness) becomes the
+    interrupted run's this training would continue, else a fresh draw, logged with the run."""
+    if cfg.label_seed is not None:
+        return cfg
+    if cfg.resume_from and not cfg.resume_from.isdigit():
+        run = get_run(client, cfg.resume_from, "resume_from")
+    else:
+        run = client.get_run(run_id) if (run_id := interrupted(client, cfg)) else None
+    if run is not None and run.data.params.get("label_seed", "None").isdigit():
+        return dataclasses.replace(cfg, label_seed=int(run.data.params["label_seed"]))
+    return dataclasses.replace(cfg, label_seed=draw_label_seed())
+
+
 def open_training(client, cfg: Config, dataset_hash: str, steps_per_epoch: int) -> tuple[str, str | None]:
     """(run id, checkpoint to continue from): run `resume_from`, else the interrupted run of
     this training, else a new run, which has no checkpoint yet."""
+    if cfg.resume_from and cfg.resume_from.isdigit():  # the seed's --resume-from STEP
+        return resume_at_step(client, cfg, int(cfg.resume_from), dataset_hash, steps_per_epoch)
     run_id = cfg.resume_from or interrupted(client, cfg)
     if run_id:
         return run_id, resume_checkpoint(client, run_id, cfg, dataset_hash)
     return start(client, cfg, dataset_hash, steps_per_epoch), None
+
+
+def resume_at_step(client, cfg: Config, step: int, dataset_hash: str, steps_per_epoch: int) -> tuple[str, str]:
+    """The seed's integer --resume-from: the global step of a checkpoint of this training's
+    interrupted run, which must be its last (a run continues from where it stopped)."""
+    run_id = interrupted(client, cfg)
+    if run_id is None:
+        raise ConfigError(f"resume_from: step {step} names a checkpoint of this training's interrupted run, and "
+                          f"experiment {cfg.name!r} has none with these parameters; pass an MLflow run id instead")
+    artifact = resume_checkpoint(client, run_id, cfg, dataset_hash)
+    last = tracking.list_checkpoints(client, run_id)[-1][0] * steps_per_epoch
+    if step != last:
+        raise ConfigError(f"resume_from: run {run_id}'s last checkpoint is at step {last}, not {step}; a run "
+                          "continues from its last checkpoint")
+    return run_id, artifact
 
 
 def reopen(client, run_id: str) -> None:
@@ -170,13 +217,8 @@ def trained(client, cfg: Config) -> str:
     """The run to analyse: --run-id; else results/train/run.json's when its identity params are
     cfg's; else the latest finished run of cfg's experiment with cfg's identity params."""
     if cfg.stats.run_id:
-        try:
-            client.get_run(cfg.stats.run_id)
-        except Exception:
-            raise ConfigError(f"stats.run_id: {cfg.stats.run_id!r} is not a run in the store "
-                              f"{client.tracking_uri}") from None
-        return cfg.stats.run_id
-    wanted = {k: str(v) for k, v in cfg.params("identity").items()}
+        return get_run(client, cfg.stats.run_id, "stats.run_id").info.run_id
+    wanted = identity(cfg)
     if run_id := pipeline_run_id(cfg):
         try:
             params = client.get_run(run_id).data.params

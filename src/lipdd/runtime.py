@@ -61,7 +61,7 @@ def setup(cfg: Config) -> torch.device:
     """The device `cfg` asks for, with `cfg.workers` CPU threads and, on the CPU, an allocator that
     keeps freed memory."""
     device = resolve_device(cfg.device)
-    torch.set_num_threads(cfg.workers)
+    torch.set_num_threads(max(cfg.workers, 1))
     if device.type == "cpu":
         retain_freed_memory()
     return device

@@ -5,15 +5,12 @@ What to measure is selected first (the run, its checkpoints, the samples: `selec
 measures of lipdd.measures), then written (`Writer`: per-sample result files with their per-batch
 means, summaries, MLflow metrics at step = epoch, a log). Under torchrun the ranks measure
 contiguous blocks of batches and rank 0 writes what one process would. Listing a run's checkpoints,
-joining the shard files of independent --skip jobs and exporting checkpoints are commands of
-their own.
+and joining the shard files of independent --skip jobs are commands of their own.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -26,50 +23,42 @@ from tqdm import tqdm
 
 from . import config as configlib
 from . import data as datalib
-from . import distributed, files, names, runs, runtime, tracking
+from . import distributed, files, names, runs, runtime, seedlayout, tracking
 from .config import Config, ConfigError
 from .measures import MEASURES, Network, per_sample
 from .models import model_for
 
 
 def select_checkpoints(cfg: Config, available: list[tuple[int, str]], steps_per_epoch: int):
+    """[(key, epoch, artifact)] of the checkpoints --checkpoint names, keyed as the seed keys them:
+    by ordinal (0 = initial network); with --checkpoint-by-step by global step, or by
+    step // --nsteps-per-epoch when that is given. No --checkpoint: every checkpoint, by ordinal."""
     s = cfg.stats
+    if not s.checkpoint_by_step:
+        keyed = [(i, e, a) for i, (e, a) in enumerate(available)]
+    else:
+        keyed = [(e * steps_per_epoch // (s.nsteps_per_epoch or 1), e, a) for e, a in available]
     if s.checkpoint is None:
-        return available
-    if s.checkpoint_by_step:
-        per_epoch = s.nsteps_per_epoch or steps_per_epoch
-        by_epoch = dict(available)
-        wanted = []
-        for step in s.checkpoint:
-            if step % per_epoch or step // per_epoch not in by_epoch:
-                raise ConfigError(f"stats.checkpoint: step {step} is no checkpoint of this run; it has steps "
-                                  f"{[e * per_epoch for e, _ in available]}")
-            wanted.append((step // per_epoch, by_epoch[step // per_epoch]))
-        return wanted
-    for i in s.checkpoint:
-        if i >= len(available):
-            raise ConfigError(f"stats.checkpoint: ordinal {i} is out of range; the run has {len(available)} "
-                              f"checkpoints (ordinals 0..{len(available) - 1})")
-    return [available[i] for i in s.checkpoint]
+        return keyed
+    by_key = {k: (k, e, a) for k, e, a in keyed}
+    for k in s.checkpoint:
+        if k not in by_key:
+            kind = ("ordinal" if not s.checkpoint_by_step else "epoch" if s.nsteps_per_epoch else "step")
+            raise ConfigError(f"stats.checkpoint: {kind} {k} is no checkpoint of this run; it has {kind}s "
+                              f"{[k for k, _, _ in keyed]}")
+    return [by_key[k] for k in s.checkpoint]
 
 
 def sample_selection(cfg: Config, n_split: int) -> np.ndarray:
-    """Positions in the split: a permutation drawn with mc_sample_seed, cut to num_samples,
-    the first `skip` left out."""
+    """Positions in the split, as the seed's sampler takes them: in order, from position skip on,
+    num_samples of them (default: the rest of the split)."""
     s = cfg.stats
-    n = n_split if s.num_samples is None else s.num_samples
-    if n > n_split:
-        raise ConfigError(f"stats.num_samples: {n} is more than the {n_split} samples of split "
-                          f"{s.dataset_split!r}")
-    if s.skip >= n:
-        raise ConfigError(f"stats.skip: {s.skip} leaves no samples of the {n} selected")
-    return np.random.default_rng(s.mc_sample_seed).permutation(n_split)[s.skip:n]
-
-
-def seed_layout_dir(cfg: Config, run_cfg: Config) -> Path:
-    """SAVE_DIR/NAME/MODEL/DATA/TRAINING_SETTING/seed-SEED, as the seed scripts wrote."""
-    return (Path(cfg.save_dir) / cfg.name / run_cfg.model_name / run_cfg.data / run_cfg.training_setting
-            / f"seed-{run_cfg.seed}")
+    start = s.skip or 0
+    n = n_split - start if s.num_samples is None else s.num_samples
+    if n <= 0 or start + n > n_split:
+        raise ConfigError(f"stats.num_samples: {s.num_samples or n} samples from position {start} are more than the "
+                          f"{n_split} samples of split {s.dataset_split!r}")
+    return np.arange(start, start + n)
 
 
 def analysed_run(cfg: Config) -> tuple:
@@ -77,7 +66,7 @@ def analysed_run(cfg: Config) -> tuple:
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
     run = client.get_run(runs.trained(client, cfg))
     run_cfg = configlib.from_flat(run.data.params)
-    return client, run, run_cfg, Path(cfg.stats.output_dir) if cfg.stats.output_dir else seed_layout_dir(cfg, run_cfg)
+    return client, run, run_cfg, Path(cfg.stats.output_dir) if cfg.stats.output_dir else seedlayout.run_dir(cfg, run_cfg)
 
 
 # --- measuring -------------------------------------------------------------------------------------
@@ -150,13 +139,13 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     network = Network(model, initial, tuple(channels_first))
     write = distributed.rank0_only(Writer, cfg, client, run_id, run_cfg, samples, prepared.meta, out_dir)
     with write:
-        for epoch, artifact in chosen:
+        for key, epoch, artifact in chosen:
             started = time.time()
             state = tracking.load_checkpoint(client, run_id, artifact, device)
-            model.load_state_dict(state["model"])
+            load_weights(model, state["model"], run_id, artifact)
             values = gather_values(measure_samples(model, loader, s))
             measured = measure_network(network, s.metric) if distributed.is_rank0() else None
-            write.checkpoint(epoch, state["global_step"], values, measured, time.time() - started)
+            write.checkpoint(key, epoch, state["global_step"], values, measured, time.time() - started)
     return write.files() or []
 
 
@@ -167,13 +156,16 @@ class Writer:
                  out_dir: Path):
         s = cfg.stats
         self.cfg, self.client, self.run_id, self.samples, self.out_dir = cfg, client, run_id, samples, out_dir
-        self.first_batch = s.skip // s.batch_size
-        self.metadata = dict(run_id=run_id, model=run_cfg.model_name, dataset=run_cfg.data, split=s.dataset_split,
-                             label_noise=run_cfg.label_noise, augmentation=run_cfg.augmentation, seed=run_cfg.seed,
-                             label_seed=run_cfg.label_seed, data_split_seed=run_cfg.data_split_seed,
-                             mc_sample_seed=s.mc_sample_seed, num_samples=len(samples.labels), skip=s.skip,
-                             batch_size=s.batch_size, target_logit_only=s.target_logit_only,
-                             dataset_hash=meta["content_hash"])
+        self.first_batch = (s.skip or 0) // s.batch_size
+        self.uid = None if s.skip is None else self.first_batch  # the seed names shards only when --skip is given
+        # The seed's metadata keys, then lipdd's own.
+        self.metadata = {"model": run_cfg.model_name, "dataset": run_cfg.data, "split": s.dataset_split,
+                         "seed": run_cfg.seed, "label-noise": run_cfg.label_noise,
+                         "augmentation": run_cfg.augmentation, "nsamples": len(samples.labels),
+                         "label-noise-seed": run_cfg.label_seed, "data-split-seed": run_cfg.data_split_seed,
+                         "mc-sample-seed": s.mc_sample_seed, "sampling-strategy": "none",
+                         "run_id": run_id, "skip": s.skip or 0, "batch_size": s.batch_size,
+                         "target_logit_only": s.target_logit_only, "dataset_hash": meta["content_hash"]}
         # The pipeline's summary describes the pipeline's run; any other run's goes beside its results.
         self.summary_dir = Path(cfg.results_dir) / "stats" if run_id == runs.pipeline_run_id(cfg) else out_dir
         self.written, self.history, self.last = [], [], {}
@@ -192,10 +184,11 @@ class Writer:
                              {"run_id": self.run_id, "epoch": self.history[-1]["epoch"], **self.last})
             files.write_csv(self.summary_dir / "history.csv", self.history)
 
-    def checkpoint(self, epoch: int, step: int, values: dict[tuple, np.ndarray], network: dict, seconds: float):
+    def checkpoint(self, key: int, epoch: int, step: int, values: dict[tuple, np.ndarray], network: dict,
+                   seconds: float):
         s, split = self.cfg.stats, self.cfg.stats.dataset_split
-        self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run {self.run_id} epoch {epoch}: "
-                       f"{len(self.samples.labels)} {split} samples from position {s.skip}, {seconds:.1f}s\n")
+        self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run {self.run_id} checkpoint {key} (epoch {epoch}): "
+                       f"{len(self.samples.labels)} {split} samples from position {s.skip or 0}, {seconds:.1f}s\n")
         row, batch_rows = {"epoch": epoch}, []
         starts = range(0, len(self.samples.labels), s.batch_size)
         for (measure, norm), sample_values in values.items():
@@ -208,17 +201,20 @@ class Writer:
             batch_means = [float(sample_values[i:i + s.batch_size].mean()) for i in starts]
             batch_rows += [{"statistic": name, "batch": self.first_batch + b, "mean": m}
                            for b, m in enumerate(batch_means)]
-            path = self.out_dir / names.result_file(name, split, epoch, self.first_batch, s.outname)
-            self.write(path, {"stats": sample_values.tolist(), "batch_means": batch_means,
+            path = self.out_dir / names.result_file(measure, norm, s.target_logit_only, split, key, self.uid,
+                                                    s.outname)
+            # the seed nests each sample's value in a list of its own
+            self.write(path, {"stats": sample_values[:, None].tolist(), "batch_means": batch_means,
                               "sample_ids": self.samples.index.tolist(), "targets": self.samples.labels.tolist(),
                               "ground_truths": self.samples.clean_labels.tolist(),
-                              "metadata": self.meta(epoch, step, measure, norm)}, f"mean {summary['mean']:.6g}")
+                              "metadata": self.meta(key, epoch, step, measure, norm)}, f"mean {summary['mean']:.6g}")
         for measure, (summary, details) in network.items():
             self.log_summary(epoch, summary)
             row.update(summary)
             self.last[measure] = summary
-            self.write(self.out_dir / names.network_result_file(measure, epoch),
-                       {"summary": summary, **details, "metadata": self.meta(epoch, step, measure, None)}, summary)
+            path = self.out_dir / names.result_file(measure, None, False, None, key, None, s.outname)
+            self.write(path, {"summary": summary, **details, "metadata": self.meta(key, epoch, step, measure, None)},
+                       summary)
         self.logger.flush()
         if batch_rows:  # the per-batch means of every statistic, as one table per checkpoint
             with tempfile.TemporaryDirectory() as tmp:
@@ -237,9 +233,10 @@ class Writer:
         if not self.logger.holds(first, epoch, summary[first]):
             self.logger.log_dict(summary, step=epoch)
 
-    def meta(self, epoch: int, step: int, measure: str, normalization: str | None) -> dict:
-        return {**self.metadata, "checkpoint_epoch": epoch, "checkpoint_step": step, "metric": measure,
-                "normalization": normalization}
+    def meta(self, key: int, epoch: int, step: int, measure: str, normalization: str | None) -> dict:
+        return {**self.metadata, "checkpoint": key, "metric": measure,
+                "normalization": None if normalization == "none" else normalization,
+                "checkpoint_epoch": epoch, "checkpoint_step": step}
 
     def write(self, path: Path, content: dict, note) -> None:
         files.write_json(path, content)
@@ -247,25 +244,22 @@ class Writer:
         self.log.write(f"  {path.name}: {note}\n")
 
 
+def load_weights(model, state_dict: dict, run_id: str, artifact: str) -> None:
+    """Load a checkpoint's weights, or say in one line why they do not fit the model."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        first = next(iter(state_dict), "")
+        raise ConfigError(f"checkpoint {artifact} of run {run_id} does not fit the network lipdd builds for it "
+                          f"(first parameter {first!r}; networks saved before lipdd took the seed's parameter names "
+                          f"cannot be read: retrain the run): {str(e).splitlines()[0]}") from None
+
+
 def list_checkpoints(cfg: Config) -> None:
     """The seed's `--checkpoint` with no value: the run's checkpoints, by ordinal."""
     client, run, _, _ = analysed_run(cfg)
     for i, (epoch, path) in enumerate(tracking.list_checkpoints(client, run.info.run_id)):
         print(f"{i}\tepoch {epoch}\t{path}")
-
-
-def export_checkpoints(cfg: Config) -> Path:
-    """Every checkpoint of the run in one checkpoints.zip, in the seed layout."""
-    client, run, run_cfg, _ = analysed_run(cfg)
-    path = seed_layout_dir(cfg, run_cfg) / "checkpoints.zip"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(client.download_artifacts(run.info.run_id, "checkpoints", tmp))
-        # Zip beside the target, then rename: a killed export never leaves a truncated archive.
-        partial = shutil.make_archive(str(path.parent / f".checkpoints.{os.getpid()}"), "zip", local.parent,
-                                      local.name)
-    os.replace(partial, path)
-    return path
 
 
 def merge(cfg: Config) -> list[Path]:
@@ -278,20 +272,19 @@ PER_SAMPLE = ("stats", "batch_means", "sample_ids", "targets", "ground_truths")
 
 
 def merge_shards(out_dir: Path) -> list[Path]:
-    """Join every set of shard files OUT_NAME-BATCH_ID.json in `out_dir` (runs with --skip,
-    e.g. one job per GPU) into the file one run over all their samples writes:
-    OUT_NAME-<first BATCH_ID>.json, per-sample (and per-batch) lists concatenated, num_samples and skip
-    updated. The merged shards are removed; an OUT_NAME with one file is left as it is.
+    """Join every set of shard files NAME-id-UID.json in `out_dir` (runs with --skip, e.g. one job
+    per GPU) into the file one run over all their samples writes: NAME.json when the first shard
+    starts at sample 0, else NAME-id-<its UID>.json; per-sample (and per-batch) lists concatenated,
+    nsamples updated. The merged shards are removed; a NAME with one shard is left as it is.
     Returns the merged files."""
     sets: dict[str, list[Path]] = {}
-    for path in sorted(out_dir.glob("*-*.json")):
-        outname, _, batch_id = path.stem.rpartition("-")
-        if batch_id.isdigit():
-            sets.setdefault(outname, []).append(path)
-    if not sets:
-        raise ConfigError(f"stats.merge: no result files OUT_NAME-BATCH_ID.json in {out_dir}")
+    for path in sorted(out_dir.glob("*-id-*.json")):
+        if shard := names.shard_of(path.name):
+            sets.setdefault(shard[0], []).append(path)
+    if not sets and not any(out_dir.glob("*-checkpoint-*.json")):
+        raise ConfigError(f"stats.merge: no result files in {out_dir}")
     written = []
-    for outname, paths in sets.items():
+    for stem, paths in sets.items():
         shards = sorted(((json.loads(p.read_text()), p) for p in paths), key=lambda r: r[0]["metadata"]["skip"])
         if len(shards) == 1:
             continue
@@ -299,19 +292,20 @@ def merge_shards(out_dir: Path) -> list[Path]:
         for (a, pa), (b, pb) in zip(shards, shards[1:]):
             ma, mb = a["metadata"], b["metadata"]
             differ = sorted(k for k in ma.keys() | mb.keys()
-                            if k not in ("num_samples", "skip") and ma.get(k) != mb.get(k))
+                            if k not in ("nsamples", "skip") and ma.get(k) != mb.get(k))
             if differ:
                 k = differ[0]
                 raise ConfigError(f"stats.merge: {pa.name} and {pb.name} differ in {k} ({ma.get(k)!r} vs "
                                   f"{mb.get(k)!r}); they are not shards of one result")
-            end = ma["skip"] + ma["num_samples"]
+            end = ma["skip"] + ma["nsamples"]
             if end != mb["skip"]:
                 raise ConfigError(f"stats.merge: {pa.name} holds samples {ma['skip']}..{end - 1} but {pb.name} starts "
                                   f"at {mb['skip']}; shards must be contiguous and must not overlap (each job: "
-                                  "--skip=START --num-samples=END of its own range)")
+                                  "--skip=START --num-samples=COUNT of its own range)")
         merged = {k: [x for r, _ in shards for x in r[k]] for k in PER_SAMPLE if all(k in r for r, _ in shards)}
-        merged["metadata"] = {**first, "num_samples": last["skip"] + last["num_samples"] - first["skip"]}
-        path = files.write_json(out_dir / f"{outname}-{first['skip'] // first['batch_size']}.json", merged)
+        merged["metadata"] = {**first, "nsamples": last["skip"] + last["nsamples"] - first["skip"]}
+        uid = first["skip"] // first["batch_size"]
+        path = files.write_json(out_dir / (f"{stem}-id-{uid}.json" if uid else f"{stem}.json"), merged)
         for _, p in shards:
             if p != path:
                 p.unlink()

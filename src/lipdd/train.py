@@ -44,6 +44,8 @@ def train(cfg: Config) -> str:
 
 
 def _train(cfg: Config, device: torch.device) -> str:
+    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
+    cfg = distributed.on_rank0(runs.with_label_seed, client, cfg)
     prepared = distributed.in_turn(datalib.ensure_prepared, cfg)
     # Channels-last weights and batches where it is safe: convolutions run without layout reorders.
     channels_last = runtime.channels_last(device)
@@ -60,7 +62,6 @@ def _train(cfg: Config, device: torch.device) -> str:
         net = torch.compile(net)
     optimizer = make_optimizer(cfg, model)
 
-    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
     run_id, checkpoint = distributed.on_rank0(runs.open_training, client, cfg, prepared.meta["content_hash"],
                                               len(loader))
     epoch, step = load_state(client, run_id, checkpoint, model, optimizer, loader) if checkpoint else (0, 0)
