@@ -152,3 +152,25 @@ def seed_jitter(x, probability=0.66, lower=0.02, upper=0.98):
     x[x >= probability] = upper
     x[x <= 1 - probability] = lower
     return x
+
+
+# Every flag of the seed's core/cmd.py (both scripts), train.py and compute_stats.py, with a value
+# its parser accepts (None: a switch).
+SEED_COMMON_FLAGS = {
+    "--device": "cpu", "--name": "n", "--save-dir": "s", "--data-dir": "d", "--workers": "0", "--data": "cifar10",
+    "--model": "cnn5_4", "--model-additions": "batch_norm", "--batch-size": "128", "--augmentation": None,
+    "--label-noise": "0.2", "--seed": "42", "--label-seed": "3", "--data-split-seed": "42", "--train-split": "49000",
+    "--val-split": "1000", "--log-level": "info", "--logfile": "output.log", "--weight-decay": "0.0005",
+    "--dropout": "0.0", "--l1-regularization": "0.0001", "--l2-regularization": "0.0001", "--random-dataset": "uniform"}
+SEED_TRAIN_FLAGS = {
+    "--epochs": "300", "--learning-rate": "0.1", "--lr-step": "10", "--learning-rate-step": "10", "--optimizer": "sgd",
+    "--momentum": "0.9", "--eval-every": "1", "--early-exit-accuracy": None, "--early-exit-loss": None,
+    "--lr-decay-rate": "0.1", "--lr-warmup-epochs": "5", "--lr-warmup-initial": "0.001",
+    "--stop-by-loss-threshold": "0.19", "--stop-by-accuracy-threshold": "0.9", "--resume-from": "3910",
+    "--save-checkpoint": "10", "--accuracy-threshold": "1.0", "--loss-checkpoint": "382", "--raw-checkpoints": "1",
+    "--weight-init": "nkaiming"}
+SEED_STATS_FLAGS = {
+    "--gen-strategy": "none", "--metric": "jacobian_operator_norm", "--normalization": "jacobian", "--outname": "o",
+    "--dataset-split": "train", "--bigmem": None, "--target-logit-only": None, "--num-samples": "1280",
+    "--checkpoint": "1", "--checkpoint-by-step": None, "--nsteps-per-epoch": "382", "--skip": "1280",
+    "--mc-sample-seed": "4321", "--num-power-iters": "10"}

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from lipdd import cli, config
+from seed_reference import SEED_COMMON_FLAGS, SEED_STATS_FLAGS, SEED_TRAIN_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_README = ROOT.parent / "shared" / "seed" / "000_03ccb4bad7cd7e9b.txt"
@@ -131,3 +132,32 @@ def test_unknown_params_file_key(tmp_path):
     p.write_text("label_nosie: 0.3\n")
     with pytest.raises(config.ConfigError, match="unknown parameter 'label_nosie'"):
         config.build({}, params_file=str(p), environ={})
+
+
+@pytest.mark.parametrize("command, flags", [("train", {**SEED_COMMON_FLAGS, **SEED_TRAIN_FLAGS}),
+                                            ("stats", {**SEED_COMMON_FLAGS, **SEED_STATS_FLAGS})])
+def test_every_seed_flag_is_accepted(command, flags):
+    """Each flag of the seed's scripts parses alone; all together they validate as a config."""
+    argv = [command]
+    for flag, value in flags.items():
+        args = [flag] if value is None else [f"{flag}={value}"]
+        cli.build_parser().parse_args([command, *args])
+        argv += args
+    overrides = vars(cli.build_parser().parse_args(argv))
+    cfg = config.build({k: v for k, v in overrides.items() if k not in ("command", "params")}, environ={})
+    assert (cfg.workers, cfg.random_dataset, cfg.log_level) == (0, "uniform", "info")
+    if command == "train":
+        assert (cfg.lr_step, cfg.raw_checkpoints, cfg.resume_from) == (10, True, "3910")
+    else:
+        assert (cfg.stats.normalization, cfg.stats.gen_strategy, cfg.stats.skip) == (["jacobian"], "none", 1280)
+
+
+def test_seed_run_directory_names():
+    def run_dir(**kw):
+        return config.build({"model": "resnet18_64", "data": "cifar10", **kw}, environ={}).seed_run_dir
+
+    assert run_dir(label_noise=0.2, augmentation=True) == "resnet18_64/cifar10/augmentation/noise-0.2000-seed-42"
+    assert run_dir(label_noise=0, seed=1) == "resnet18_64/cifar10/default/seed-1"
+    assert run_dir(label_noise=0.15, model_additions=["batch_norm", "dropout"], dropout=0.3, l1_regularization=1e-4,
+                   augmentation=True, weight_decay=5e-4) == (
+        "resnet18_64/cifar10/batch_norm-dropout_0.3-l1-0.00010-augmentation-wd_0.0005/noise-0.1500-seed-42")

@@ -21,7 +21,7 @@ from lipdd.data import (
     to_device,
     _validation_split,
 )
-from seed_reference import seed_corrupt, seed_split
+from seed_reference import seed_corrupt, seed_jitter, seed_random_images, seed_split
 
 
 def prep(out, **kw):
@@ -375,3 +375,25 @@ def test_loader_shards_are_one_process_batches(digits_dir, monkeypatch, world):
         assert len(joined) == len(single) == 10
         for (x, y), (xs, ys) in zip(joined, single):
             assert torch.equal(x, xs) and torch.equal(y, ys)
+
+
+@pytest.mark.parametrize("dist", ["uniform", "normal", "hypersphere"])
+def test_random_datasets_are_the_seeds(tmp_path, dist):
+    write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
+    meta = prepare(tmp_path / dist, "cifar10", tmp_path / "raw", verify_checksums=False, random_dataset=dist)
+    p = load_prepared(tmp_path / dist)
+    mean, std = SEED_STATS["cifar10"] if dist != "hypersphere" else ([0.0] * 3, [1.0] * 3)
+    for split, n in (("train", 100), ("test", 10)):
+        images, labels = seed_random_images(dist, n, *SEED_STATS["cifar10"])
+        assert np.array_equal(p.splits[split].images, images) and p.splits[split].clean_labels.tolist() == labels.tolist()
+    assert (meta["mean"], meta["std"], meta["random_dataset"]) == (mean, std, dist)
+
+
+def test_jitter_is_the_seeds_threshold_after_normalisation(tmp_path):
+    write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
+    prepare(tmp_path / "j", "cifar10", tmp_path / "raw", verify_checksums=False, random_dataset="jitter")
+    p = load_prepared(tmp_path / "j")
+    split = p.splits["train"]
+    (x, _), = Loader.of(split, p.meta, "cpu", 100)
+    plain = normalize(torch.from_numpy(split.images).permute(0, 3, 1, 2), *SEED_STATS["cifar10"])
+    assert torch.equal(x, seed_jitter(plain)) and not torch.equal(x, plain)

@@ -54,7 +54,7 @@ def reference_jacobian(model, x, targets, normalization, target_logit_only):
         z = model64(xi[None])
         if normalization == "crossentropy":
             return F.cross_entropy(z, ti[None]).reshape(1)
-        out = {"none": z, "softmax": z.softmax(-1), "logsoftmax": z.log_softmax(-1)}[normalization][0]
+        out = {"none": z, "jacobian": z, "softmax": z.softmax(-1), "logsoftmax": z.log_softmax(-1)}[normalization][0]
         return out[ti, None] if target_logit_only else out
 
     rows = [torch.autograd.functional.jacobian(lambda xi: output(xi, ti), xi) for xi, ti in zip(x.double(), targets)]

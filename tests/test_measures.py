@@ -10,7 +10,7 @@ import torch
 from lipdd import cli, config, lipschitz, train
 from lipdd.jacobian import input_jacobian
 from lipdd.models import build_model, model_for
-from lipdd.measures import MEASURES, Measure
+from lipdd.measures import MEASURES, Measure, Network
 from lipdd.tracking import get_client, list_checkpoints, load_checkpoint
 
 STATS = ["--num-samples=100", "--batch-size=50", "--output-dir=out", "--device=cpu"]
@@ -165,4 +165,58 @@ def test_upper_bound_holds_at_every_checkpoint(workdir, run_id):
         for norm, key in (("", "lipschitz_upper_bound"), ("-softmax", "lipschitz_upper_bound_softmax")):
             result = json.loads((workdir / f"out/jacobian_operator_norm{norm}-train-checkpoint-{checkpoint}.json")
                                 .read_text())
-            assert 0 < max(v for (v,) in result["stats"]) <= bound[key], (checkpoint, norm)
+            largest = max(v for (v,) in result["stats"])
+            assert 0 < largest <= bound[key], (checkpoint, norm)
+            assert bound[f"{key}_over_max"] == pytest.approx(bound[key] / largest, rel=1e-12)
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    metrics = client.get_run(run_id).data.metrics
+    assert {"lipschitz_upper_bound_over_max", "lipschitz_upper_bound_softmax_over_max",
+            "train_jacobian_operator_norm_none_max", "train_jacobian_operator_norm_softmax_p99"} <= set(metrics)
+    assert metrics["lipschitz_upper_bound_over_max"] >= 1
+
+
+# --- loss curvature --------------------------------------------------------------------------------
+
+
+def explicit_loss_hessian(model, x, y):
+    """(gradient, Hessian) of the mean cross-entropy w.r.t. the flat parameters, built whole (float64)."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def loss(theta):
+        parts = torch.split(theta, [math.prod(s) for s in shapes])
+        params = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
+        return torch.nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+    return torch.func.grad(loss)(flat), torch.func.jacrev(torch.func.jacrev(loss))(flat)
+
+
+def test_loss_curvature_against_the_explicit_hessian():
+    torch.manual_seed(0)
+    model = build_model("cnn5", 1, 1, 10).double().eval()
+    x, y = torch.randn(100, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (100,))
+    options = config.build({"stats.curvature_top_k": 3, "stats.curvature_tolerance": 1e-8,
+                            "stats.hutchinson_probes": 50}, environ={}).stats
+    summary, details = MEASURES["loss_curvature"].fn(
+        Network(model, None, (1, 8, 8), lambda: (x, y), options))
+    grad, hessian = explicit_loss_hessian(model, x, y)
+    exact = torch.linalg.eigvalsh(hessian).flip(0)
+    assert details["parameters"] == len(grad) == 492 and details["training_points"] == 100
+    assert details["eigenvalues"] == pytest.approx(exact[:3].tolist(), rel=1e-5)
+    assert summary["hessian_top_eigenvalue"] == details["eigenvalues"][0]
+    assert summary["gradient_norm"] == pytest.approx(grad.norm().item(), rel=1e-10)
+    trace = torch.trace(hessian).item()
+    assert abs(summary["hessian_trace"] - trace) < 3 * summary["hessian_trace_se"]
+    assert 0 < summary["hessian_trace_se"] < 0.5 * abs(trace)  # an estimate that says something
+
+
+def test_loss_curvature_through_stats(workdir, run_id):
+    args = ["--metric", "loss_curvature", "--curvature-samples", "200", "--hutchinson-probes", "10"]
+    assert cli.main(["stats", "--run-id", run_id, *args, *STATS]) == 0
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    for key in ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_se", "gradient_norm"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 2], key
+    last = json.loads((workdir / "out/loss_curvature-checkpoint-1.json").read_text())
+    assert last["training_points"] == 200 and len(last["trace_samples"]) == 10
+    assert last["summary"]["hessian_top_eigenvalue"] > 0

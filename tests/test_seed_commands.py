@@ -3,6 +3,7 @@ smaller sizes, on a directory in the real CIFAR-10 on-disk format."""
 
 import io
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -180,8 +181,8 @@ def test_export_then_import_gives_the_same_stats(trained, workdir):
 def test_checkpoint_flag_without_value_lists_them(trained, capsys):
     argv = [a for a in shlex.split(STATS) if not a.startswith("--checkpoint")] + ["--checkpoint"]
     assert cli.main(argv) == 0
-    assert capsys.readouterr().out.splitlines() == ["0\tepoch 0\tcheckpoints/epoch_0000.pt",
-                                                    "1\tepoch 2\tcheckpoints/epoch_0002.pt"]
+    assert capsys.readouterr().out.splitlines() == ["0\tstep 0\tepoch 0\tcheckpoints/epoch_0000.pt",
+                                                    "1\tstep 2\tepoch 2\tcheckpoints/epoch_0002.pt"]
 
 
 def test_ordinal_out_of_range_is_refused(trained, capsys):
@@ -230,3 +231,33 @@ def test_narrow_resnets_train_under_onednn_avx2(trained_once, tmp_path):
     proc = subprocess.run(["lipdd", *argv], cwd=tmp_path / "project", env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.fixture
+def restored_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            h.close()
+    root.handlers[:], root.level = handlers, level
+
+
+def test_logfile_and_the_seeds_jacobian_normalization(trained, workdir, restored_logging):
+    argv = shlex.split(STATS) + ["--normalization", "none", "jacobian", "--logfile=output.log", "--log-level=info"]
+    assert cli.main(argv) == 0
+    none, jacobian = (json.loads((workdir / SEED_DIR / f"jacobian_operator_norm{n}-train-checkpoint-1.json").read_text())
+                      for n in ("", "-jacobian"))
+    assert jacobian["stats"] == none["stats"]  # the seed parses it and normalises nothing
+    assert (none["metadata"]["normalization"], jacobian["metadata"]["normalization"]) == (None, "jacobian")
+    assert "checkpoint 1 (epoch 2)" in (workdir / SEED_DIR / "output.log").read_text()
+
+
+def test_a_random_dataset_trains_and_names_its_results(trained, workdir):
+    random = TRAIN.replace("--name='test'", "--name=random") + " --random-dataset=jitter --label-seed=1"
+    assert cli.main(shlex.split(random)) == 0
+    stats = STATS.replace("--name=test", "--name=random") + " --random-dataset=jitter"
+    assert cli.main(shlex.split(stats)) == 0
+    result = workdir / SEED_DIR.replace("/test/", "/random/") / "jacobian_operator_norm-random_jitter-train-checkpoint-1.json"
+    assert json.loads(result.read_text())["metadata"]["run_id"] != trained[1].info.run_id

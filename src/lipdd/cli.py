@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import signal
 import sys
+from pathlib import Path
 
 from . import config
 from .config import Config, ConfigError, StatsConfig, TrainingDiverged
@@ -43,7 +45,7 @@ class Parser(argparse.ArgumentParser):
 
 def add_field(parser, f, dest: str) -> None:
     meta = f.metadata
-    names = [f"--{f.name.replace('_', '-')}"]
+    names = [f"--{f.name.replace('_', '-')}"] + ([meta["alias"]] if meta.get("alias") else [])
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     kw = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"], metavar=f.name.upper())
     if meta.get("choices") and not callable(meta["choices"]):
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     try:
         cfg = config.build(overrides, params_file=args.params)
+        setup_logging(cfg)
         return COMMANDS[args.command](cfg) or 0
     except ConfigError as e:  # bad input, data, checkpoints: the user's to fix
         print(f"lipdd {args.command}: error: {e}", file=sys.stderr)
@@ -104,6 +107,20 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"lipdd {args.command}: error: {e}", file=sys.stderr)
         return 1
+
+
+def setup_logging(cfg: Config) -> None:
+    """The seed's --log-level and --logfile: Python's logging at that level, to stderr and, with a
+    log file, to that file in the run's seed layout directory; neither given, nothing changes."""
+    if cfg.log_level is None and cfg.logfile is None:
+        return
+    handlers = [logging.StreamHandler()]
+    if cfg.logfile:
+        path = Path(cfg.save_dir) / cfg.name / cfg.seed_run_dir / cfg.logfile
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path))
+    logging.basicConfig(level=(cfg.log_level or "info").upper(), handlers=handlers, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
 def cmd_prepare(cfg: Config) -> None:

@@ -21,6 +21,8 @@ from .names import NORMALIZATIONS, SPLITS
 
 SOURCES = ("digits", "cifar10", "cifar100")
 INPUT_STATS = ("fixed", "split")
+RANDOM_DATASETS = ("uniform", "normal", "hypersphere", "jitter")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 MODEL_FAMILIES = ("cnn5", "resnet18", "resnet34")
 OPTIMIZERS = ("sgd", "adam")
 MODEL_ADDITIONS = ("batch_norm", "dropout")
@@ -62,11 +64,11 @@ class TrainingDiverged(RuntimeError):
 ROLES = ("identity", "training", "place")
 
 
-def opt(default, help, group, choices=None, kind=None, role="training"):
+def opt(default, help, group, choices=None, kind=None, role="training", alias=None):
     """A config field. `kind` is the element parser for list fields and the parser for
-    fields whose default is None; `role` is one of ROLES."""
+    fields whose default is None; `role` is one of ROLES; `alias` a second flag spelling."""
     assert role in ROLES, role
-    meta = dict(help=help, group=group, choices=choices, kind=kind, role=role)
+    meta = dict(help=help, group=group, choices=choices, kind=kind, role=role, alias=alias)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -94,6 +96,15 @@ class StatsConfig:
     checkpoint_by_step: bool = opt(False, "read --checkpoint as global steps, not ordinals", "stats")
     nsteps_per_epoch: int | None = opt(None, "steps per epoch for --checkpoint-by-step (default: from the run)",
                                        "stats", kind=int)
+    gen_strategy: str = opt("none", "the seed's sampling strategy; it has one, none: the split's samples as they are",
+                            "stats", choices=("none",))
+    curvature_samples: int = opt(1000, "loss_curvature: training points the loss is averaged over (a fixed "
+                                 "seeded subset)", "stats")
+    curvature_seed: int = opt(0, "loss_curvature: seed of that subset and of Hutchinson's probes", "stats")
+    curvature_top_k: int = opt(1, "loss_curvature: how many of the largest Hessian eigenvalues", "stats")
+    curvature_tolerance: float = opt(1e-3, "loss_curvature: relative tolerance of those eigenvalues (Lanczos)",
+                                     "stats")
+    hutchinson_probes: int = opt(100, "loss_curvature: Rademacher probes of the Hessian trace estimate", "stats")
     bigmem: bool = opt(False, "all K output gradients in one pass (memory x K) instead of bounded chunks",
                        "stats")
     num_power_iters: int = opt(0, "kept for seed compatibility; the operator norm is always exact", "stats")
@@ -121,6 +132,11 @@ class Config:
     train_split: int = opt(0, "training samples drawn from the training set (0 = all, no validation)", "data", role="identity")
     val_split: int = opt(0, "validation samples drawn from the training set (with train_split)", "data", role="identity")
     data_split_seed: int = opt(42, "seed of the train/validation split", "data", role="identity")
+    random_dataset: str | None = opt(None, "the seed's random data in place of the images: uniform (within the "
+                                     "per-channel mean +- std) / normal (that mean and std) / hypersphere (each "
+                                     "channel in the unit ball) images with random labels, drawn with seed 1234; "
+                                     "jitter: the real images, thresholded after normalisation", "data",
+                                     choices=RANDOM_DATASETS, kind=str, role="identity")
     input_stats: str = opt("fixed", "per-channel mean/std inputs are normalised with: fixed (the seed's CIFAR "
                            "constants; digits: its whole training set's) or split (the prepared training split's)",
                            "data", choices=INPUT_STATS)
@@ -143,13 +159,16 @@ class Config:
                                    "train")
     lr_warmup_epochs: int = opt(0, "epochs of linear warmup from lr_warmup_initial", "train")
     lr_warmup_initial: float = opt(0.001, "learning rate of the first warmup epoch", "train")
-    lr_step: int = opt(0, "decay the learning rate every LR_STEP epochs after warmup (0 = never)", "train")
+    lr_step: int = opt(0, "decay the learning rate every LR_STEP epochs after warmup (0 = never)", "train",
+                       alias="--learning-rate-step")
     lr_decay_rate: float = opt(0.1, "factor of each step decay", "train")
     batch_size: int = opt(128, "training batch size", "train")
     epochs: int = opt(100, "training epochs", "train")
     augmentation: bool = opt(False, "random crop (4-pixel zero padding) and horizontal flip", "train", role="identity")
     eval_every: int = opt(10, "evaluate train/val/test loss and accuracy every N epochs (and at the end)",
                           "train")
+    accuracy_threshold: float = opt(1.0, "deprecated and unused in the seed; accepted so its commands run",
+                                    "train", role="place")
     early_exit_accuracy: bool = opt(False, "stop once training accuracy reaches the threshold", "train")
     stop_by_accuracy_threshold: float = opt(1.0, "training accuracy that stops early", "train")
     early_exit_loss: bool = opt(False, "stop once training loss falls to the threshold", "train")
@@ -170,6 +189,11 @@ class Config:
                         "compiler on CPU), then fused kernels; measure it on a short run first (README, Performance)",
                         "run", role="place")
     name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run", role="place")
+    log_level: str | None = opt(None, "level of Python's logging (lipdd, MLflow, torch): debug | info | warning | "
+                                "error | critical (default: each library's own)", "run", choices=LOG_LEVELS, kind=str,
+                                role="place")
+    logfile: str | None = opt(None, "also log to this file in the seed layout directory of the run "
+                              "(SAVE_DIR/NAME/MODEL/DATA/SETTING/[noise-N-]seed-S/LOGFILE)", "run", kind=str, role="place")
     save_dir: str = opt("results/runs", "root of the seed layout for stats files and exported "
                         "checkpoints (env SAVE_DIR)", "run", role="place")
     raw_checkpoints: bool = opt(False, "export-checkpoints writes a checkpoints/ folder, not checkpoints.zip "
@@ -375,7 +399,7 @@ def validate(cfg: Config) -> None:
             if callable(choices):
                 choices = choices()
             if choices:
-                for v in value if isinstance(value, list) else [value]:
+                for v in value if isinstance(value, list) else [] if value is None else [value]:
                     _check(v in choices, prefix + f.name, v, "one of " + ", ".join(choices))
     family, _ = parse_model_name(cfg.model, cfg.width)
     _check(0.0 <= cfg.label_noise <= 1.0, "label_noise", cfg.label_noise, "a fraction in [0, 1]")
@@ -426,6 +450,11 @@ def validate(cfg: Config) -> None:
                f"a positive multiple of stats.batch_size={s.batch_size}")
     _check(len(s.metric) > 0, "stats.metric", s.metric, "at least one metric")
     _check(len(s.normalization) > 0, "stats.normalization", s.normalization, "at least one normalization")
+    for name in ("curvature_samples", "curvature_top_k"):
+        _check(getattr(s, name) >= 1, f"stats.{name}", getattr(s, name), "a positive integer")
+    _check(s.hutchinson_probes >= 2, "stats.hutchinson_probes", s.hutchinson_probes,
+           "an integer >= 2 (the standard error needs two)")
+    _check(0 < s.curvature_tolerance < 1, "stats.curvature_tolerance", s.curvature_tolerance, "a number in (0, 1)")
     _check(s.num_power_iters >= 0, "stats.num_power_iters", s.num_power_iters, "an integer >= 0")
     if s.checkpoint is not None:
         _check(all(c >= 0 for c in s.checkpoint), "stats.checkpoint", s.checkpoint, "ordinals >= 0")

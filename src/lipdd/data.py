@@ -153,6 +153,41 @@ def _load_source(data: str, data_dir, verify_checksums: bool) -> tuple[Split, Sp
     raise DataError(f"unknown data {data!r}; expected one of digits, cifar10, cifar100")
 
 
+def _random_images(dist: str, n: int, shape: tuple, mean, std, num_classes: int, seed: int = 1234) -> Split:
+    """The seed's random datasets (core/random_dataset.py), drawn as it draws them with
+    numpy.random.default_rng(seed): every pixel uniform in [mean - std, mean + std] or normal(mean, std)
+    per channel, or standard normal and then, per sample and channel, rescaled to a point uniform in
+    the unit ball ("hypersphere"); labels uniform over the classes, drawn after the pixels; stored as
+    the seed's PIL images hold them, uint8(x * 255)."""
+    from scipy.special import gammainc  # slow import, only needed here
+
+    h, w, c = shape
+    rng = np.random.default_rng(seed)
+    mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
+    if dist == "uniform":
+        x = rng.uniform(low=mean - std, high=mean + std, size=(n * h * w, c))
+    elif dist == "normal":
+        x = rng.normal(loc=mean, scale=std, size=(n * h * w, c))
+    else:
+        x = rng.standard_normal(size=(n * h * w, c))
+    x = x.T.reshape(c, n, h, w)  # channel-major, as the seed stacks its columns
+    labels = rng.integers(0, num_classes, n).astype(np.int64)
+    if dist == "hypersphere":
+        flat = x.transpose(1, 0, 2, 3).reshape(n * c, h * w)
+        ssq = np.square(flat).sum(axis=1)
+        flat = flat * (gammainc(h * w / 2, ssq / 2) ** (1 / (h * w)) / np.sqrt(ssq))[:, None]
+        x = flat.reshape(n, c, h, w).transpose(1, 0, 2, 3)
+    images = (x.transpose(1, 2, 3, 0) * 255).astype(np.uint8)  # numpy's cast, wrapping as the seed's does
+    return _split(images, labels, np.arange(n))
+
+
+def jitter(x: torch.Tensor, probability: float = 0.66, lower: float = 0.02, upper: float = 0.98) -> torch.Tensor:
+    """The seed's "jitter" random dataset as its JitterTransform runs on a normalised image: values
+    >= 0.66 become 0.98, then values <= 0.34 become 0.02 (the noise it draws is never used)."""
+    x = torch.where(x >= probability, torch.full_like(x, upper), x)
+    return torch.where(x <= 1 - probability, torch.full_like(x, lower), x)
+
+
 # ----------------------------------------------------------------------------- preparation
 
 
@@ -240,14 +275,23 @@ def prepare(
     val_split: int | None = 0,
     data_split_seed: int = 42,
     stats: str = "fixed",
+    random_dataset: str | None = None,
 ) -> dict:
     """Write the prepared dataset into `out_dir` (replacing it atomically) and return its meta."""
     train, test, num_classes = _load_source(data, data_dir, verify_checksums)
+    if random_dataset in ("uniform", "normal", "hypersphere"):
+        # drawn around the dataset's fixed statistics; the seed does not normalise the hypersphere
+        mean, std = input_stats("fixed", data, train, train)
+        shape = train.images.shape[1:]
+        train, test = (_random_images(random_dataset, len(s.labels), shape, mean, std, num_classes)
+                       for s in (train, test))
     splits = _validation_split(train, train_split, val_split, data_split_seed)
     tr = splits["train"]
     tr.labels = corrupt_labels(tr.clean_labels, num_classes, label_noise, label_seed)
     splits["test"] = test
     mean, std = input_stats(stats, data, train, tr)
+    if random_dataset == "hypersphere" and stats == "fixed":
+        mean, std = [0.0] * len(mean), [1.0] * len(std)
     meta = {
         "dataset": data,
         "num_classes": num_classes,
@@ -256,6 +300,7 @@ def prepare(
         "mean": mean,
         "std": std,
         "input_stats": stats,
+        "random_dataset": random_dataset,
         "label_noise": float(label_noise),
         "n_corrupted": int(tr.corrupted.sum()),
         "label_seed": label_seed,
@@ -289,7 +334,8 @@ def prepare(
 def prepare_for(cfg: Config, path=None) -> dict:
     """`prepare` with the data parameters of `cfg` (into cfg.prepared_path by default)."""
     return prepare(path or cfg.prepared_path, cfg.data, cfg.data_dir, cfg.verify_checksums, cfg.label_noise,
-                   cfg.label_seed, cfg.train_split, cfg.val_split, cfg.data_split_seed, cfg.input_stats)
+                   cfg.label_seed, cfg.train_split, cfg.val_split, cfg.data_split_seed, cfg.input_stats,
+                   cfg.random_dataset)
 
 
 def load_prepared(path, verify: bool = True) -> Prepared:
@@ -322,7 +368,7 @@ def ensure_prepared(cfg: Config, expected_hash: str | None = None) -> Prepared:
     `expected_hash` (a run's dataset_hash) must match what is used."""
     wanted = dict(dataset=cfg.data, label_noise=float(cfg.label_noise), label_seed=cfg.label_seed,
                   train_split=cfg.train_split, val_split=cfg.val_split, data_split_seed=cfg.data_split_seed,
-                  input_stats=cfg.input_stats)
+                  input_stats=cfg.input_stats, random_dataset=cfg.random_dataset)
     path = cfg.prepared_path
     if path.exists() and not _matches(path, wanted):
         key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
@@ -406,6 +452,7 @@ class Loader:
     augment: bool = False
     shard: str | None = None
     channels_last: bool = False
+    jitter: bool = False  # the seed's "jitter" random dataset, after normalisation
 
     def __post_init__(self):
         assert self.shard in (None, "batch", "blocks"), self.shard
@@ -416,6 +463,7 @@ class Loader:
     @classmethod
     def of(cls, split: Split, meta: dict, device, batch_size: int, **options) -> "Loader":
         mean, std = (torch.tensor(meta[k], device=device) for k in ("mean", "std"))
+        options.setdefault("jitter", meta.get("random_dataset") == "jitter")
         return cls(*to_device(split, device), mean, std, batch_size, **options)
 
     def sizes(self) -> list[int]:
@@ -446,4 +494,6 @@ class Loader:
                 mine = distributed.part(len(y))
                 x, y = x[mine], y[mine]
             x = normalize(x, self.mean, self.std)
+            if self.jitter:
+                x = jitter(x)
             yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y

@@ -34,7 +34,7 @@ def _logit_map(logits, targets, normalization, target_logit_only):
     if normalization == "crossentropy":
         return (p - F.one_hot(targets, K).to(p.dtype))[:, None, :]  # d CE / dz = p - y
     eye = torch.eye(K, dtype=logits.dtype, device=logits.device).expand(B, K, K)
-    if normalization == "none":
+    if normalization in ("none", "jacobian"):
         A = eye
     elif normalization == "softmax":
         A = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # d p_i / dz_j = p_i (delta_ij - p_j)

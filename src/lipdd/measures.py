@@ -6,7 +6,8 @@ stats options it reads:
   the option "normalization" gives one statistic per normalization asked for (names.stat);
 - "network": fn(network) -> (summary, details): named floats for MLflow and the summary files, and
   anything JSON-able (per-layer values, ...) for the checkpoint's result file; a measure with the
-  option "initial" reads the initial network, so the run needs its epoch-0 checkpoint.
+  option "initial" reads the initial network, so the run needs its epoch-0 checkpoint; one with
+  "training_points" reads the seeded subset of training points (stats.curvature_samples).
 
 A new measure is one function below and one entry in MEASURES; `lipdd stats --metric NAME` then
 computes it at every chosen checkpoint, writes its result files and logs its summaries.
@@ -21,7 +22,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import jacobian, lipschitz
+import numpy as np
+
+from . import curvature, jacobian, lipschitz
 from .names import NORMALIZATIONS
 
 
@@ -65,11 +68,14 @@ class Batch:
 @dataclass
 class Network:
     """A checkpoint as the per-network measures see it: the model (eval mode), the initial
-    network's parameters and the shape of one input."""
+    network's parameters, the shape of one input, a fixed seeded subset of the training points
+    (normalised inputs and the labels trained on) and the stats options."""
 
     model: torch.nn.Module
     initial: Callable[[], dict[str, torch.Tensor]]  # state dict of epoch 0, loaded on first call
     input_shape: tuple[int, int, int]  # (C, H, W)
+    training_points: Callable[[], tuple[torch.Tensor, torch.Tensor]] = None  # loaded on first call
+    options: object = None  # config.StatsConfig
 
 
 # --- per sample ------------------------------------------------------------------------------------
@@ -126,6 +132,28 @@ def lipschitz_upper_bound(network: Network) -> tuple[dict[str, float], dict]:
     return {"lipschitz_upper_bound": bound, "lipschitz_upper_bound_softmax": bound / 2}, {"maps": maps}
 
 
+def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
+    """Curvature of the mean cross-entropy L(theta) on the training subset (the labels trained on,
+    the network in eval mode): the top-k eigenvalues of the Hessian (Lanczos, scipy's eigsh, on
+    Hessian-vector products, to the relative tolerance stats.curvature_tolerance), its trace by
+    Hutchinson's estimator (mean of v^T H v over stats.hutchinson_probes seeded Rademacher v) with
+    its standard error, and the gradient norm ||grad L||."""
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    s = network.options
+    hessian = curvature.Hessian(network.model, *network.training_points())
+    n = hessian.size
+    top = eigsh(LinearOperator((n, n), matvec=hessian.matvec, dtype="float64"), k=s.curvature_top_k, which="LA",
+                tol=s.curvature_tolerance, v0=np.ones(n), return_eigenvectors=False)
+    quadratic = hessian.hutchinson(s.hutchinson_probes, s.curvature_seed)
+    eigenvalues = sorted(top.tolist(), reverse=True)
+    summary = {"hessian_top_eigenvalue": eigenvalues[0], "hessian_trace": float(quadratic.mean()),
+               "hessian_trace_se": float(quadratic.std(ddof=1) / np.sqrt(len(quadratic))),
+               "gradient_norm": hessian.gradient_norm}
+    return summary, {"eigenvalues": eigenvalues, "trace_samples": quadratic.tolist(), "parameters": n,
+                     "training_points": hessian.samples, "tolerance": s.curvature_tolerance}
+
+
 MEASURES = {m.name: m for m in (
     Measure("jacobian_operator_norm", "sample", jacobian_operator_norm, ("normalization",)),
     Measure("jacobian", "sample", jacobian_frobenius_norm, ("normalization",)),
@@ -134,6 +162,7 @@ MEASURES = {m.name: m for m in (
     Measure("confidence", "sample", confidence),
     Measure("distance_from_init", "network", distance_from_init, ("initial",)),
     Measure("lipschitz_upper_bound", "network", lipschitz_upper_bound),
+    Measure("loss_curvature", "network", loss_curvature, ("training_points",)),
 )}
 
 

@@ -5,7 +5,8 @@ reads them back (report), dvc.yaml's plots and the tests."""
 from __future__ import annotations
 
 SPLITS = ("train", "val", "test")
-NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy")
+# "jacobian" is the seed's: it parses it and normalises nothing, so it is the logits' Jacobian
+NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy", "jacobian")
 
 # --- training: per batch (step = global step) and per evaluation (step = epoch) ------------------
 BATCH_LOSS = "batch_loss"
@@ -28,7 +29,20 @@ def is_evaluation(key: str) -> bool:
 # MLflow holds what a researcher charts against epochs and compares across runs; the result files,
 # results/stats/metrics.json and history.csv hold every summary.
 LOGGED_SUMMARIES = ("mean", "clean_mean", "corrupted_mean")
-SUMMARIES = ("mean", "median", "std", "clean_mean", "corrupted_mean")
+# The operator norm's largest value over the samples is the empirical lower bound on the Lipschitz
+# constant (its mean is the paper's estimate); its 99th percentile says whether one sample makes it.
+LOGGED_EXTREMES = ("max", "p99")
+SUMMARIES = ("mean", "median", "std", "max", "p99", "clean_mean", "corrupted_mean")
+
+
+def logged_summaries(measure: str) -> tuple[str, ...]:
+    """The summaries of a per-sample measure's statistics that go to MLflow."""
+    return LOGGED_SUMMARIES + (LOGGED_EXTREMES if measure == "jacobian_operator_norm" else ())
+
+
+def bound_ratio(normalization: str) -> str:
+    """The MLflow metric of the Lipschitz upper bound over the largest per-sample operator norm."""
+    return "lipschitz_upper_bound" + ("" if normalization == "none" else f"_{normalization}") + "_over_max"
 
 
 def stat(measure: str, normalization: str | None = None, target_logit_only: bool = False) -> str:
@@ -57,8 +71,10 @@ def parse_summary_key(key: str) -> tuple[str, str, str] | None:
 
 
 def result_file(measure: str, normalization: str | None, target_logit_only: bool, split: str | None,
-                checkpoint: int, uid: int | None = None, outname: str | None = None) -> str:
-    """The seed's result file name, [OUTNAME-]METRIC[-target_only]-SPLIT-checkpoint-KEY[-id-UID].json
+                checkpoint: int, uid: int | None = None, outname: str | None = None,
+                random_dataset: str | None = None) -> str:
+    """The seed's result file name,
+    [OUTNAME-]METRIC[-target_only][-random_KIND]-SPLIT-checkpoint-KEY[-id-UID].json
     (KEY: the checkpoint as --checkpoint named it; UID: skip / batch_size, when --skip was given),
     with one addition: a normalization other than none follows METRIC, because one lipdd call
     computes several where the seed computed one. Per-network measures have no SPLIT."""
@@ -67,6 +83,8 @@ def result_file(measure: str, normalization: str | None, target_logit_only: bool
         name += f"-{normalization}"
     if target_logit_only and normalization != "crossentropy":
         name += "-target_only"
+    if random_dataset:
+        name += f"-random_{random_dataset}"
     if split:
         name += f"-{split}"
     name += f"-checkpoint-{checkpoint}"

@@ -11,6 +11,7 @@ and joining the shard files of independent --skip jobs are commands of their own
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -27,6 +28,9 @@ from . import distributed, files, names, runs, runtime, seedlayout, tracking
 from .config import Config, ConfigError
 from .measures import MEASURES, Network, per_sample
 from .models import model_for
+
+
+log = logging.getLogger(__name__)
 
 
 def select_checkpoints(cfg: Config, available: list[tuple[int, str]], steps_per_epoch: int):
@@ -59,6 +63,15 @@ def sample_selection(cfg: Config, n_split: int) -> np.ndarray:
         raise ConfigError(f"stats.num_samples: {s.num_samples or n} samples from position {start} are more than the "
                           f"{n_split} samples of split {s.dataset_split!r}")
     return np.arange(start, start + n)
+
+
+def training_points(cfg: Config, prepared: datalib.Prepared, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised inputs, labels trained on) of stats.curvature_samples training points drawn without
+    replacement with stats.curvature_seed, in split order: the same points at every checkpoint."""
+    train, s = prepared.splits["train"], cfg.stats
+    n = min(s.curvature_samples, len(train.labels))
+    chosen = np.sort(np.random.default_rng(s.curvature_seed).choice(len(train.labels), n, replace=False))
+    return next(iter(datalib.Loader.of(train.take(chosen), prepared.meta, device, n)))
 
 
 def analysed_run(cfg: Config) -> tuple:
@@ -100,7 +113,8 @@ def gather_values(values: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarray] | 
 
 
 def summarize(values: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
-    out = dict(mean=values.mean(), median=np.median(values), std=values.std())
+    out = dict(mean=values.mean(), median=np.median(values), std=values.std(), max=values.max(),
+               p99=np.percentile(values, 99))
     if corrupted.any():
         out["corrupted_mean"] = values[corrupted].mean()
     if (~corrupted).any():
@@ -136,7 +150,7 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     model = model_for(run_cfg, prepared.meta).to(device).eval()
     initial = cache(lambda: tracking.load_checkpoint(client, run_id, available[0][1], device)["model"])
     channels_first = prepared.meta["image_shape"][2:] + prepared.meta["image_shape"][:2]
-    network = Network(model, initial, tuple(channels_first))
+    network = Network(model, initial, tuple(channels_first), cache(lambda: training_points(cfg, prepared, device)), s)
     write = distributed.rank0_only(Writer, cfg, client, run_id, run_cfg, samples, prepared.meta, out_dir)
     with write:
         for key, epoch, artifact in chosen:
@@ -158,6 +172,7 @@ class Writer:
         self.cfg, self.client, self.run_id, self.samples, self.out_dir = cfg, client, run_id, samples, out_dir
         self.first_batch = (s.skip or 0) // s.batch_size
         self.uid = None if s.skip is None else self.first_batch  # the seed names shards only when --skip is given
+        self.random_dataset = run_cfg.random_dataset
         # The seed's metadata keys, then lipdd's own.
         self.metadata = {"model": run_cfg.model_name, "dataset": run_cfg.data, "split": s.dataset_split,
                          "seed": run_cfg.seed, "label-noise": run_cfg.label_noise,
@@ -187,32 +202,41 @@ class Writer:
     def checkpoint(self, key: int, epoch: int, step: int, values: dict[tuple, np.ndarray], network: dict,
                    seconds: float):
         s, split = self.cfg.stats, self.cfg.stats.dataset_split
-        self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run {self.run_id} checkpoint {key} (epoch {epoch}): "
-                       f"{len(self.samples.labels)} {split} samples from position {s.skip or 0}, {seconds:.1f}s\n")
+        line = (f"run {self.run_id} checkpoint {key} (epoch {epoch}): {len(self.samples.labels)} {split} samples "
+                f"from position {s.skip or 0}, {seconds:.1f}s")
+        log.info(line)
+        self.log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
         row, batch_rows = {"epoch": epoch}, []
         starts = range(0, len(self.samples.labels), s.batch_size)
         for (measure, norm), sample_values in values.items():
             name = names.stat(measure, norm, s.target_logit_only)
             summary = summarize(sample_values, self.samples.corrupted)
             self.log_summary(epoch, {names.summary_key(split, name, k): summary[k]
-                                     for k in names.LOGGED_SUMMARIES if k in summary})
+                                     for k in names.logged_summaries(measure) if k in summary})
             row.update({f"{name}_{k}": v for k, v in summary.items()})
             self.last[name] = summary
             batch_means = [float(sample_values[i:i + s.batch_size].mean()) for i in starts]
             batch_rows += [{"statistic": name, "batch": self.first_batch + b, "mean": m}
                            for b, m in enumerate(batch_means)]
             path = self.out_dir / names.result_file(measure, norm, s.target_logit_only, split, key, self.uid,
-                                                    s.outname)
+                                                    s.outname, self.random_dataset)
             # the seed nests each sample's value in a list of its own
             self.write(path, {"stats": sample_values[:, None].tolist(), "batch_means": batch_means,
                               "sample_ids": self.samples.index.tolist(), "targets": self.samples.labels.tolist(),
                               "ground_truths": self.samples.clean_labels.tolist(),
                               "metadata": self.meta(key, epoch, step, measure, norm)}, f"mean {summary['mean']:.6g}")
+        if "lipschitz_upper_bound" in network and not s.target_logit_only:  # how far apart the two bounds are
+            bound = network["lipschitz_upper_bound"][0]
+            for norm in ("none", "softmax"):
+                if (names.OPNORM, norm) in values:
+                    ratio = names.bound_ratio(norm)
+                    bound[ratio] = bound[ratio.removesuffix("_over_max")] / float(values[names.OPNORM, norm].max())
         for measure, (summary, details) in network.items():
             self.log_summary(epoch, summary)
             row.update(summary)
             self.last[measure] = summary
-            path = self.out_dir / names.result_file(measure, None, False, None, key, None, s.outname)
+            path = self.out_dir / names.result_file(measure, None, False, None, key, None, s.outname,
+                                                    self.random_dataset)
             self.write(path, {"summary": summary, **details, "metadata": self.meta(key, epoch, step, measure, None)},
                        summary)
         self.logger.flush()
@@ -256,10 +280,12 @@ def load_weights(model, state_dict: dict, run_id: str, artifact: str) -> None:
 
 
 def list_checkpoints(cfg: Config) -> None:
-    """The seed's `--checkpoint` with no value: the run's checkpoints, by ordinal."""
+    """The seed's `--checkpoint` with no value: the run's checkpoints, by ordinal, with the global
+    step the seed lists them by."""
     client, run, _, _ = analysed_run(cfg)
+    steps = int(run.data.tags.get("steps_per_epoch", 0))
     for i, (epoch, path) in enumerate(tracking.list_checkpoints(client, run.info.run_id)):
-        print(f"{i}\tepoch {epoch}\t{path}")
+        print(f"{i}\tstep {epoch * steps}\tepoch {epoch}\t{path}")
 
 
 def merge(cfg: Config) -> list[Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 import shutil
@@ -28,6 +29,9 @@ from . import data as datalib
 from . import distributed, files, names, runs, runtime, tracking
 from .config import Config, ConfigError, TrainingDiverged
 from .models import model_for
+
+log = logging.getLogger(__name__)
+
 
 def train(cfg: Config) -> str:
     """Train one network as `cfg` says (or continue run `cfg.resume_from`); returns the run id."""
@@ -195,6 +199,7 @@ class Recorder:
     def evaluate(self, epoch: int, lr: float | None = None) -> bool:
         """Logs the evaluation of every split; whether it stops the training early."""
         row = evaluation(self.model, self.eval_loaders)
+        log.info("run %s epoch %d: %s", self.run_id, epoch, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
         self.logger.log_dict(row if lr is None else {names.LR: lr, **row}, step=epoch)
         self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}")
         return early_exit(self.cfg, row)

@@ -1,0 +1,45 @@
+"""The Hessian of the mean training loss with respect to the parameters, as products H v.
+
+H v is the gradient of g . v, where g = dL/dtheta is kept with its graph (reverse over reverse).
+The gradient's graph is built once, in chunks of samples, and kept for every product: memory is
+that of a forward and a backward pass over all the samples (stats.curvature_samples bounds it),
+and a product costs one backward pass through it. Vectors are flat, in the order of
+model.parameters(), as float64 numpy arrays for scipy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CHUNK = 256  # samples per forward pass
+
+
+class Hessian:
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.size = sum(p.numel() for p in self.params)
+        self.samples = len(y)
+        self.grads = []  # each chunk's share of the gradient, with its graph
+        for i in range(0, self.samples, CHUNK):
+            loss = F.cross_entropy(model(x[i:i + CHUNK]), y[i:i + CHUNK], reduction="sum") / self.samples
+            self.grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, self.params,
+                                                                                create_graph=True)]))
+        self.gradient_norm = float(torch.linalg.vector_norm(sum(g.detach() for g in self.grads).double()))
+
+    def matvec(self, v: np.ndarray) -> np.ndarray:
+        """H v."""
+        p = self.params[0]
+        v = torch.as_tensor(np.ravel(v), dtype=p.dtype, device=p.device)
+        total = 0
+        for g in self.grads:
+            total = total + torch.cat([h.flatten() for h in torch.autograd.grad(g @ v, self.params,
+                                                                                 retain_graph=True)])
+        return total.double().cpu().numpy()
+
+    def hutchinson(self, probes: int, seed: int) -> np.ndarray:
+        """v^T H v for `probes` Rademacher vectors v drawn with `seed`: each an unbiased estimate of
+        the trace."""
+        rng = np.random.default_rng(seed)
+        return np.array([v @ self.matvec(v) for v in (rng.integers(0, 2, self.size) * 2.0 - 1 for _ in range(probes))])
