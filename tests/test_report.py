@@ -11,7 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from lipdd import config, tracking
 from lipdd.config import ConfigError
-from lipdd.report import report
+from lipdd.report import correlations, interpolation_threshold, report
+from scipy.stats import spearmanr
 
 EPOCHS = 4
 CHECKPOINTS = (0, 2, 4)
@@ -19,7 +20,10 @@ OPNORM = [f"train_jacobian_operator_norm_{n}_{s}" for n in ("none", "softmax")
           for s in ("mean", "median", "std", "clean_mean", "corrupted_mean")]
 # Logged by stats too, but not what the report reads: per-batch means and another split.
 IGNORED = ["train_jacobian_operator_norm_none_batch_mean_epoch0004", "test_jacobian_operator_norm_none_mean"]
-FILES = {"by_width.csv", "by_epoch.csv", "error_vs_width.png", "lipschitz_vs_width.png", "lipschitz_vs_epoch.png"}
+FILES = {"by_width.csv", "by_epoch.csv", "error_vs_width.png", "lipschitz_vs_width.png", "lipschitz_vs_epoch.png",
+         "measures_by_width.csv", "measures_by_epoch.csv", "correlation.csv", "measures_vs_width.png",
+         "measures_vs_epoch.png", "correlation.png"}
+NETWORK = ["hessian_top_eigenvalue", "lipschitz_upper_bound"]
 
 
 @pytest.fixture
@@ -42,7 +46,7 @@ def make_run(client, exp_id, status="FINISHED", stats=True, **overrides):
     for epoch in range(EPOCHS + 1):
         keys = ["train_error", "test_error", "train_loss", "lr"]
         if stats and epoch in CHECKPOINTS:
-            keys += OPNORM + IGNORED
+            keys += OPNORM + IGNORED + NETWORK
         for key in keys:
             logged.setdefault(key, {})[epoch] = rng.random()
     metrics = [Metric(k, v, now, step) for k, series in logged.items() for step, v in series.items()]
@@ -116,6 +120,21 @@ def test_report(store, tmp_path):
             key = column.replace("opnorm", "train_jacobian_operator_norm")
             assert float(row[column]) == expected(group, key, epoch)
 
+    # Every measure, and how it tracks test error across widths.
+    measures = sorted(k for k in OPNORM + NETWORK if not k.endswith(("_median", "_std")))
+    rows = read_csv(out / "measures_by_width.csv")
+    assert list(rows[0]) == ["width", "n_runs", "train_error", "test_error", *measures, "run_ids"]
+    for row in rows:
+        for key in measures:
+            assert float(row[key]) == pytest.approx(expected(runs[int(row["width"])], key))
+    correlation = {r["measure"]: r for r in read_csv(out / "correlation.csv")}
+    assert sorted(correlation) == measures
+    for key in measures:
+        means = [(expected(runs[w], key), expected(runs[w], "test_error")) for w in (1, 2, 4)]
+        assert float(correlation[key]["spearman_rho"]) == pytest.approx(spearmanr(*zip(*means)).statistic)
+        assert -1 <= float(correlation[key]["ci_low"]) <= float(correlation[key]["ci_high"]) <= 1  # width 2: 2 runs
+        assert (correlation[key]["n_widths"], correlation[key]["n_runs"]) == ("3", "4")
+
     (run,) = client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")
     assert run.info.status == "FINISHED" and run.info.run_name == "report-cnn5-digits-noise0.2"
     assert run.data.params["n_runs"] == "4" and run.data.params["label_noise"] == "0.2"
@@ -177,3 +196,14 @@ def test_another_sweep_at_the_same_noise_is_left_out(store, tmp_path, capsys):
         report(report_config(uri, tmp_path, label_noise=0.4, learning_rate=0.1))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert len(client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")) == 1
+
+
+def test_interpolation_threshold_and_correlation_by_hand():
+    rows = [{"width": w, "train_error": e} for w, e in ((1, 0.3), (2, 0.1), (4, 0.0), (8, 0.0))]
+    assert interpolation_threshold(rows) == 4
+    assert interpolation_threshold(rows[:2]) is None
+    # test error 0.3, 0.2, 0.4, 0.1 (ranks 3, 2, 4, 1) against a measure 1, 2, 3, 4 (ranks 1, 2, 3, 4)
+    by_width = {w: [("r", {"test_error": t, "m": m}, {})] for w, t, m in ((1, .3, 1), (2, .2, 2), (4, .4, 3), (8, .1, 4))}
+    (row,) = correlations(by_width, ["m"])
+    assert row["spearman_rho"] == pytest.approx(1 - 6 * (4 + 0 + 1 + 9) / (4 * 15))  # 1 - 6 sum d^2 / (n (n^2 - 1))
+    assert row["ci_low"] is None and row["ci_high"] is None  # one run a width: nothing to resample

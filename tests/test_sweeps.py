@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import socket
 import subprocess
@@ -21,7 +22,7 @@ def repo(tmp_path):
 def test_queued_width_sweep_lands_in_the_workspace_store(repo):
     """Queued experiments run in temporary copies under .dvc/tmp/exps; their runs must still
     land in the workspace's store, tagged with their DVC experiment names."""
-    repo.run("dvc", "exp", "run", "--queue", "-S", "width=1,3")
+    repo.run("dvc", "exp", "run", "--queue", "-S", "width=1,2,3")
     repo.run("dvc", "queue", "start", "-j", "2")
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -32,10 +33,10 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
     assert "Failed" not in status, repo.run("dvc", "queue", "logs", status.split()[0], check=False).stdout
 
     runs = repo.training_runs()
-    assert sorted(r.data.params["width"] for r in runs) == ["1", "3"]
+    assert sorted(r.data.params["width"] for r in runs) == ["1", "2", "3"]
     assert all(r.info.status == "FINISHED" for r in runs)
     names = {r.data.tags["dvc_exp_name"] for r in runs}
-    assert len(names) == 2
+    assert len(names) == 3
     assert not list((repo.path / ".dvc" / "tmp" / "exps").glob("**/mlflow.db"))
     assert not list((repo.path / ".dvc" / "tmp" / "exps").glob("**/mlruns"))
     for r in runs:  # artifacts under the workspace, not a deleted temporary copy
@@ -51,6 +52,17 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
         assert metrics["run_id"] == r.info.run_id
         test_error = data["metrics"]["results/train/metrics.json"]["data"]["test_error"]
         assert test_error == repo.client().get_run(r.info.run_id).data.metrics["test_error"]
+
+    # The report of the sweep: every measure against width, and its correlation with test error.
+    repo.run("lipdd", "report", "--params", "params.yaml")
+    with open(repo.path / "results/report/correlation.csv") as f:
+        correlation = {row["measure"]: row for row in csv.DictReader(f)}
+    for measure in ("train_jacobian_operator_norm_none_mean", "train_jacobian_operator_norm_none_max",
+                    "distance_from_init", "lipschitz_upper_bound", "lipschitz_upper_bound_over_max",
+                    "hessian_top_eigenvalue", "hessian_trace", "gradient_norm"):
+        assert correlation[measure]["n_widths"] == "3", measure
+        assert correlation[measure]["spearman_rho"] != "", measure
+    assert (repo.path / "results/report/measures_vs_width.png").stat().st_size > 10_000
 
 
 def free_port() -> int:

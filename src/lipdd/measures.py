@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import numpy as np
 
 from . import curvature, jacobian, lipschitz
-from .names import NORMALIZATIONS
+from .names import NORMALIZATIONS, bound_ratio
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class Measure:
     kind: str  # "sample" | "network"
     fn: Callable
     options: tuple[str, ...] = ()
+    keys: tuple[str, ...] = ()  # a network measure's summary keys (what it logs to MLflow)
 
 
 class Batch:
@@ -160,9 +161,12 @@ MEASURES = {m.name: m for m in (
     Measure("accuracy", "sample", accuracy),
     Measure("crossentropy", "sample", crossentropy),
     Measure("confidence", "sample", confidence),
-    Measure("distance_from_init", "network", distance_from_init, ("initial",)),
-    Measure("lipschitz_upper_bound", "network", lipschitz_upper_bound),
-    Measure("loss_curvature", "network", loss_curvature, ("training_points",)),
+    Measure("distance_from_init", "network", distance_from_init, ("initial",),
+            ("distance_from_init", "distance_from_init_relative", "parameter_norm")),
+    Measure("lipschitz_upper_bound", "network", lipschitz_upper_bound, (),
+            ("lipschitz_upper_bound", "lipschitz_upper_bound_softmax", bound_ratio("none"), bound_ratio("softmax"))),
+    Measure("loss_curvature", "network", loss_curvature, ("training_points",),
+            ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_se", "gradient_norm")),
 )}
 
 

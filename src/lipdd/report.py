@@ -1,5 +1,8 @@
 """Figures and tables across training runs: double descent of the error and of the Lipschitz
-estimate (mean Jacobian operator norm on training points) against width and against epoch.
+estimate (mean Jacobian operator norm on training points) against width and against epoch; every
+measure `lipdd stats` logged against width and epoch, the interpolation threshold (the first width
+whose training error on the noisy labels is 0) marked; and how well each measure tracks test error
+across widths (Spearman's rho, with a bootstrap interval over the runs of each width).
 
 Reads only MLflow: the finished training runs of experiment `name` with the report's data, model
 family and label noise; where those runs disagree in another training parameter (two sweeps, say
@@ -11,8 +14,12 @@ display, no global backend state.
 from __future__ import annotations
 
 import io
+import math
 from collections import defaultdict
 from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
 
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
@@ -36,27 +43,40 @@ def opnorm(key: str) -> tuple[str, str] | None:
     return (norm, parsed[2]) if norm != parsed[1] and norm.removesuffix("_target") in names.NORMALIZATIONS else None
 
 
+def is_measure(key: str) -> bool:
+    """Whether an MLflow metric is a per-checkpoint measure: a logged summary of a statistic on
+    the training points, or a per-network measure's key."""
+    from .measures import MEASURES  # imports torch: only when a report is drawn
+
+    parsed = names.parse_summary_key(key)
+    if parsed is not None:
+        return parsed[0] == "train" and parsed[2] in names.LOGGED_SUMMARIES + names.LOGGED_EXTREMES
+    return any(key in m.keys for m in MEASURES.values())
+
+
 def drawable(run) -> bool:
     return "test_error" in run.data.metrics or any(map(opnorm, run.data.metrics))
 
 
 def collect(client, runs) -> tuple[dict[int, list], list[str]]:
-    """Per width, (run id, final values, per-epoch operator norms) of each run, and the
-    normalizations found. Final = MLflow's latest value, the one at the highest step."""
+    """Per width, (run id, final values, per-epoch values of every measure) of each run, and the
+    normalizations of the operator norm found. Final = MLflow's latest value, the one at the
+    highest step; operator norm summaries also under their opnorm_* columns."""
     by_width, norms = defaultdict(list), set()
     for r in runs:
         metrics = r.data.metrics
         final = {k: metrics.get(k) for k in names.ERRORS}
         series = {}
         for key, value in metrics.items():
+            if not is_measure(key):
+                continue
+            # Same tie-break as MLflow's latest value when a step was logged twice (stats rerun).
+            history = sorted(client.get_metric_history(r.info.run_id, key), key=lambda h: (h.step, h.timestamp, h.value))
+            final[key], series[key] = value, {h.step: h.value for h in history}
             if found := opnorm(key):
                 norms.add(found[0])
                 col = names.opnorm_column(*found)
-                final[col] = value
-                # Same tie-break as MLflow's latest value when a step was logged twice (stats rerun).
-                history = sorted(client.get_metric_history(r.info.run_id, key),
-                                 key=lambda h: (h.step, h.timestamp, h.value))
-                series[col] = {h.step: h.value for h in history}
+                final[col], series[col] = value, series[key]
         by_width[int(r.data.params["width"])].append((r.info.run_id, final, series))
     order = sorted(norms, key=lambda n: (names.NORMALIZATIONS.index(n.removesuffix("_target")), n))
     return by_width, order
@@ -67,8 +87,9 @@ def mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def tables(by_width: dict[int, list], norms: list[str]) -> tuple[list[dict], list[dict]]:
-    columns = [names.opnorm_column(n, s) for n in norms for s in SUMMARIES]
+def tables(by_width: dict[int, list], columns: list[str]) -> tuple[list[dict], list[dict]]:
+    """Per width, the mean over its runs of the errors and `columns` at the last checkpoint; per
+    width and epoch, of `columns`."""
     width_rows, epoch_rows = [], []
     for width in sorted(by_width):
         group = by_width[width]
@@ -84,15 +105,108 @@ def tables(by_width: dict[int, list], norms: list[str]) -> tuple[list[dict], lis
 
 
 def points(rows: list[dict], x: str, y: str) -> tuple[list, list]:
-    pairs = [(row[x], row[y]) for row in rows if row[y] is not None]
+    pairs = [(row[x], row[y]) for row in rows if row.get(y) is not None]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def width_axis(ax, ylabel: str, title: str) -> None:
+def interpolation_threshold(width_rows: list[dict]) -> int | None:
+    """The first width whose (mean) training error on the noisy labels is 0."""
+    return next((row["width"] for row in width_rows if row["train_error"] == 0), None)
+
+
+def width_axis(ax, ylabel: str, title: str, threshold: int | None = None, legend: bool = True) -> None:
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter("{x:g}")  # 1, 2, 4 ... 64 rather than 2^0 ... 2^6
+    if threshold is not None:
+        ax.axvline(threshold, color="gray", linestyle="--", linewidth=1, label="interpolation threshold")
     ax.set(xlabel="width", ylabel=ylabel, title=title)
-    ax.legend()
+    if legend:
+        ax.legend()
+
+
+def correlations(by_width: dict[int, list], keys: list[str], rounds: int = 1000, seed: int = 0) -> list[dict]:
+    """Per measure, Spearman's rho between its final value and test error across widths (means
+    over each width's runs) and, when some width has several runs, a 95% bootstrap interval:
+    each round resamples every width's runs with replacement, measure and error together."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key in keys:
+        groups = [[(final.get(key), final.get("test_error")) for _, final, _ in by_width[w]] for w in sorted(by_width)]
+        groups = [[p for p in g if None not in p] for g in groups]
+        groups = [np.array(g, dtype=np.float64) for g in groups if g]
+        rho = _rho([g.mean(0) for g in groups])
+        low = high = None
+        if any(len(g) > 1 for g in groups):
+            boot = [_rho([g[rng.integers(0, len(g), len(g))].mean(0) for g in groups]) for _ in range(rounds)]
+            boot = [b for b in boot if not math.isnan(b)]
+            if boot:
+                low, high = (float(q) for q in np.percentile(boot, [2.5, 97.5]))
+        rows.append({"measure": key, "spearman_rho": rho, "ci_low": low, "ci_high": high, "n_widths": len(groups),
+                     "n_runs": sum(len(g) for g in groups)})
+    return rows
+
+
+def _rho(pairs: list) -> float:
+    if len(pairs) < 3:
+        return math.nan
+    x, y = np.array(pairs).T
+    return float(spearmanr(x, y).statistic) if np.ptp(x) > 0 and np.ptp(y) > 0 else math.nan
+
+
+def drawn_measures(keys: list[str]) -> list[str]:
+    """The measures a figure gets a panel for: each statistic's mean (and the operator norm's
+    max), each per-network measure but standard errors."""
+    def wanted(key):
+        parsed = names.parse_summary_key(key)
+        if parsed is None:
+            return not key.endswith("_se")
+        return parsed[2] == "mean" or (parsed[2] == "max" and parsed[1].startswith(names.OPNORM))
+    return [k for k in keys if wanted(k)]
+
+
+def grid(n: int, title: str) -> tuple[Figure, list]:
+    cols = min(4, max(1, n))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
+    fig.suptitle(title)
+    return fig, list(fig.subplots(rows, cols, squeeze=False).flat)
+
+
+def draw_measures(out: Path, title: str, keys: list[str], width_rows, epoch_rows, correlation) -> list[Path]:
+    threshold = interpolation_threshold(width_rows)
+    keys = drawn_measures(keys)
+    fig, axes = grid(len(keys), f"{title}, last checkpoint")
+    for ax, key in zip(axes, keys):
+        ax.plot(*points(width_rows, "width", key), "o-")
+        width_axis(ax, "", key, threshold, legend=False)
+        ax.title.set_fontsize(9)
+    written = [save(fig, out / "measures_vs_width.png")]
+
+    fig, axes = grid(len(keys), title)
+    widths = [row["width"] for row in width_rows]
+    for ax, key in zip(axes, keys):
+        for i, width in enumerate(widths):
+            rows = [row for row in epoch_rows if row["width"] == width]
+            ax.plot(*points(rows, "epoch", key), color=f"C{i % 10}", label=f"width {width}")
+        ax.set(xlabel="epoch", title=key)
+        ax.title.set_fontsize(9)
+    if keys:
+        axes[0].legend(fontsize=7)
+    written.append(save(fig, out / "measures_vs_epoch.png"))
+
+    shown = [r for r in correlation if r["measure"] in keys and not math.isnan(r["spearman_rho"])]
+    fig = Figure(figsize=(7, 0.3 * len(shown) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    y = list(range(len(shown)))
+    rho = [r["spearman_rho"] for r in shown]
+    err = [[r["spearman_rho"] - r["ci_low"] if r["ci_low"] is not None else 0 for r in shown],
+           [r["ci_high"] - r["spearman_rho"] if r["ci_high"] is not None else 0 for r in shown]]
+    ax.barh(y, rho, xerr=err, color=["C0" if v >= 0 else "C3" for v in rho])
+    ax.set_yticks(y, [r["measure"] for r in shown], fontsize=7)
+    ax.set(xlim=(-1, 1), xlabel="Spearman's rho with test error across widths",
+           title=f"{title}\n(bars: 95% bootstrap interval over runs, where a width has several)")
+    written.append(save(fig, out / "correlation.png"))
+    return written
 
 
 def panels(norms: list[str], title: str) -> tuple[Figure, list]:
@@ -117,14 +231,15 @@ def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_
     ax = fig.subplots()
     for key in names.ERRORS:
         ax.plot(*points(width_rows, "width", key), "o-", label=key.replace("_", " "))
-    width_axis(ax, "final error", title)
+    threshold = interpolation_threshold(width_rows)
+    width_axis(ax, "final error", title, threshold)
     written = [save(fig, out / "error_vs_width.png")]
 
     fig, axes = panels(norms, f"{title}, last checkpoint")
     for ax, norm in zip(axes, norms):
         for summary in SUMMARIES:
             ax.plot(*points(width_rows, "width", names.opnorm_column(norm, summary)), "o-", label=LABELS[summary])
-        width_axis(ax, "operator norm", f"normalization: {norm}")
+        width_axis(ax, "operator norm", f"normalization: {norm}", threshold)
     written.append(save(fig, out / "lipschitz_vs_width.png"))
 
     fig, axes = panels(norms, title)
@@ -148,12 +263,19 @@ def report(cfg: Config) -> list[Path]:
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
     exp_id, drawn = runs.for_report(client, cfg, drawable)
     by_width, norms = collect(client, drawn)
-    width_rows, epoch_rows = tables(by_width, norms)
+    width_rows, epoch_rows = tables(by_width, [names.opnorm_column(n, s) for n in norms for s in SUMMARIES])
+    keys = sorted({k for group in by_width.values() for _, final, _ in group for k in final if is_measure(k)})
+    measure_rows, measure_epoch_rows = tables(by_width, keys)
+    correlation = correlations(by_width, keys)
     out = Path(cfg.results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     title = f"{cfg.model} on {cfg.data}, label noise {cfg.label_noise:g}"
     written = [files.write_csv(out / "by_width.csv", width_rows), files.write_csv(out / "by_epoch.csv", epoch_rows),
-               *draw(out, title, norms, width_rows, epoch_rows)]
+               *draw(out, title, norms, width_rows, epoch_rows),
+               files.write_csv(out / "measures_by_width.csv", measure_rows),
+               files.write_csv(out / "measures_by_epoch.csv", measure_epoch_rows),
+               files.write_csv(out / "correlation.csv", correlation),
+               *draw_measures(out, title, keys, measure_rows, measure_epoch_rows, correlation)]
 
     run = client.create_run(exp_id, run_name=f"report-{cfg.model}-{cfg.data}-noise{cfg.label_noise:g}",
                             tags={runs.KIND: "report"})
