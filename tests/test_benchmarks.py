@@ -5,12 +5,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import bench_stats  # noqa: E402
 import bench_train  # noqa: E402
+import bench_measures  # noqa: E402
 
 from lipdd.models import build_model  # noqa: E402
 
@@ -62,3 +64,15 @@ def test_logging_overhead_is_timed_inside_a_real_training(workdir, capsys):
     assert 0 < overhead < 0.2
     # 100 epochs of 8 batch losses; 11 evaluations of 11 metrics, and the learning rate after epoch 0
     assert "\n     931 " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1), (2, 0)])
+def test_sparse_reference_matrices_are_the_layers_maps(stride, padding):
+    """bench_measures' explicit matrices: a convolution's and a pooling's, against the layers."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, stride=stride, padding=padding, bias=False).double()
+    x = torch.randn(3, 7, 7, dtype=torch.float64)
+    got = bench_measures.conv_matrix(conv, (3, 7, 7)) @ x.flatten().numpy()
+    assert np.allclose(got, conv(x[None]).flatten().detach().numpy(), rtol=1e-12, atol=1e-12)
+    pooled = bench_measures.pool_matrix((3, 8, 8), 2) @ torch.arange(192.0).numpy()
+    assert np.allclose(pooled, torch.nn.functional.avg_pool2d(torch.arange(192.0).view(1, 3, 8, 8), 2).flatten())
