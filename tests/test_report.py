@@ -207,3 +207,21 @@ def test_interpolation_threshold_and_correlation_by_hand():
     (row,) = correlations(by_width, ["m"])
     assert row["spearman_rho"] == pytest.approx(1 - 6 * (4 + 0 + 1 + 9) / (4 * 15))  # 1 - 6 sum d^2 / (n (n^2 - 1))
     assert row["ci_low"] is None and row["ci_high"] is None  # one run a width: nothing to resample
+
+
+def test_bootstrap_interval_over_the_runs_of_a_width():
+    # Width 1 has two runs, (measure 10, error 0.1) and (0, 0.0); the others one each. A bootstrap
+    # round sees width 1 as one of them (probability 1/4 each: rho -0.2 and 1) or as their mean
+    # (1/2: rho 0.4, the point estimate), so over 1000 rounds the 95% interval is [-0.2, 1].
+    def runs(*pairs):
+        return [("r", {"m": m, "test_error": e}, {}) for m, e in pairs]
+
+    by_width = {1: runs((10, 0.1), (0, 0.0)), 2: runs((2, 0.2)), 4: runs((4, 0.4)), 8: runs((6, 0.6))}
+    (row,) = correlations(by_width, ["m"])
+    assert row["spearman_rho"] == pytest.approx(0.4) and row["n_runs"] == 5 and row["n_widths"] == 4
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((-0.2, 1.0))
+    assert correlations(by_width, ["m"]) == [row]  # seeded: the same interval every time
+    # Runs that agree leave nothing to resample: the interval is the point.
+    by_width[1] = runs((5, 0.05), (5, 0.05))
+    (row,) = correlations(by_width, ["m"])
+    assert row["ci_low"] == row["ci_high"] == pytest.approx(row["spearman_rho"]) == pytest.approx(0.4)

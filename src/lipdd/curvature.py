@@ -3,8 +3,8 @@
 H v is the gradient of g . v, where g = dL/dtheta is kept with its graph (reverse over reverse).
 The gradient's graph is built once, in chunks of samples, and kept for every product: memory is
 that of a forward and a backward pass over all the samples (stats.curvature_samples bounds it),
-and a product costs one backward pass through it. Vectors are flat, in the order of
-model.parameters(), as float64 numpy arrays for scipy.
+and a product costs one backward pass through it. Vectors are flat float64 tensors on the model's
+device, in the order of model.parameters().
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Hessian:
     def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.size = sum(p.numel() for p in self.params)
+        self.device = self.params[0].device
         self.samples = len(y)
         self.grads = []  # each chunk's share of the gradient, with its graph
         for i in range(0, self.samples, CHUNK):
@@ -28,18 +29,18 @@ class Hessian:
                                                                                 create_graph=True)]))
         self.gradient_norm = float(torch.linalg.vector_norm(sum(g.detach() for g in self.grads).double()))
 
-    def matvec(self, v: np.ndarray) -> np.ndarray:
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v."""
-        p = self.params[0]
-        v = torch.as_tensor(np.ravel(v), dtype=p.dtype, device=p.device)
+        v = v.to(self.params[0].dtype)
         total = 0
         for g in self.grads:
             total = total + torch.cat([h.flatten() for h in torch.autograd.grad(g @ v, self.params,
                                                                                  retain_graph=True)])
-        return total.double().cpu().numpy()
+        return total.double()
 
     def hutchinson(self, probes: int, seed: int) -> np.ndarray:
         """v^T H v for `probes` Rademacher vectors v drawn with `seed`: each an unbiased estimate of
         the trace."""
         rng = np.random.default_rng(seed)
-        return np.array([v @ self.matvec(v) for v in (rng.integers(0, 2, self.size) * 2.0 - 1 for _ in range(probes))])
+        vectors = (torch.from_numpy(rng.integers(0, 2, self.size) * 2.0 - 1).to(self.device) for _ in range(probes))
+        return np.array([float(v @ self.matvec(v)) for v in vectors])

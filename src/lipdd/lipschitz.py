@@ -6,8 +6,8 @@ convolutions with their own stride and padding (no circular approximation), pool
 eval mode, flatten and the final linear layer, composed; biases drop out (they shift, they do not
 stretch). ReLU is 1-Lipschitz. A residual block, relu(branch(x) + shortcut(x)), is bounded by
 ||shortcut|| + ||second map|| * ||first map|| of its branch. Each norm is the square root of the
-top eigenvalue of A^T A, found by Lanczos iteration (scipy's eigsh, ARPACK) on products computed
-in float64 by autograd: A v by the forward pass, A^T w by its backward pass.
+top eigenvalue of A^T A, found by Lanczos iteration (lipdd.lanczos) on products computed in float64
+by autograd: A v by the forward pass, A^T w by its backward pass.
 """
 
 from __future__ import annotations
@@ -15,38 +15,33 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
-from scipy.sparse.linalg import LinearOperator, eigsh
 
+from .lanczos import top_eigenvalues
 from .models import CNN5, BasicBlock, ResNet
 
-TOLERANCE = 1e-10  # eigsh's relative tolerance on the top eigenvalue of A^T A
+TOLERANCE = 1e-10  # relative tolerance on the top eigenvalue of A^T A
 # in eval mode, where the bound is taken, dropout is the identity
 LINEAR = (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Identity,
           nn.Dropout)
 
 
-def spectral_norm(affine, shape: tuple[int, ...]) -> float:
+def spectral_norm(affine, shape: tuple[int, ...], device="cpu") -> float:
     """Largest singular value of the linear part A of `affine` (x -> A x + b) on inputs of `shape`."""
     n = math.prod(shape)
-    zero = torch.zeros(1, *shape, dtype=torch.float64)
+    zero = torch.zeros(1, *shape, dtype=torch.float64, device=device)
     with torch.no_grad():
         offset = affine(zero)
 
-    def gram(v: np.ndarray) -> np.ndarray:  # A^T A v
-        x = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).view(1, *shape).requires_grad_()
+    def gram(v: torch.Tensor) -> torch.Tensor:  # A^T A v
+        x = v.view(1, *shape).requires_grad_()
         with torch.enable_grad():
             y = affine(x) - offset
             (back,) = torch.autograd.grad(y, x, y.detach())
-        return back.flatten().numpy()
+        return back.flatten()
 
-    if n <= 2:  # too small for ARPACK: the explicit Gram matrix
-        top = np.linalg.eigvalsh(np.stack([gram(e) for e in np.eye(n)]))[-1]
-    else:
-        op = LinearOperator((n, n), matvec=gram, dtype=np.float64)
-        top = eigsh(op, k=1, which="LA", tol=TOLERANCE, v0=np.ones(n), return_eigenvectors=False)[0]
+    (top,), _ = top_eigenvalues(gram, n, tol=TOLERANCE, device=device)
     return math.sqrt(max(top, 0.0))
 
 
@@ -66,14 +61,14 @@ def _runs(modules: list[nn.Module]) -> list[list[nn.Module]]:
 class _Bound:
     """Walks a network on zero inputs, multiplying the bound and recording each map's norm."""
 
-    def __init__(self, shape):
-        self.shape, self.value, self.maps = tuple(shape), 1.0, []
+    def __init__(self, shape, device):
+        self.shape, self.device, self.value, self.maps = tuple(shape), device, 1.0, []
 
     def map(self, name: str, affine) -> float:
-        norm = spectral_norm(affine, self.shape)
+        norm = spectral_norm(affine, self.shape, self.device)
         self.maps.append({"map": name, "input_shape": list(self.shape), "norm": norm})
         with torch.no_grad():
-            self.shape = tuple(affine(torch.zeros(1, *self.shape, dtype=torch.float64)).shape[1:])
+            self.shape = tuple(affine(torch.zeros(1, *self.shape, dtype=torch.float64, device=self.device)).shape[1:])
         return norm
 
     def stack(self, name: str, modules: list[nn.Module]) -> None:
@@ -93,7 +88,7 @@ def upper_bound(model: nn.Module, input_shape) -> tuple[float, list[dict]]:
     """(bound on the Lipschitz constant of the logits, every map's spectral norm) of a cnn5 or
     ResNet of lipdd.models on inputs of `input_shape` (C, H, W)."""
     net = copy.deepcopy(model).double().eval().requires_grad_(False)
-    bound = _Bound(input_shape)
+    bound = _Bound(input_shape, next(net.parameters()).device)
     with torch.no_grad():
         if isinstance(net, ResNet):
             bound.stack("stem", [net.conv1, net.bn1])

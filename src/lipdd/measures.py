@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from . import curvature, jacobian, lipschitz
+from . import curvature, jacobian, lanczos, lipschitz
 from .names import NORMALIZATIONS, bound_ratio
 
 
@@ -135,24 +135,21 @@ def lipschitz_upper_bound(network: Network) -> tuple[dict[str, float], dict]:
 
 def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
     """Curvature of the mean cross-entropy L(theta) on the training subset (the labels trained on,
-    the network in eval mode): the top-k eigenvalues of the Hessian (Lanczos, scipy's eigsh, on
+    the network in eval mode): the top-k eigenvalues of the Hessian (lipdd.lanczos on
     Hessian-vector products, to the relative tolerance stats.curvature_tolerance), its trace by
     Hutchinson's estimator (mean of v^T H v over stats.hutchinson_probes seeded Rademacher v) with
     its standard error, and the gradient norm ||grad L||."""
-    from scipy.sparse.linalg import LinearOperator, eigsh
-
     s = network.options
     hessian = curvature.Hessian(network.model, *network.training_points())
-    n = hessian.size
-    top = eigsh(LinearOperator((n, n), matvec=hessian.matvec, dtype="float64"), k=s.curvature_top_k, which="LA",
-                tol=s.curvature_tolerance, v0=np.ones(n), return_eigenvectors=False)
+    eigenvalues, steps = lanczos.top_eigenvalues(hessian.matvec, hessian.size, s.curvature_top_k,
+                                                 s.curvature_tolerance, device=hessian.device, seed=s.curvature_seed)
     quadratic = hessian.hutchinson(s.hutchinson_probes, s.curvature_seed)
-    eigenvalues = sorted(top.tolist(), reverse=True)
     summary = {"hessian_top_eigenvalue": eigenvalues[0], "hessian_trace": float(quadratic.mean()),
                "hessian_trace_se": float(quadratic.std(ddof=1) / np.sqrt(len(quadratic))),
                "gradient_norm": hessian.gradient_norm}
-    return summary, {"eigenvalues": eigenvalues, "trace_samples": quadratic.tolist(), "parameters": n,
-                     "training_points": hessian.samples, "tolerance": s.curvature_tolerance}
+    return summary, {"eigenvalues": eigenvalues, "lanczos_steps": steps, "trace_samples": quadratic.tolist(),
+                     "parameters": hessian.size, "training_points": hessian.samples,
+                     "tolerance": s.curvature_tolerance}
 
 
 MEASURES = {m.name: m for m in (

@@ -1,0 +1,63 @@
+"""lipdd.lanczos against the eigenvalues of explicit symmetric matrices (float64)."""
+
+import numpy as np
+import pytest
+import torch
+
+from lipdd.lanczos import top_eigenvalues
+
+
+def symmetric(spectrum, seed=0):
+    """Q diag(spectrum) Q^T with a random orthogonal Q."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((len(spectrum), len(spectrum))))
+    return torch.from_numpy(q @ np.diag(spectrum) @ q.T)
+
+
+def products(a):
+    count = [0]
+
+    def matvec(v):
+        count[0] += 1
+        return a @ v
+    return matvec, count
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-10])
+@pytest.mark.parametrize("k", [1, 3])
+def test_largest_eigenvalues_to_the_tolerance(tol, k):
+    # The largest algebraically, not in magnitude (-8 is the largest in magnitude); a close pair on top.
+    spectrum = np.concatenate([[2.0, 1.999, 1.5, -8.0], np.random.default_rng(1).uniform(-1, 1, 396)])
+    a = symmetric(spectrum)
+    matvec, count = products(a)
+    values, steps = top_eigenvalues(matvec, 400, k=k, tol=tol)
+    exact = np.sort(spectrum)[::-1][:k]
+    assert len(values) == k and values == sorted(values, reverse=True)
+    assert np.all(np.abs(np.array(values) - exact) <= tol * np.abs(exact))
+    assert np.all(np.array(values) <= exact + 1e-12)  # Ritz values approach from below
+    assert steps == count[0] < 400
+
+
+def test_invariant_krylov_space_gives_exact_values_early():
+    spectrum = np.repeat([3.0, 1.0, -2.0], 50)  # three distinct eigenvalues: a Krylov space of dimension 3
+    matvec, count = products(symmetric(spectrum))
+    values, steps = top_eigenvalues(matvec, 150, k=2, tol=1e-14)
+    assert steps == 3 and values == pytest.approx([3.0, 1.0], abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_tiny_operators(n):
+    a = symmetric([0.5, 4.0][:n])
+    values, steps = top_eigenvalues(products(a)[0], n, k=2, tol=1e-12)
+    assert values == pytest.approx(sorted([0.5, 4.0][:n], reverse=True), abs=1e-13) and steps <= n
+
+
+def test_start_vector_is_seeded():
+    a = symmetric(np.linspace(0, 1, 300))
+    assert top_eigenvalues(products(a)[0], 300, seed=5) == top_eigenvalues(products(a)[0], 300, seed=5)
+    assert top_eigenvalues(products(a)[0], 300, seed=5) != top_eigenvalues(products(a)[0], 300, seed=6)
+
+
+def test_no_convergence_is_an_error():
+    a = symmetric(np.linspace(0, 1, 300))
+    with pytest.raises(RuntimeError, match="Lanczos did not reach relative tolerance 1e-12 in 5 steps"):
+        top_eigenvalues(products(a)[0], 300, tol=1e-12, max_steps=5)
