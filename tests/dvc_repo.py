@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # params.yaml values that make the whole pipeline run in seconds on two CPU cores.
 PATCH = dict(epochs=4, eval_every=2, save_checkpoint=2, width=2, label_noise=0.2, batch_size=128, device="cpu")
-STATS_PATCH = dict(num_samples=200, batch_size=100, curvature_samples=200, hutchinson_probes=10)
+STATS_PATCH = dict(num_samples=200, batch_size=100, curvature_samples=200, hutchinson_probes=10, probe_samples=20,
+                   worst_steps=3)
 
 def clean_env(tmp: Path) -> dict[str, str]:
     """The environment of every command: the venv first on PATH, no tracking URI, none of the

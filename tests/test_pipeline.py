@@ -51,12 +51,13 @@ def statistics(stats: dict) -> list[tuple[str, str | None]]:
 
 
 def expected_sample_files(stats: dict) -> set[str]:
-    """The result files of every checkpoint (by ordinal): per statistic of the per-sample measures, per
-    network measure."""
+    """The result files of every checkpoint (by ordinal): per statistic of the per-sample measures, on
+    the split and on each probe set; per network measure."""
     per_network = [m for m in stats["metric"] if MEASURES[m].kind == "network"]
     ordinals = range(len(CHECKPOINT_EPOCHS))
-    return {names.result_file(m, n, False, stats["dataset_split"], c) for m, n in statistics(stats)
-            for c in ordinals} | {names.result_file(m, None, False, None, c) for m in per_network for c in ordinals}
+    return {names.result_file(m, n, False, stats["dataset_split"], c, probe=p) for m, n in statistics(stats)
+            for c in ordinals for p in (None, *stats["probes"])} | {
+        names.result_file(m, None, False, None, c) for m in per_network for c in ordinals}
 
 
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -167,10 +168,11 @@ def test_repro_logs_one_complete_run(repo, first_run):
 
 
 def test_the_run_holds_what_people_chart_and_the_plots_read_what_was_written(repo, first_run):
-    """At most 50 metric keys (per-checkpoint summaries, not one key per batch statistic), among
-    them every summary the report draws; every column dvc.yaml's plots name is in its file."""
+    """At most 80 metric keys (per-checkpoint summaries, not one key per batch statistic: 49 on the
+    training points and per network, 9 per probe set), among them every summary the report draws;
+    every column dvc.yaml's plots name is in its file."""
     metrics = repo.client().get_run(first_run).data.metrics
-    assert len(metrics) <= 50, sorted(metrics)
+    assert len(metrics) <= 80, sorted(metrics)
     stats = repo.params()["stats"]
     for measure, normalization in statistics(stats):
         for summary in names.logged_summaries(measure):

@@ -59,10 +59,12 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
         correlation = {row["measure"]: row for row in csv.DictReader(f)}
     for measure in ("train_jacobian_operator_norm_none_mean", "train_jacobian_operator_norm_none_max",
                     "distance_from_init", "lipschitz_upper_bound", "lipschitz_upper_bound_over_max",
-                    "hessian_top_eigenvalue", "hessian_trace", "gradient_norm"):
+                    "hessian_top_eigenvalue", "hessian_trace", "gradient_norm",
+                    "probe_between_jacobian_operator_norm_none_mean", "probe_worst_jacobian_operator_norm_none_max"):
         assert correlation[measure]["n_widths"] == "3", measure
         assert correlation[measure]["spearman_rho"] != "", measure
-    assert (repo.path / "results/report/measures_vs_width.png").stat().st_size > 10_000
+    for figure in ("measures_vs_width.png", "smoothness_vs_width.png"):
+        assert (repo.path / "results/report" / figure).stat().st_size > 10_000
 
 
 def free_port() -> int:

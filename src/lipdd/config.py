@@ -38,6 +38,12 @@ def measure_names() -> tuple[str, ...]:
     return tuple(MEASURES)
 
 
+def probe_names() -> tuple[str, ...]:
+    from .probes import PROBES
+
+    return tuple(PROBES)
+
+
 def draw_label_seed() -> int:
     """A fresh label_seed for a run given none (the seed's default: fresh randomness), said aloud so
     the labels can be corrupted the same way again; lipdd logs it with the run."""
@@ -105,6 +111,17 @@ class StatsConfig:
     curvature_tolerance: float = opt(1e-3, "loss_curvature: relative tolerance of those eigenvalues (Lanczos)",
                                      "stats")
     hutchinson_probes: int = opt(100, "loss_curvature: Rademacher probes of the Hessian trace estimate", "stats")
+    probes: list[str] = opt([], "probe sets the per-sample measures are also evaluated on, off the training points "
+                            "(lipdd.probes.PROBES)", "stats", choices=probe_names, kind=str)
+    probe_samples: int = opt(100, "probes: training points they start from (a fixed seeded subset)", "stats")
+    probe_seed: int = opt(0, "probes: seed of that subset, of the pairs and of the random inputs", "stats")
+    probe_lambdas: list[float] = opt([0.25, 0.5, 0.75], "between: interpolation coefficients lambda in [0, 1]",
+                                     "stats", kind=float)
+    probe_directions: int = opt(8, "shift1, shift4, shift_path: directions per training point", "stats",
+                                alias="--num-directions")
+    worst_radius: float = opt(1.0, "worst: radius of the l2 ball around each training point (normalised inputs)",
+                              "stats")
+    worst_steps: int = opt(10, "worst: projected gradient ascent steps", "stats")
     bigmem: bool = opt(False, "all K output gradients in one pass (memory x K) instead of bounded chunks",
                        "stats")
     num_power_iters: int = opt(0, "kept for seed compatibility; the operator norm is always exact", "stats")
@@ -455,6 +472,13 @@ def validate(cfg: Config) -> None:
     _check(s.hutchinson_probes >= 2, "stats.hutchinson_probes", s.hutchinson_probes,
            "an integer >= 2 (the standard error needs two)")
     _check(0 < s.curvature_tolerance < 1, "stats.curvature_tolerance", s.curvature_tolerance, "a number in (0, 1)")
+    _check(s.probe_samples >= 2, "stats.probe_samples", s.probe_samples, "an integer >= 2 (pairs need two)")
+    _check(len(s.probe_lambdas) > 0 and all(0 <= v <= 1 for v in s.probe_lambdas), "stats.probe_lambdas",
+           s.probe_lambdas, "one or more numbers in [0, 1]")
+    _check(s.probe_directions >= 1, "stats.probe_directions", s.probe_directions, "a positive integer")
+    _check(s.worst_radius > 0 and math.isfinite(s.worst_radius), "stats.worst_radius", s.worst_radius,
+           "a positive number")
+    _check(s.worst_steps >= 0, "stats.worst_steps", s.worst_steps, "an integer >= 0")
     _check(s.num_power_iters >= 0, "stats.num_power_iters", s.num_power_iters, "an integer >= 0")
     if s.checkpoint is not None:
         _check(all(c >= 0 for c in s.checkpoint), "stats.checkpoint", s.checkpoint, "ordinals >= 0")

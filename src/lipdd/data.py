@@ -155,30 +155,37 @@ def _load_source(data: str, data_dir, verify_checksums: bool) -> tuple[Split, Sp
 
 def _random_images(dist: str, n: int, shape: tuple, mean, std, num_classes: int, seed: int = 1234) -> Split:
     """The seed's random datasets (core/random_dataset.py), drawn as it draws them with
-    numpy.random.default_rng(seed): every pixel uniform in [mean - std, mean + std] or normal(mean, std)
-    per channel, or standard normal and then, per sample and channel, rescaled to a point uniform in
-    the unit ball ("hypersphere"); labels uniform over the classes, drawn after the pixels; stored as
-    the seed's PIL images hold them, uint8(x * 255)."""
+    numpy.random.default_rng(seed): random_pixels, then labels uniform over the classes, drawn after
+    the pixels; stored as the seed's PIL images hold them, uint8(x * 255)."""
+    rng = np.random.default_rng(seed)
+    x = random_pixels(dist, n, shape, mean, std, rng)
+    labels = rng.integers(0, num_classes, n).astype(np.int64)
+    images = (x.transpose(0, 2, 3, 1) * 255).astype(np.uint8)  # numpy's cast, wrapping as the seed's does
+    return _split(images, labels, np.arange(n))
+
+
+def random_pixels(dist: str, n: int, shape: tuple, mean, std, rng: np.random.Generator) -> np.ndarray:
+    """n random images (n, C, H, W) in pixel space, as the seed's random datasets draw them: every
+    pixel uniform in [mean - std, mean + std] or normal(mean, std) per channel, or standard normal and
+    then, per sample and channel, rescaled to a point uniform in the unit ball ("hypersphere")."""
     from scipy.special import gammainc  # slow import, only needed here
 
     h, w, c = shape
-    rng = np.random.default_rng(seed)
     mean, std = np.asarray(mean, dtype=np.float64), np.asarray(std, dtype=np.float64)
     if dist == "uniform":
         x = rng.uniform(low=mean - std, high=mean + std, size=(n * h * w, c))
     elif dist == "normal":
         x = rng.normal(loc=mean, scale=std, size=(n * h * w, c))
-    else:
+    elif dist == "hypersphere":
         x = rng.standard_normal(size=(n * h * w, c))
-    x = x.T.reshape(c, n, h, w)  # channel-major, as the seed stacks its columns
-    labels = rng.integers(0, num_classes, n).astype(np.int64)
+    else:
+        raise ValueError(f"unknown random distribution {dist!r}")
+    x = x.T.reshape(c, n, h, w).transpose(1, 0, 2, 3)  # channel-major, as the seed stacks its columns
     if dist == "hypersphere":
-        flat = x.transpose(1, 0, 2, 3).reshape(n * c, h * w)
+        flat = x.reshape(n * c, h * w)
         ssq = np.square(flat).sum(axis=1)
-        flat = flat * (gammainc(h * w / 2, ssq / 2) ** (1 / (h * w)) / np.sqrt(ssq))[:, None]
-        x = flat.reshape(n, c, h, w).transpose(1, 0, 2, 3)
-    images = (x.transpose(1, 2, 3, 0) * 255).astype(np.uint8)  # numpy's cast, wrapping as the seed's does
-    return _split(images, labels, np.arange(n))
+        x = (flat * (gammainc(h * w / 2, ssq / 2) ** (1 / (h * w)) / np.sqrt(ssq))[:, None]).reshape(n, c, h, w)
+    return x
 
 
 def jitter(x: torch.Tensor, probability: float = 0.66, lower: float = 0.02, upper: float = 0.98) -> torch.Tensor:

@@ -40,6 +40,15 @@ def logged_summaries(measure: str) -> tuple[str, ...]:
     return LOGGED_SUMMARIES + (LOGGED_EXTREMES if measure == "jacobian_operator_norm" else ())
 
 
+def logged_probe_summaries(measure: str) -> tuple[str, ...]:
+    """The summaries of a probe set's statistics that go to MLflow: the operator norm's (the
+    Lipschitz estimate off the training points) and the accuracy's mean; the rest stay in the
+    result files and the stats stage's metrics.json and history.csv."""
+    if measure == "jacobian_operator_norm":
+        return ("mean", "max", "clean_mean", "corrupted_mean")
+    return ("mean",) if measure == "accuracy" else ()
+
+
 def bound_ratio(normalization: str) -> str:
     """The MLflow metric of the Lipschitz upper bound over the largest per-sample operator norm."""
     return "lipschitz_upper_bound" + ("" if normalization == "none" else f"_{normalization}") + "_over_max"
@@ -59,6 +68,12 @@ def summary_key(split: str, stat_name: str, summary: str) -> str:
     return f"{split}_{stat_name}_{summary}"
 
 
+def probe_key(probe: str, stat_name: str, summary: str) -> str:
+    """The MLflow metric of one summary of one statistic on one probe set (lipdd.probes), e.g.
+    probe_between_jacobian_operator_norm_none_mean."""
+    return f"probe_{probe}_{stat_name}_{summary}"
+
+
 def parse_summary_key(key: str) -> tuple[str, str, str] | None:
     """(split, statistic, summary) of a summary_key, or None for any other metric."""
     split, _, rest = key.partition("_")
@@ -72,12 +87,13 @@ def parse_summary_key(key: str) -> tuple[str, str, str] | None:
 
 def result_file(measure: str, normalization: str | None, target_logit_only: bool, split: str | None,
                 checkpoint: int, uid: int | None = None, outname: str | None = None,
-                random_dataset: str | None = None) -> str:
+                random_dataset: str | None = None, probe: str | None = None) -> str:
     """The seed's result file name,
     [OUTNAME-]METRIC[-target_only][-random_KIND]-SPLIT-checkpoint-KEY[-id-UID].json
     (KEY: the checkpoint as --checkpoint named it; UID: skip / batch_size, when --skip was given),
-    with one addition: a normalization other than none follows METRIC, because one lipdd call
-    computes several where the seed computed one. Per-network measures have no SPLIT."""
+    with two additions: a normalization other than none follows METRIC, because one lipdd call
+    computes several where the seed computed one, and a probe set follows SPLIT as -probe_NAME.
+    Per-network measures have no SPLIT."""
     name = f"{outname}-{measure}" if outname else measure
     if normalization not in (None, "none"):
         name += f"-{normalization}"
@@ -87,6 +103,8 @@ def result_file(measure: str, normalization: str | None, target_logit_only: bool
         name += f"-random_{random_dataset}"
     if split:
         name += f"-{split}"
+    if probe:
+        name += f"-probe_{probe}"
     name += f"-checkpoint-{checkpoint}"
     return name + (f"-id-{uid}" if uid is not None else "") + ".json"
 

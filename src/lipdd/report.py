@@ -1,8 +1,9 @@
 """Figures and tables across training runs: double descent of the error and of the Lipschitz
 estimate (mean Jacobian operator norm on training points) against width and against epoch; every
 measure `lipdd stats` logged against width and epoch, the interpolation threshold (the first width
-whose training error on the noisy labels is 0) marked; and how well each measure tracks test error
-across widths (Spearman's rho, with a bootstrap interval over the runs of each width).
+whose training error on the noisy labels is 0) marked; the estimate on and off the training points
+(probe sets) against width; and how well each measure tracks test error across widths (Spearman's
+rho, with a bootstrap interval over the runs of each width).
 
 Reads only MLflow: the finished training runs of experiment `name` with the report's data, model
 family and label noise; where those runs disagree in another training parameter (two sweeps, say
@@ -43,14 +44,29 @@ def opnorm(key: str) -> tuple[str, str] | None:
     return (norm, parsed[2]) if norm != parsed[1] and norm.removesuffix("_target") in names.NORMALIZATIONS else None
 
 
+def probe_summary(key: str) -> tuple[str, str, str] | None:
+    """(probe, statistic, summary) of a probe set's summary, e.g.
+    probe_shift_path_jacobian_operator_norm_none_mean; None for any other metric."""
+    from .probes import PROBES  # imports torch: only when a report is drawn
+
+    for probe in sorted(PROBES, key=len, reverse=True):  # shift_path before shift...
+        rest = key.removeprefix(f"probe_{probe}_")
+        if rest != key:
+            summary = next((s for s in sorted(names.SUMMARIES, key=len, reverse=True) if rest.endswith("_" + s)), None)
+            return (probe, rest[:-len(summary) - 1], summary) if summary else None
+    return None
+
+
 def is_measure(key: str) -> bool:
     """Whether an MLflow metric is a per-checkpoint measure: a logged summary of a statistic on
-    the training points, or a per-network measure's key."""
+    the training points or on a probe set, or a per-network measure's key."""
     from .measures import MEASURES  # imports torch: only when a report is drawn
 
     parsed = names.parse_summary_key(key)
     if parsed is not None:
         return parsed[0] == "train" and parsed[2] in names.LOGGED_SUMMARIES + names.LOGGED_EXTREMES
+    if probe_summary(key) is not None:
+        return True
     return any(key in m.keys for m in MEASURES.values())
 
 
@@ -158,6 +174,8 @@ def drawn_measures(keys: list[str]) -> list[str]:
     max), each per-network measure but standard errors."""
     def wanted(key):
         parsed = names.parse_summary_key(key)
+        if parsed is None and (probe := probe_summary(key)):
+            parsed = probe
         if parsed is None:
             return not key.endswith("_se")
         return parsed[2] == "mean" or (parsed[2] == "max" and parsed[1].startswith(names.OPNORM))
@@ -209,11 +227,32 @@ def draw_measures(out: Path, title: str, keys: list[str], width_rows, epoch_rows
     return written
 
 
-def panels(norms: list[str], title: str) -> tuple[Figure, list]:
+def draw_smoothness(out: Path, title: str, norms: list[str], keys: list[str], width_rows: list[dict]) -> list[Path]:
+    """The Lipschitz estimate (mean operator norm) on the training points and on every probe set
+    against width, one panel per normalization."""
+    probes = sorted({p[0] for k in keys if (p := probe_summary(k))})
+    if not probes:
+        return []
+    fig, axes = panels(norms, f"{title}, last checkpoint", "on training points and off them (probe sets)")
+    for ax, norm in zip(axes, norms):
+        stat = names.stat(names.OPNORM, norm)
+        lines = [("training points", names.summary_key("train", stat, "mean"))]
+        lines += [(probe, names.probe_key(probe, stat, "mean")) for probe in probes]
+        for i, (label, key) in enumerate(lines):
+            ax.plot(*points(width_rows, "width", key), marker="os^vD<>px"[i % 9], label=label)
+        values = [v for _, key in lines for v in points(width_rows, "width", key)[1] if v > 0]
+        if values and max(values) > 30 * min(values):
+            ax.set_yscale("log")
+        width_axis(ax, "mean operator norm", f"normalization: {norm}", interpolation_threshold(width_rows), False)
+        ax.legend(fontsize=7)
+    return [save(fig, out / "smoothness_vs_width.png")]
+
+
+def panels(norms: list[str], title: str, where: str = "on training points") -> tuple[Figure, list]:
     """One panel per normalization, side by side: logit and softmax norms differ by ~100x."""
     fig = Figure(figsize=(5 * max(1, len(norms)), 4), layout="constrained")
     axes = list(fig.subplots(1, max(1, len(norms)), squeeze=False)[0])
-    fig.suptitle(f"{title}\nmean Jacobian operator norm on training points")
+    fig.suptitle(f"{title}\nmean Jacobian operator norm {where}")
     if not norms:
         axes[0].text(0.5, 0.5, "no Jacobian statistics yet:\nrun `lipdd stats`", ha="center",
                      transform=axes[0].transAxes)
@@ -275,7 +314,8 @@ def report(cfg: Config) -> list[Path]:
                files.write_csv(out / "measures_by_width.csv", measure_rows),
                files.write_csv(out / "measures_by_epoch.csv", measure_epoch_rows),
                files.write_csv(out / "correlation.csv", correlation),
-               *draw_measures(out, title, keys, measure_rows, measure_epoch_rows, correlation)]
+               *draw_measures(out, title, keys, measure_rows, measure_epoch_rows, correlation),
+               *draw_smoothness(out, title, norms, keys, measure_rows)]
 
     run = client.create_run(exp_id, run_name=f"report-{cfg.model}-{cfg.data}-noise{cfg.label_noise:g}",
                             tags={runs.KIND: "report"})

@@ -1,8 +1,9 @@
 """The stats stage: measure chosen checkpoints of a training run, pulled from MLflow by run id.
 
 What to measure is selected first (the run, its checkpoints, the samples: `select_checkpoints`,
-`sample_selection`), then each checkpoint is measured (`measure_samples`, `measure_network`, the
-measures of lipdd.measures), then written (`Writer`: per-sample result files with their per-batch
+`sample_selection`), then each checkpoint is measured (`measure_samples`, `measure_network`,
+`measure_probes`: the measures of lipdd.measures, on the split and on the probe sets of
+lipdd.probes), then written (`Writer`: per-sample result files with their per-batch
 means, summaries, MLflow metrics at step = epoch, a log). Under torchrun the ranks measure
 contiguous blocks of batches and rank 0 writes what one process would. Listing a run's checkpoints,
 and joining the shard files of independent --skip jobs are commands of their own.
@@ -28,6 +29,7 @@ from . import distributed, files, names, runs, runtime, seedlayout, tracking
 from .config import Config, ConfigError
 from .measures import MEASURES, Network, per_sample
 from .models import model_for
+from .probes import PROBES, Points, ProbeSet
 
 
 log = logging.getLogger(__name__)
@@ -65,13 +67,15 @@ def sample_selection(cfg: Config, n_split: int) -> np.ndarray:
     return np.arange(start, start + n)
 
 
-def training_points(cfg: Config, prepared: datalib.Prepared, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalised inputs, labels trained on) of stats.curvature_samples training points drawn without
-    replacement with stats.curvature_seed, in split order: the same points at every checkpoint."""
-    train, s = prepared.splits["train"], cfg.stats
-    n = min(s.curvature_samples, len(train.labels))
-    chosen = np.sort(np.random.default_rng(s.curvature_seed).choice(len(train.labels), n, replace=False))
-    return next(iter(datalib.Loader.of(train.take(chosen), prepared.meta, device, n)))
+def training_subset(prepared: datalib.Prepared, device, n: int, seed: int) -> Points:
+    """n training points drawn without replacement with numpy.random.default_rng(seed), in split
+    order, normalised: the same points at every checkpoint."""
+    train = prepared.splits["train"]
+    chosen = np.sort(np.random.default_rng(seed).choice(len(train.labels), min(n, len(train.labels)), replace=False))
+    part = train.take(chosen)
+    x, y = next(iter(datalib.Loader.of(part, prepared.meta, device, len(chosen))))
+    meta = prepared.meta
+    return Points(x, y, part.index, part.corrupted, list(meta["mean"]), list(meta["std"]), meta["num_classes"])
 
 
 def analysed_run(cfg: Config) -> tuple:
@@ -97,6 +101,23 @@ def measure_samples(model, loader: datalib.Loader, s: configlib.StatsConfig) -> 
     return {k: torch.cat(v).numpy() for k, v in values.items()}
 
 
+def measure_points(model, x: torch.Tensor, targets: torch.Tensor, s: configlib.StatsConfig) -> dict[tuple, np.ndarray]:
+    """measure_samples on points already on the device, in batches of stats.batch_size."""
+    values: dict[tuple, list] = {}
+    for i in range(0, len(targets), s.batch_size):
+        batch = per_sample(model, x[i:i + s.batch_size], targets[i:i + s.batch_size], s.metric, s.normalization,
+                           s.target_logit_only, s.bigmem)
+        for key, v in batch.items():
+            values.setdefault(key, []).append(v.detach().double().cpu())
+    return {k: torch.cat(v).numpy() for k, v in values.items()}
+
+
+def measure_probes(model, points: Points, s: configlib.StatsConfig) -> dict[str, tuple[ProbeSet, dict]]:
+    """{probe: (its points, {(measure, normalization or None): values at each point})}."""
+    return {name: (probe, measure_points(model, probe.x, probe.targets, s))
+            for name in s.probes for probe in (PROBES[name](points, s, model),)}
+
+
 def measure_network(network: Network, selected: list[str]) -> dict[str, tuple[dict, dict]]:
     """{measure: (summary, details)} of the selected per-network measures."""
     return {name: MEASURES[name].fn(network) for name in selected if MEASURES[name].kind == "network"}
@@ -112,13 +133,13 @@ def gather_values(values: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarray] | 
     return {k: np.concatenate([v[k] for v in parts if k in v]) for k in keys}
 
 
-def summarize(values: np.ndarray, corrupted: np.ndarray) -> dict[str, float]:
+def summarize(values: np.ndarray, groups: dict[str, np.ndarray], others: dict[str, np.ndarray] | None = None) -> dict:
+    """mean, median, std, max, 99th percentile; the mean of each group (a mask) that has values;
+    the mean of each other reduction of the same values."""
     out = dict(mean=values.mean(), median=np.median(values), std=values.std(), max=values.max(),
                p99=np.percentile(values, 99))
-    if corrupted.any():
-        out["corrupted_mean"] = values[corrupted].mean()
-    if (~corrupted).any():
-        out["clean_mean"] = values[~corrupted].mean()
+    out.update({f"{g}_mean": values[mask].mean() for g, mask in groups.items() if mask.any()})
+    out.update({f"{r}_mean": v.mean() for r, v in (others or {}).items()})
     return {k: float(v) for k, v in out.items()}
 
 
@@ -140,6 +161,9 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     if from_start and (not available or available[0][0] != 0):
         raise ConfigError(f"stats.metric: {', '.join(from_start)} needs the initial network, and run {run_id} "
                           "has no checkpoint of epoch 0")
+    if s.probes and not any(MEASURES[m].kind == "sample" for m in s.metric):
+        raise ConfigError(f"stats.probes: {', '.join(s.probes)} are measured with the per-sample measures, and "
+                          f"stats.metric ({', '.join(s.metric)}) has none")
     prepared = distributed.in_turn(datalib.ensure_prepared, run_cfg, run.data.tags.get("dataset_hash"))
     if s.dataset_split not in prepared.splits:
         raise ConfigError(f"stats.dataset_split: {s.dataset_split!r} does not exist for this run; it has "
@@ -150,7 +174,10 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     model = model_for(run_cfg, prepared.meta).to(device).eval()
     initial = cache(lambda: tracking.load_checkpoint(client, run_id, available[0][1], device)["model"])
     channels_first = prepared.meta["image_shape"][2:] + prepared.meta["image_shape"][:2]
-    network = Network(model, initial, tuple(channels_first), cache(lambda: training_points(cfg, prepared, device)), s)
+    curvature_points = cache(lambda: training_subset(prepared, device, s.curvature_samples, s.curvature_seed))
+    network = Network(model, initial, tuple(channels_first),
+                      lambda: (curvature_points().x, curvature_points().targets), s)
+    probe_points = cache(lambda: training_subset(prepared, device, s.probe_samples, s.probe_seed))
     write = distributed.rank0_only(Writer, cfg, client, run_id, run_cfg, samples, prepared.meta, out_dir)
     with write:
         for key, epoch, artifact in chosen:
@@ -159,7 +186,8 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
             load_weights(model, state["model"], run_id, artifact)
             values = gather_values(measure_samples(model, loader, s))
             measured = measure_network(network, s.metric) if distributed.is_rank0() else None
-            write.checkpoint(key, epoch, state["global_step"], values, measured, time.time() - started)
+            probed = measure_probes(model, probe_points(), s) if distributed.is_rank0() else None
+            write.checkpoint(key, epoch, state["global_step"], values, measured, probed, time.time() - started)
     return write.files() or []
 
 
@@ -200,7 +228,7 @@ class Writer:
             files.write_csv(self.summary_dir / "history.csv", self.history)
 
     def checkpoint(self, key: int, epoch: int, step: int, values: dict[tuple, np.ndarray], network: dict,
-                   seconds: float):
+                   probed: dict, seconds: float):
         s, split = self.cfg.stats, self.cfg.stats.dataset_split
         line = (f"run {self.run_id} checkpoint {key} (epoch {epoch}): {len(self.samples.labels)} {split} samples "
                 f"from position {s.skip or 0}, {seconds:.1f}s")
@@ -210,7 +238,8 @@ class Writer:
         starts = range(0, len(self.samples.labels), s.batch_size)
         for (measure, norm), sample_values in values.items():
             name = names.stat(measure, norm, s.target_logit_only)
-            summary = summarize(sample_values, self.samples.corrupted)
+            corrupted = self.samples.corrupted
+            summary = summarize(sample_values, {"clean": ~corrupted, "corrupted": corrupted})
             self.log_summary(epoch, {names.summary_key(split, name, k): summary[k]
                                      for k in names.logged_summaries(measure) if k in summary})
             row.update({f"{name}_{k}": v for k, v in summary.items()})
@@ -239,6 +268,27 @@ class Writer:
                                                     self.random_dataset)
             self.write(path, {"summary": summary, **details, "metadata": self.meta(key, epoch, step, measure, None)},
                        summary)
+        for probe, (points, probe_values) in probed.items():
+            for (measure, norm), point_values in probe_values.items():
+                name = names.stat(measure, norm, s.target_logit_only)
+                (_, first), *others = (points.reduce(point_values) if points.reduce else {"": point_values}).items()
+                summary = summarize(first, points.groups, dict(others))
+                logged = {names.probe_key(probe, name, k): summary[k]
+                          for k in names.logged_probe_summaries(measure) if k in summary}
+                if logged:
+                    self.log_summary(epoch, logged)
+                row.update({names.probe_key(probe, name, k): v for k, v in summary.items()})
+                self.last[f"probe_{probe}_{name}"] = summary
+                path = self.out_dir / names.result_file(measure, norm, s.target_logit_only, split, key, None,
+                                                        s.outname, self.random_dataset, probe)
+                meta = {**self.meta(key, epoch, step, measure, norm), "sampling-strategy": probe,
+                        "nsamples": len(points.targets)}
+                self.write(path, {"summary": summary, "stats": point_values[:, None].tolist(),
+                                  **({"per_training_point": first.tolist(),
+                                      **{f"per_training_point_{r}": v.tolist() for r, v in others}}
+                                     if points.reduce else {}),
+                                  "targets": points.targets.tolist(), "provenance": points.provenance,
+                                  "metadata": meta}, f"mean {summary['mean']:.6g}")
         self.logger.flush()
         if batch_rows:  # the per-batch means of every statistic, as one table per checkpoint
             with tempfile.TemporaryDirectory() as tmp:
