@@ -45,8 +45,8 @@ class Repo:
         self.path, self.env = path, env
         self.uri = f"sqlite:///{path / 'mlflow.db'}"
 
-    def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, cwd=self.path, env=self.env, capture_output=True, text=True)
+    def run(self, *cmd: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, cwd=self.path, env=env or self.env, capture_output=True, text=True)
         if check and proc.returncode != 0:
             pytest.fail(f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
                         f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}", pytrace=False)

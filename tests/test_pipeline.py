@@ -123,6 +123,22 @@ def test_repro_logs_one_complete_run(repo, first_run):
     assert sorted(m.step for m in history) == list(range(1, n_steps + 1))
     assert all(math.isfinite(m.value) for m in history)
 
+    # The epoch's mean loss, on the evaluations' x-axis (step = epoch).
+    per_epoch = client.get_metric_history(first_run, "epoch_loss")
+    assert sorted(m.step for m in per_epoch) == list(range(1, PATCH["epochs"] + 1))
+    losses, per = {m.step: m.value for m in history}, n_steps // PATCH["epochs"]
+    for m in per_epoch:
+        assert m.value == pytest.approx(sum(losses[s] for s in range((m.step - 1) * per + 1, m.step * per + 1)) / per)
+
+    # Where it comes from: MLflow's own source tags, the DVC experiment and its commit, the dataset.
+    head, tags = repo.run("git", "rev-parse", "HEAD").stdout.strip(), run.data.tags
+    assert tags["mlflow.source.git.commit"] == tags["dvc_exp_baseline_rev"] == head
+    assert (tags["mlflow.source.name"], tags["dvc_exp_name"], tags["params_differ_from_commit"]) == (
+        "lipdd train", "workspace", "false")
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("digits-noise0.2", tags["dataset_hash"][:12])
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
     # Evaluations at epoch 0 (initial network) and every eval_every epochs.
     for key in EVAL_METRICS:
         assert steps(client, first_run, key) == CHECKPOINT_EPOCHS, key
@@ -184,10 +200,16 @@ def test_the_run_holds_what_people_chart_and_the_plots_read_what_was_written(rep
     dvc_yaml = yaml.safe_load((repo.path / "dvc.yaml").read_text())
     results_dir = repo.params()["results_dir"]
     for plot in dvc_yaml["plots"]:
+        if isinstance(plot, str):  # an image: one of the report's figures
+            assert (repo.path / plot.replace("${results_dir}", results_dir)).stat().st_size > 10_000, plot
+            continue
         (spec,) = plot.values()
+        assert {"title", "x_label", "y_label"} <= set(spec), plot
         for path, columns in spec["y"].items():
             header = (repo.path / path.replace("${results_dir}", results_dir)).read_text().splitlines()[0].split(",")
             assert {spec["x"], *columns} <= set(header), (path, header)
+    # No stage output is drawn column by column: every plot is one of those above.
+    assert not any("plots" in stage for stage in dvc_yaml["stages"].values())
 
 
 # --------------------------------------------------------------------------- 2. dvc exp run

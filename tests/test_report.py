@@ -2,6 +2,7 @@
 
 import csv
 import random
+import re
 import shutil
 import time
 
@@ -65,7 +66,7 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_report(store, tmp_path):
+def test_report(store, tmp_path, capsys):
     uri, client, exp_id = store
     runs = {1: [make_run(client, exp_id, width=1, label_noise=0.2)],
             2: [make_run(client, exp_id, width=2, seed=s, label_noise=0.2) for s in (1, 2)],
@@ -135,16 +136,27 @@ def test_report(store, tmp_path):
         assert -1 <= float(correlation[key]["ci_low"]) <= float(correlation[key]["ci_high"]) <= 1  # width 2: 2 runs
         assert (correlation[key]["n_widths"], correlation[key]["n_runs"]) == ("3", "4")
 
-    (run,) = client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")
-    assert run.info.status == "FINISHED" and run.info.run_name == "report-cnn5-digits-noise0.2"
+    # The report run: in an experiment of its own, named apart from the next one.
+    reports = client.get_experiment_by_name("lipdd-reports")
+    assert reports.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([reports.experiment_id], "tags.`lipdd.kind` = 'report'")
+    assert run.info.status == "FINISHED" and re.fullmatch(r"report-cnn5-digits-noise0.2-\d{8}-\d{6}", run.info.run_name)
     assert run.data.params["n_runs"] == "4" and run.data.params["label_noise"] == "0.2"
+    assert run.data.tags["lipdd.training_experiment"] == "lipdd"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == FILES
+    assert not client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")
+    err = capsys.readouterr().err
+    drawn = [run_id for group in runs.values() for run_id, _ in group]
+    assert "report: drawing 4 runs of experiment 'lipdd': width 1: " in err and all(r in err for r in drawn)
+    assert f"report: leaving out run {empty} " in err and "it has neither test_error nor Jacobian stats" in err
+    assert "it is RUNNING" in err
 
-    # A second report ignores the first report run, although it carries the same params.
+    # A second report is a second run.
+    time.sleep(1)
     before = (out / "by_width.csv").read_text()
     report(cfg)
     assert (out / "by_width.csv").read_text() == before
-    assert len(client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")) == 2
+    assert len({r.info.run_name for r in client.search_runs([reports.experiment_id])}) == 2
 
 
 def test_report_without_stats(store, tmp_path):
@@ -170,7 +182,8 @@ def test_no_matching_run(store, tmp_path):
     with pytest.raises(ConfigError, match="experiment 'no-such' does not exist"):
         report(report_config(uri, tmp_path, name="no-such"))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert len(client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")) == 1
+    reports = client.get_experiment_by_name("lipdd-reports")
+    assert len(client.search_runs([reports.experiment_id], "tags.`lipdd.kind` = 'report'")) == 1
 
 
 def test_another_sweep_at_the_same_noise_is_left_out(store, tmp_path, capsys):
@@ -195,7 +208,8 @@ def test_another_sweep_at_the_same_noise_is_left_out(store, tmp_path, capsys):
                        r"--learning-rate with one of those values$"):
         report(report_config(uri, tmp_path, label_noise=0.4, learning_rate=0.1))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert len(client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")) == 1
+    reports = client.get_experiment_by_name("lipdd-reports")
+    assert len(client.search_runs([reports.experiment_id], "tags.`lipdd.kind` = 'report'")) == 1
 
 
 def test_interpolation_threshold_and_correlation_by_hand():

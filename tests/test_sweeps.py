@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from dvc_repo import clean_env, make_repo
+from dvc_repo import ROOT, clean_env, make_repo
 
 
 @pytest.fixture
@@ -36,7 +36,10 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
     assert sorted(r.data.params["width"] for r in runs) == ["1", "2", "3"]
     assert all(r.info.status == "FINISHED" for r in runs)
     names = {r.data.tags["dvc_exp_name"] for r in runs}
-    assert len(names) == 3
+    assert len(names) == 3 and "workspace" not in names
+    head = repo.run("git", "rev-parse", "HEAD").stdout.strip()
+    for r in runs:  # each experiment's own change of width: its params differ from the commit it is based on
+        assert (r.data.tags["dvc_exp_baseline_rev"], r.data.tags["params_differ_from_commit"]) == (head, "true")
     assert not list((repo.path / ".dvc" / "tmp" / "exps").glob("**/mlflow.db"))
     assert not list((repo.path / ".dvc" / "tmp" / "exps").glob("**/mlruns"))
     for r in runs:  # artifacts under the workspace, not a deleted temporary copy
@@ -52,6 +55,15 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
         assert metrics["run_id"] == r.info.run_id
         test_error = data["metrics"]["results/train/metrics.json"]["data"]["test_error"]
         assert test_error == repo.client().get_run(r.info.run_id).data.metrics["test_error"]
+
+    # The README's `dvc exp show` fits 120 columns and shows each experiment's run id and test error.
+    command = next(line.split("#")[0].split() for line in (ROOT / "README.md").read_text().splitlines()
+                   if line.startswith("dvc exp show --drop"))
+    table = repo.run(*(arg.strip("'") for arg in command), env={**repo.env, "COLUMNS": "120"}).stdout.splitlines()
+    assert table and max(map(len, table)) <= 120, table
+    for r in runs:
+        (line,) = [row for row in table if r.info.run_id in row]
+        assert f"{r.data.metrics['test_error']:.5g}" in line.split(), (line, r.data.metrics["test_error"])
 
     # The report of the sweep: every measure against width, and its correlation with test error.
     repo.run("lipdd", "report", "--params", "params.yaml")

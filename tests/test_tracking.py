@@ -4,6 +4,7 @@ run by each flush, and a sender that fails or dies is reported, never waited for
 import pytest
 from mlflow.exceptions import MlflowException
 
+from lipdd import runs
 from lipdd.tracking import BackgroundMetricLogger, get_client
 
 
@@ -80,3 +81,13 @@ def test_the_sender_runs_the_trainers_own_lipdd(run, tmp_path, monkeypatch):
     with BackgroundMetricLogger(client, run_id) as logger:
         logger.log("batch_loss", 0.5, 1)
     assert history(client, run_id, "batch_loss") == [(1, 0.5)]
+
+
+@pytest.mark.parametrize("url, tagged", [
+    ("https://user:s3cret@github.com/o/r.git", "https://github.com/o/r.git"),
+    ("https://s3cret@host.example:8443/r", "https://host.example:8443/r"),
+    ("git@github.com:o/r.git", "git@github.com:o/r.git"),  # scp-like: the user is an ssh login, no secret
+    ("/srv/git/r", "/srv/git/r"),
+])
+def test_the_remote_url_a_run_is_tagged_with_carries_no_credentials(url, tagged):
+    assert runs.without_credentials(url) == tagged

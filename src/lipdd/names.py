@@ -10,6 +10,8 @@ NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy", "jacobian")
 
 # --- training: per batch (step = global step) and per evaluation (step = epoch) ------------------
 BATCH_LOSS = "batch_loss"
+# the mean of an epoch's batch losses at step = epoch: the training loss on the evaluations' x-axis
+EPOCH_LOSS = "epoch_loss"
 LR = "lr"
 EVALUATED = ("loss", "accuracy", "error")
 # accuracy on the corrupted training samples against their noisy labels: how much noise was memorised
@@ -22,7 +24,7 @@ def evaluation(split: str, quantity: str) -> str:
 
 def is_evaluation(key: str) -> bool:
     """Whether `key` is one of an evaluation's metrics (what results/train/history.csv holds)."""
-    return key == LR or key in NOISE or any(key == evaluation(s, q) for s in SPLITS for q in EVALUATED)
+    return key in (LR, EPOCH_LOSS) or key in NOISE or any(key == evaluation(s, q) for s in SPLITS for q in EVALUATED)
 
 
 # --- stats: per checkpoint (step = epoch) -------------------------------------------------------

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import io
 import math
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
 
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import LogNorm
+import matplotlib
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator
 
 from . import files, names, runs, tracking
 from .config import Config
@@ -182,6 +182,12 @@ def drawn_measures(keys: list[str]) -> list[str]:
     return [k for k in keys if wanted(k)]
 
 
+def width_colour(i: int, n: int):
+    """The i-th of n widths' colour: matplotlib's ten distinct colours, or twenty when there are more
+    (beyond that colours repeat, and the legend's order tells them apart)."""
+    return matplotlib.colormaps["tab10" if n <= 10 else "tab20"](i % (10 if n <= 10 else 20))
+
+
 def grid(n: int, title: str) -> tuple[Figure, list]:
     cols = min(4, max(1, n))
     rows = max(1, math.ceil(n / cols))
@@ -205,7 +211,7 @@ def draw_measures(out: Path, title: str, keys: list[str], width_rows, epoch_rows
     for ax, key in zip(axes, keys):
         for i, width in enumerate(widths):
             rows = [row for row in epoch_rows if row["width"] == width]
-            ax.plot(*points(rows, "epoch", key), color=f"C{i % 10}", label=f"width {width}")
+            ax.plot(*points(rows, "epoch", key), color=width_colour(i, len(widths)), label=f"width {width}")
         ax.set(xlabel="epoch", title=key)
         ax.title.set_fontsize(9)
     if keys:
@@ -240,12 +246,21 @@ def draw_smoothness(out: Path, title: str, norms: list[str], keys: list[str], wi
         lines += [(probe, names.probe_key(probe, stat, "mean")) for probe in probes]
         for i, (label, key) in enumerate(lines):
             ax.plot(*points(width_rows, "width", key), marker="os^vD<>px"[i % 9], label=label)
-        values = [v for _, key in lines for v in points(width_rows, "width", key)[1] if v > 0]
-        if values and max(values) > 30 * min(values):
-            ax.set_yscale("log")
+        log_if_decades(ax, [v for _, key in lines for v in points(width_rows, "width", key)[1]])
         width_axis(ax, "mean operator norm", f"normalization: {norm}", interpolation_threshold(width_rows), False)
         ax.legend(fontsize=7)
     return [save(fig, out / "smoothness_vs_width.png")]
+
+
+def log_if_decades(ax, values: list[float]) -> None:
+    """A log y axis where the values span more than a decade and a half (softmax norms fall
+    100-fold past the threshold, and on a linear axis 0.01 and 0.001 both look like 0)."""
+    values = [v for v in values if v is not None and v > 0]
+    if values and max(values) > 30 * min(values):
+        ax.set_yscale("log")
+
+
+STYLES = {"mean": "o-", "clean_mean": "s--", "corrupted_mean": "^:"}  # lines that stay visible when they coincide
 
 
 def panels(norms: list[str], title: str, where: str = "on training points") -> tuple[Figure, list]:
@@ -277,21 +292,22 @@ def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_
     fig, axes = panels(norms, f"{title}, last checkpoint")
     for ax, norm in zip(axes, norms):
         for summary in SUMMARIES:
-            ax.plot(*points(width_rows, "width", names.opnorm_column(norm, summary)), "o-", label=LABELS[summary])
+            ax.plot(*points(width_rows, "width", names.opnorm_column(norm, summary)), STYLES[summary],
+                    label=LABELS[summary], markerfacecolor="none")
+        log_if_decades(ax, [row.get(names.opnorm_column(norm, s)) for row in width_rows for s in SUMMARIES])
         width_axis(ax, "operator norm", f"normalization: {norm}", threshold)
     written.append(save(fig, out / "lipschitz_vs_width.png"))
 
     fig, axes = panels(norms, title)
     widths = [row["width"] for row in width_rows]
-    colors = ScalarMappable(LogNorm(min(widths), max(widths)), "viridis")
     for ax, norm in zip(axes, norms):
-        for width in widths:
+        column = names.opnorm_column(norm, "mean")
+        for i, width in enumerate(widths):  # one colour per width (tab20 after 10), named in the legend
             rows = [row for row in epoch_rows if row["width"] == width]
-            ax.plot(*points(rows, "epoch", names.opnorm_column(norm, "mean")), color=colors.to_rgba(width))
+            ax.plot(*points(rows, "epoch", column), color=width_colour(i, len(widths)), label=f"width {width}")
+        log_if_decades(ax, [row.get(column) for row in epoch_rows])
         ax.set(xlabel="epoch", ylabel="operator norm", title=f"normalization: {norm}")
-    if norms:
-        bar = fig.colorbar(colors, ax=axes, label="width", ticks=LogLocator(base=2), format="{x:g}")
-        bar.minorticks_off()
+        ax.legend(fontsize=7, ncol=1 + len(widths) // 12)
     written.append(save(fig, out / "lipschitz_vs_epoch.png"))
     return written
 
@@ -300,15 +316,21 @@ def report(cfg: Config) -> list[Path]:
     """Draw the report for cfg's data, model family and label noise; returns the files written,
     also logged as artifacts of a new report run in the same experiment."""
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
-    exp_id, drawn = runs.for_report(client, cfg, drawable)
+    drawn = runs.for_report(client, cfg, drawable)
     by_width, norms = collect(client, drawn)
+    print(f"report: drawing {len(drawn)} runs of experiment {cfg.name!r}: "
+          + "; ".join(f"width {w}: {', '.join(run_id for run_id, _, _ in by_width[w])}" for w in sorted(by_width)),
+          file=sys.stderr)
     width_rows, epoch_rows = tables(by_width, [names.opnorm_column(n, s) for n in norms for s in SUMMARIES])
     keys = sorted({k for group in by_width.values() for _, final, _ in group for k in final if is_measure(k)})
     measure_rows, measure_epoch_rows = tables(by_width, keys)
     correlation = correlations(by_width, keys)
     out = Path(cfg.results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
-    title = f"{cfg.model} on {cfg.data}, label noise {cfg.label_noise:g}"
+    epochs = sorted({int(r.data.params["epochs"]) for r in drawn if "epochs" in r.data.params})
+    length = f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}" if epochs else "?"
+    title = (f"{cfg.model} on {cfg.data}, label noise {cfg.label_noise:g}, {length} epochs, {len(drawn)} runs "
+             f"({len(by_width)} widths)")
     written = [files.write_csv(out / "by_width.csv", width_rows), files.write_csv(out / "by_epoch.csv", epoch_rows),
                *draw(out, title, norms, width_rows, epoch_rows),
                files.write_csv(out / "measures_by_width.csv", measure_rows),
@@ -317,11 +339,20 @@ def report(cfg: Config) -> list[Path]:
                *draw_measures(out, title, keys, measure_rows, measure_epoch_rows, correlation),
                *draw_smoothness(out, title, norms, keys, measure_rows)]
 
-    run = client.create_run(exp_id, run_name=f"report-{cfg.model}-{cfg.data}-noise{cfg.label_noise:g}",
-                            tags={runs.KIND: "report"})
+    # Report runs have an experiment of their own: among the training runs they would be drawn in
+    # charts, legends and counts as runs without metrics.
+    reports = tracking.experiment_id(client, report_experiment(cfg.name))
+    run = client.create_run(reports, run_name=f"report-{cfg.model}-{cfg.data}-noise{cfg.label_noise:g}-"
+                                              f"{time.strftime('%Y%m%d-%H%M%S')}",
+                            tags={runs.KIND: "report", "lipdd.training_experiment": cfg.name})
     with runs.ending(client, run.info.run_id):
         tracking.log_params(client, run.info.run_id, dict(data=cfg.data, model=cfg.model, label_noise=cfg.label_noise,
                                                           n_runs=len(drawn), widths=sorted(by_width)))
         for path in written:
             client.log_artifact(run.info.run_id, str(path))
     return written
+
+
+def report_experiment(name: str) -> str:
+    """The MLflow experiment of the reports drawn from experiment `name`."""
+    return f"{name}-reports"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import getpass
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.entities import RunTag
 
@@ -68,13 +70,52 @@ def search(client, cfg: Config, where: str = "") -> list:
 
 # --- training: start, or continue an interrupted run -------------------------------------------
 
-def git_commit() -> str | None:
+def git(*args: str) -> subprocess.CompletedProcess | None:
+    """git in the directory the command runs in: a queued DVC experiment's own copy of the
+    workspace, with the experiment's parameters, not the workspace it reports to."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tracking.project_root(), capture_output=True,
-                             text=True, timeout=10)
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None
+
+
+def git_output(*args: str) -> str | None:
+    out = git(*args)
+    return (out.stdout.strip() or None) if out and out.returncode == 0 else None
+
+
+def git_commit() -> str | None:
+    return git_output("rev-parse", "HEAD")
+
+
+def without_credentials(url: str) -> str:
+    """A remote's URL without any user:password@ it carries."""
+    parts = urlsplit(url)
+    if "://" not in url or "@" not in parts.netloc:
+        return url
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=host))
+
+
+def source_tags() -> dict[str, str | None]:
+    """Where a training comes from: MLflow's own source tags (the UI's Source, Version and
+    Created by columns), the DVC experiment (`workspace` outside one: `dvc repro`, `lipdd
+    train`), the commit it is based on, and whether params.yaml differs from that commit (a DVC
+    experiment's own changes, or edits not committed)."""
+    # A queued experiment's copy has a commit of DVC's own checked out; it names the real one.
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git_commit()
+    diff = git("diff", "--quiet", commit, "--", ":/params.yaml") if commit else None
+    remote = git_output("remote", "get-url", "origin")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (some containers)
+        user = None
+    return {"mlflow.source.name": "lipdd train", "mlflow.source.type": "LOCAL", "mlflow.user": user,
+            "mlflow.source.git.commit": commit, "git_commit": commit,
+            "mlflow.source.git.branch": git_output("rev-parse", "--abbrev-ref", "HEAD"),
+            "mlflow.source.git.repoURL": without_credentials(remote) if remote else None,
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), "dvc_exp_baseline_rev": commit,
+            "params_differ_from_commit": {0: "false", 1: "true"}.get(diff.returncode) if diff else None}
 
 
 def owner_tags() -> dict[str, str]:
@@ -98,11 +139,11 @@ def process_alive(run) -> bool:
 
 def start(client, cfg: Config, dataset_hash: str, steps_per_epoch: int) -> str:
     exp_id = tracking.experiment_id(client, cfg.name)
-    tags = {"dvc_exp_name": os.environ.get("DVC_EXP_NAME"), "git_commit": git_commit(),
-            "dataset_hash": dataset_hash, "steps_per_epoch": steps_per_epoch, **owner_tags()}
+    tags = {**source_tags(), "dataset_hash": dataset_hash, "steps_per_epoch": steps_per_epoch, **owner_tags()}
     run = client.create_run(exp_id, run_name=cfg.run_name(),
                             tags={k: str(v) for k, v in tags.items() if v is not None})
     tracking.log_params(client, run.info.run_id, cfg.flat())
+    tracking.log_dataset(client, run.info.run_id, cfg, dataset_hash)
     return run.info.run_id
 
 
@@ -240,11 +281,11 @@ def trained(client, cfg: Config) -> str:
     return runs[0].info.run_id
 
 
-def for_report(client, cfg: Config, usable) -> tuple[str, list]:
-    """(experiment id, runs) a report draws: the finished, `usable` training runs of cfg's
-    REPORT_SETTING; where those disagree in another training parameter, the ones with cfg's
-    value of it. So two sweeps at one noise level are never averaged together, and a parameter
-    every run shares need not be repeated on the command line."""
+def for_report(client, cfg: Config, usable) -> list:
+    """The runs a report draws: the finished, `usable` training runs of cfg's REPORT_SETTING;
+    where those disagree in another training parameter, the ones with cfg's value of it. So two
+    sweeps at one noise level are never averaged together, and a parameter every run shares need
+    not be repeated on the command line. Says on stderr which runs it left out, and why."""
     exp = client.get_experiment_by_name(cfg.name)
     if exp is None:
         raise ConfigError(f"name: experiment {cfg.name!r} does not exist in {client.tracking_uri}; "
@@ -252,8 +293,12 @@ def for_report(client, cfg: Config, usable) -> tuple[str, list]:
     training = [r for r in client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
                 if r.data.tags.get(KIND) != "report"]
     wanted = {k: str(getattr(cfg, k)) for k in REPORT_SETTING}
-    runs = [r for r in training if r.info.status == "FINISHED" and usable(r)
-            and all(r.data.params.get(k) == v for k, v in wanted.items())]
+    setting = [r for r in training if all(r.data.params.get(k) == v for k, v in wanted.items())]
+    runs = [r for r in setting if r.info.status == "FINISHED" and usable(r)]
+    for r in setting:
+        if r not in runs:
+            why = "is " + r.info.status if r.info.status != "FINISHED" else "has neither test_error nor Jacobian stats"
+            print(f"report: leaving out run {r.info.run_id} ({r.info.run_name}): it {why}", file=sys.stderr)
     if not runs:
         found = Counter("/".join(r.data.params.get(k, "?") for k in wanted) for r in training)
         have = ", ".join(f"{n} x {k}" for k, n in found.most_common())
@@ -275,4 +320,4 @@ def for_report(client, cfg: Config, usable) -> tuple[str, list]:
         print(f"report: the runs differ in {key} ({found}); keeping the {len(kept)} with {key}={value}",
               file=sys.stderr)
         runs = kept
-    return exp.experiment_id, runs
+    return runs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import subprocess
@@ -24,7 +25,7 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -72,24 +73,40 @@ def get_client(uri: str, create: bool = True) -> MlflowClient:
     return client
 
 
+# MLflow's UI opens an experiment of this kind on its runs, not on the GenAI overview of traces.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """Get or create the experiment. With a local SQLite store MLflow would otherwise fix the
-    artifact location to <cwd>/mlruns at creation, a folder DVC deletes when the creating
-    run was a queued experiment; so local stores get an absolute location at the root."""
+    """Get or create the experiment, of EXPERIMENT_KIND. With a local SQLite store MLflow would
+    otherwise fix the artifact location to <cwd>/mlruns at creation, a folder DVC deletes when the
+    creating run was a queued experiment; so local stores get an absolute location at the root."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if exp.tags.get(key) != value:
+                client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
     location = None
     if client.tracking_uri.startswith("sqlite:"):
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
         location = (project_root() / "mlartifacts" / safe).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:  # created meanwhile by a concurrent worker
         exp = client.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def log_dataset(client: MlflowClient, run_id: str, cfg, dataset_hash: str) -> None:
+    """The training data as an MLflow dataset input (the UI's Datasets column and filter): named
+    by source and label noise, its digest the prepared data's content hash."""
+    source = ("sklearn.datasets.load_digits" if cfg.data == "digits" else str(Path(cfg.data_dir).resolve()))
+    dataset = Dataset(name=f"{cfg.data}-noise{cfg.label_noise:g}", digest=dataset_hash[:12], source_type="local",
+                      source=json.dumps({"uri": source, "content_hash": dataset_hash}))
+    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:

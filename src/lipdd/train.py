@@ -81,7 +81,7 @@ def _train(cfg: Config, device: torch.device) -> str:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             losses = train_epoch(cfg, net, model, optimizer, loader).tolist()
-            record.losses(losses, step + 1)
+            record.losses(losses, step + 1, epoch)
             bad = [(s, v) for s, v in enumerate(losses, step + 1) if not math.isfinite(v)]
             if bad:  # every rank sees the same losses: all stop here
                 s, value = bad[0]
@@ -187,13 +187,14 @@ class Recorder:
     def __exit__(self, *exc):
         return self.stack.__exit__(*exc)
 
-    def losses(self, losses: list[float], first_step: int) -> None:
-        """Logs each batch's loss, up to the first non-finite one."""
+    def losses(self, losses: list[float], first_step: int, epoch: int) -> None:
+        """Logs each batch's loss, up to the first non-finite one, and the epoch's mean loss."""
         for s, value in enumerate(losses, first_step):
             if not math.isfinite(value):
                 return
             if s % self.cfg.loss_checkpoint == 0:
                 self.logger.log(names.BATCH_LOSS, value, s)
+        self.logger.log(names.EPOCH_LOSS, sum(losses) / len(losses), epoch)
         self.bar.update()
 
     def evaluate(self, epoch: int, lr: float | None = None) -> bool:
