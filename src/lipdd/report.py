@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
+from tqdm import tqdm
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -79,7 +80,7 @@ def collect(client, runs) -> tuple[dict[int, list], list[str]]:
     normalizations of the operator norm found. Final = MLflow's latest value, the one at the
     highest step; operator norm summaries also under their opnorm_* columns."""
     by_width, norms = defaultdict(list), set()
-    for r in runs:
+    for r in tqdm(runs, desc="report: reading runs", unit="run", disable=not sys.stderr.isatty()):
         metrics = r.data.metrics
         final = {k: metrics.get(k) for k in names.ERRORS}
         series = {}

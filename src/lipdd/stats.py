@@ -88,13 +88,18 @@ def analysed_run(cfg: Config) -> tuple:
 
 # --- measuring -------------------------------------------------------------------------------------
 
+def interactive() -> bool:
+    """Progress bars only for a person watching: rank 0, on a terminal."""
+    return distributed.is_rank0() and sys.stderr.isatty()
+
+
 def measure_samples(model, loader: datalib.Loader, s: configlib.StatsConfig) -> dict[tuple, np.ndarray]:
     """{(measure, normalization or None): float64 values, one per sample of the loader's batches}
     of the selected per-sample measures, from one loaded checkpoint."""
     values: dict[tuple, list] = {}
     if not any(MEASURES[m].kind == "sample" for m in s.metric):
         return {}  # per-network measures only: no batch to go through
-    bar = tqdm(loader, desc="batches", disable=not (distributed.is_rank0() and sys.stderr.isatty()))
+    bar = tqdm(loader, desc="batches", leave=False, disable=not interactive())
     for x, y in bar:
         for key, v in per_sample(model, x, y, s.metric, s.normalization, s.target_logit_only, s.bigmem).items():
             values.setdefault(key, []).append(v.detach().double().cpu())
@@ -180,7 +185,8 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     probe_points = cache(lambda: training_subset(prepared, device, s.probe_samples, s.probe_seed))
     write = distributed.rank0_only(Writer, cfg, client, run_id, run_cfg, samples, prepared.meta, out_dir)
     with write:
-        for key, epoch, artifact in chosen:
+        for key, epoch, artifact in tqdm(chosen, desc=f"run {run_id[:8]} checkpoints", unit="checkpoint",
+                                         disable=not interactive()):
             started = time.time()
             state = tracking.load_checkpoint(client, run_id, artifact, device)
             load_weights(model, state["model"], run_id, artifact)
