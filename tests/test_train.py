@@ -198,3 +198,14 @@ def test_compile_without_a_cpp_compiler_is_refused(workdir, monkeypatch, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("lipdd train: error: compile: torch.compile on the CPU needs a C++ compiler") and "\n" not in err
     assert get_client(f"sqlite:///{workdir}/mlflow.db").search_runs(["0"]) == []
+
+
+def test_system_metrics_are_mlflows_own_and_can_be_turned_off(workdir, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    run_id = train.train(make(epochs=40, width=8))
+    history = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert history and all(0 <= m.value <= 100 * torch.get_num_threads() for m in history)
+    assert "system/system_memory_usage_megabytes" in client.get_run(run_id).data.metrics
+    quiet = train.train(make(epochs=40, width=8, system_metrics=False, seed=1))
+    assert not any(k.startswith("system/") for k in client.get_run(quiet).data.metrics)

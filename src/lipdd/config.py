@@ -218,6 +218,9 @@ class Config:
     results_dir: str = opt("results", "pipeline outputs: train/run.json, metrics, histories", "run", role="place")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else "
                                    "sqlite:///<project root>/mlflow.db)", "run", kind=str, role="place")
+    system_metrics: bool = opt(True, "log the training's CPU, memory, disk and network use (GPU with nvidia-ml-py) "
+                               "as MLflow's system/ metrics, sampled every 10 s (env "
+                               "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)", "run", role="place")
     stats: StatsConfig = field(default_factory=StatsConfig, metadata=dict(group=None))
 
     # --- derived -------------------------------------------------------------------

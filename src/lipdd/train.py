@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from mlflow.entities import RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -177,6 +178,13 @@ class Recorder:
                 for split, data in self.prepared.splits.items()}
             self.bar = stack.enter_context(tqdm(total=self.cfg.epochs, initial=self.start_epoch,
                                                 desc=self.cfg.run_name(), disable=not sys.stderr.isatty()))
+            if self.cfg.system_metrics:  # MLflow's own monitor: a thread sampling every 10 s
+                if self.cfg.log_level is None:  # it says INFO on start, stop and "no GPU" at every run
+                    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+                monitor = SystemMetricsMonitor(self.run_id, resume_logging=self.start_epoch > 0,
+                                               tracking_uri=self.client.tracking_uri)
+                monitor.start()
+                stack.callback(monitor.finish)
             # Left first: what it holds is in the run before the run ends. A resumed run re-computes
             # bit-identical values for steps it had logged: it sends only new ones.
             self.logger = stack.enter_context(
