@@ -4,7 +4,7 @@ run by each flush, and a sender that fails or dies is reported, never waited for
 import pytest
 from mlflow.exceptions import MlflowException
 
-from lipdd import runs
+from lipdd import config, runs
 from lipdd.tracking import BackgroundMetricLogger, get_client
 
 
@@ -91,3 +91,16 @@ def test_the_sender_runs_the_trainers_own_lipdd(run, tmp_path, monkeypatch):
 ])
 def test_the_remote_url_a_run_is_tagged_with_carries_no_credentials(url, tagged):
     assert runs.without_credentials(url) == tagged
+
+
+def test_runs_of_the_same_data_share_one_mlflow_dataset(workdir):
+    """The second run links the dataset the first inserted (queue workers race to insert it: the
+    loser retries and links)."""
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    cfg = config.build({"label_noise": 0.3}, environ={})
+    started = [runs.start(client, cfg, "ab" * 32, 10) for _ in range(2)]
+    for run_id in started:
+        (given,) = client.get_run(run_id).inputs.dataset_inputs
+        assert (given.dataset.name, given.dataset.digest) == ("digits-noise0.3", "ab" * 6)
+        assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "training")]
+        client.set_terminated(run_id)

@@ -142,8 +142,12 @@ def start(client, cfg: Config, dataset_hash: str, steps_per_epoch: int) -> str:
     tags = {**source_tags(), "dataset_hash": dataset_hash, "steps_per_epoch": steps_per_epoch, **owner_tags()}
     run = client.create_run(exp_id, run_name=cfg.run_name(),
                             tags={k: str(v) for k, v in tags.items() if v is not None})
-    tracking.log_params(client, run.info.run_id, cfg.flat())
-    tracking.log_dataset(client, run.info.run_id, cfg, dataset_hash)
+    try:
+        tracking.log_params(client, run.info.run_id, cfg.flat())
+        tracking.log_dataset(client, run.info.run_id, cfg, dataset_hash)
+    except BaseException:  # no run left RUNNING by a training that never started
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
     return run.info.run_id
 
 

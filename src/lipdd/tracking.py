@@ -106,7 +106,11 @@ def log_dataset(client: MlflowClient, run_id: str, cfg, dataset_hash: str) -> No
     source = ("sklearn.datasets.load_digits" if cfg.data == "digits" else str(Path(cfg.data_dir).resolve()))
     dataset = Dataset(name=f"{cfg.data}-noise{cfg.label_noise:g}", digest=dataset_hash[:12], source_type="local",
                       source=json.dumps({"uri": source, "content_hash": dataset_hash}))
-    client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
+    try:
+        client.log_inputs(run_id, inputs)
+    except MlflowException:  # queue workers racing to insert the same dataset: one won, link to it
+        client.log_inputs(run_id, inputs)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
