@@ -13,8 +13,12 @@
    and relative difference of the bounds.
 3. Accuracy against float64 references on a tiny cnn5: Hessian eigenvalue against the explicit
    Hessian's, the bound against dense SVDs of every map.
+4. Probe sets: time per point of the per-sample measures on a probe set's points (between, 1-pixel
+   shifts) over their time per point on the training points they come from, cnn5 width 8 on
+   CIFAR-shaped inputs: probes go through the same per-sample path, so about 1
+   (`probe_vs_training_points`, the largest of the medians of paired rounds).
 
-    .venv/bin/python benchmarks/bench_measures.py [--quick]
+    .venv/bin/python benchmarks/bench_measures.py [--quick] [--part curvature bound accuracy probes]
 
 The last line is one JSON object.
 """
@@ -36,8 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.sparse.linalg import svds
 
-from lipdd import curvature, lanczos, lipschitz
+from lipdd import config, curvature, lanczos, lipschitz
 from lipdd.models import CNN5, build_model
+from lipdd.probes import PROBES, Points
+from lipdd.stats import measure_points
 
 TOL = 1e-3
 
@@ -212,12 +218,44 @@ def bench_accuracy() -> float:
     return max(errors.values())
 
 
+def bench_probes(quick: bool) -> dict:
+    torch.manual_seed(0)
+    model = build_model("cnn5", 8, 3, 10).eval()
+    n = 32 if quick else 128
+    points = Points(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), np.arange(n), np.zeros(n, bool),
+                    [0.5] * 3, [0.25] * 3, 10)
+    options = config.build({"stats.metric": ["jacobian_operator_norm"], "stats.normalization": ["none", "softmax"],
+                            "stats.batch_size": 64, "stats.probe_lambdas": [0.5], "stats.probe_directions": 1},
+                           environ={}).stats
+    out = {}
+    for name in ("between", "shift1"):
+        probe = PROBES[name](points, options)
+        pairs = []
+        for _ in range(1 if quick else 5):
+            start = time.perf_counter()
+            measure_points(model, points.x, points.targets, options)
+            mid = time.perf_counter()
+            measure_points(model, probe.x, probe.targets, options)
+            per_probe_point = (time.perf_counter() - mid) / len(probe.targets)
+            pairs.append(per_probe_point / ((mid - start) / n))
+        out[name] = round(statistics.median(pairs), 3)
+        print(f"probe {name}: {len(probe.targets)} points; time per point over the training points' {out[name]:.2f}")
+    return {"probe_vs_training_points": max(out.values()), "probes": out}
+
+
+PARTS = {"curvature": bench_curvature, "bound": bench_upper_bound,
+         "accuracy": lambda quick: {"max_rel_err": bench_accuracy()}, "probes": bench_probes}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small network each, one round")
+    parser.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    result = {**bench_curvature(args.quick), **bench_upper_bound(args.quick), "max_rel_err": bench_accuracy()}
+    result = {}
+    for part in args.part:
+        result.update(PARTS[part](args.quick))
     print(json.dumps(result))
 
 
