@@ -62,9 +62,10 @@ def urls(client: MlflowClient, base: str, experiment: str) -> dict[str, str]:
     # MLflow 3 opens every experiment on its GenAI view unless the browser chose "Model training"
     # once (kept in its local storage); a fresh profile has not, and the URL says it instead.
     training = "workflowType=machine_learning"
-    return {"experiment": f"{home}?{training}", "run": f"{home}/runs/{runs[-1].info.run_id}?{training}",
-            "compare": f"{base}/#/compare-runs?runs={ids}&experiments={urllib.parse.quote(json.dumps([exp.experiment_id]))}",
-            "charts": f"{home}?{training}&compareRunsMode=CHART"}
+    experiments = urllib.parse.quote(json.dumps([exp.experiment_id]))
+    return {"experiment": f"{home}/runs?{training}", "run": f"{home}/runs/{runs[-1].info.run_id}?{training}",
+            "compare": f"{base}/#/compare-runs?runs={ids}&experiments={experiments}&{training}",
+            "charts": f"{home}/runs?{training}&compareRunsMode=CHART"}
 
 
 def photograph(url: str, path: Path, browser: str) -> None:

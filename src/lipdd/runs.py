@@ -112,7 +112,7 @@ def source_tags() -> dict[str, str | None]:
         user = None
     return {"mlflow.source.name": "lipdd train", "mlflow.source.type": "LOCAL", "mlflow.user": user,
             "mlflow.source.git.commit": commit, "git_commit": commit,
-            "mlflow.source.git.branch": git_output("rev-parse", "--abbrev-ref", "HEAD"),
+            "mlflow.source.git.branch": git_output("symbolic-ref", "--short", "-q", "HEAD"),  # none when detached
             "mlflow.source.git.repoURL": without_credentials(remote) if remote else None,
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), "dvc_exp_baseline_rev": commit,
             "params_differ_from_commit": {0: "false", 1: "true"}.get(diff.returncode) if diff else None}
