@@ -93,28 +93,27 @@ def interactive() -> bool:
     return distributed.is_rank0() and sys.stderr.isatty()
 
 
-def measure_samples(model, loader: datalib.Loader, s: configlib.StatsConfig) -> dict[tuple, np.ndarray]:
-    """{(measure, normalization or None): float64 values, one per sample of the loader's batches}
-    of the selected per-sample measures, from one loaded checkpoint."""
+def measure_batches(model, batches, s: configlib.StatsConfig) -> dict[tuple, np.ndarray]:
+    """{(measure, normalization or None): float64 values, one per sample of the batches (x, y)}
+    of the selected per-sample measures."""
     values: dict[tuple, list] = {}
-    if not any(MEASURES[m].kind == "sample" for m in s.metric):
-        return {}  # per-network measures only: no batch to go through
-    bar = tqdm(loader, desc="batches", leave=False, disable=not interactive())
-    for x, y in bar:
+    for x, y in batches:
         for key, v in per_sample(model, x, y, s.metric, s.normalization, s.target_logit_only, s.bigmem).items():
             values.setdefault(key, []).append(v.detach().double().cpu())
     return {k: torch.cat(v).numpy() for k, v in values.items()}
 
 
+def measure_samples(model, loader: datalib.Loader, s: configlib.StatsConfig) -> dict[tuple, np.ndarray]:
+    """measure_batches over the loader's batches, from one loaded checkpoint."""
+    if not any(MEASURES[m].kind == "sample" for m in s.metric):
+        return {}  # per-network measures only: no batch to go through
+    return measure_batches(model, tqdm(loader, desc="batches", leave=False, disable=not interactive()), s)
+
+
 def measure_points(model, x: torch.Tensor, targets: torch.Tensor, s: configlib.StatsConfig) -> dict[tuple, np.ndarray]:
-    """measure_samples on points already on the device, in batches of stats.batch_size."""
-    values: dict[tuple, list] = {}
-    for i in range(0, len(targets), s.batch_size):
-        batch = per_sample(model, x[i:i + s.batch_size], targets[i:i + s.batch_size], s.metric, s.normalization,
-                           s.target_logit_only, s.bigmem)
-        for key, v in batch.items():
-            values.setdefault(key, []).append(v.detach().double().cpu())
-    return {k: torch.cat(v).numpy() for k, v in values.items()}
+    """measure_batches over points already on the device, in batches of stats.batch_size."""
+    b = s.batch_size
+    return measure_batches(model, ((x[i:i + b], targets[i:i + b]) for i in range(0, len(targets), b)), s)
 
 
 def measure_probes(model, points: Points, s: configlib.StatsConfig) -> dict[str, tuple[ProbeSet, dict]]:
