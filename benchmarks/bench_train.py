@@ -20,7 +20,7 @@
    (DataLoader of PIL images, ToTensor, Normalize, batches of 128, no_grad).
 3. MLflow logging overhead on the embedded default: lipdd.train.train with params.yaml as it stands
    (digits, cnn5 width 8, 1,000 epochs, 1 thread) into a temporary SQLite store. Everything the trainer
-   spends in lipdd.tracking.BackgroundMetricLogger is timed: starting the sender process, each log
+   spends in lipdd.tracking.BackgroundLogger is timed: starting the sender process, each log
    (buffering, and pickling every 100 rows down the pipe), each flush before a checkpoint (which waits
    until the sender has written everything) and the close. The sender writes in parallel on the core
    the 1-thread trainer leaves free; a trainer that uses every core shares them with the sender.
@@ -201,7 +201,7 @@ def bench_pipelines(args, device):
 # ----------------------------------------------------------------------------- MLflow logging overhead
 
 
-class TimedLogger(tracking.BackgroundMetricLogger):
+class TimedLogger(tracking.BackgroundLogger):
     """The logger lipdd.train.train uses, adding up the wall time the trainer spends in its calls (the
     outermost ones only: log sends and close flushes), from starting its sender to closing it."""
 
@@ -226,8 +226,8 @@ class TimedLogger(tracking.BackgroundMetricLogger):
     def flush(self):
         self.timed(super().flush)
 
-    def close(self):
-        self.timed(super().close)
+    def close(self, wait=None):
+        self.timed(super().close, wait)
 
 
 def bench_logging(args, device):
@@ -239,14 +239,14 @@ def bench_logging(args, device):
                     params_file=ROOT / "params.yaml")
         datalib.ensure_prepared(cfg)
         tracking.get_client(cfg.tracking_uri)  # the store's tables exist before the clock starts
-        tracking.BackgroundMetricLogger, plain = TimedLogger, tracking.BackgroundMetricLogger
+        tracking.BackgroundLogger, plain = TimedLogger, tracking.BackgroundLogger
         TimedLogger.seconds = 0.0
         try:
             start = time.perf_counter()
             run_id = train(cfg)
             total = time.perf_counter() - start
         finally:
-            tracking.BackgroundMetricLogger = plain
+            tracking.BackgroundLogger = plain
         client = tracking.get_client(cfg.tracking_uri)
         logged = sum(len(client.get_metric_history(run_id, k)) for k in client.get_run(run_id).data.metrics)
     inside = TimedLogger.seconds

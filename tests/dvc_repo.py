@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,18 @@ class Repo:
             pytest.fail(f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
                         f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}", pytrace=False)
         return proc
+
+    def finish_queue(self, timeout: float = 300) -> None:
+        """Waits until no queued experiment is queued or running; fails with the log of one that failed."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = self.run("dvc", "queue", "status").stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(2)
+        failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
+        assert not failed, self.run("dvc", "queue", "logs", failed[0], check=False).stdout
+        assert "Queued" not in status and "Running" not in status, status
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri)

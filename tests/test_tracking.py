@@ -4,8 +4,8 @@ run by each flush, and a sender that fails or dies is reported, never waited for
 import pytest
 from mlflow.exceptions import MlflowException
 
-from lipdd import config, runs
-from lipdd.tracking import BackgroundMetricLogger, get_client
+from lipdd import config, runs, tracking
+from lipdd.tracking import BackgroundLogger, get_client
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ def history(client, run_id, key):
 
 def test_every_metric_is_in_the_run_at_each_flush_and_at_close(run):
     client, run_id = run
-    with BackgroundMetricLogger(client, run_id) as logger:
+    with BackgroundLogger(client, run_id) as logger:
         for step in range(1, 251):  # more than two sends' worth
             logger.log("batch_loss", step / 8, step)
         logger.log_dict({"train_loss": 0.5, "lr": 0.1}, step=10)
@@ -34,10 +34,10 @@ def test_every_metric_is_in_the_run_at_each_flush_and_at_close(run):
 
 def test_a_resumed_run_is_sent_only_steps_it_lacks(run):
     client, run_id = run
-    with BackgroundMetricLogger(client, run_id) as logger:
+    with BackgroundLogger(client, run_id) as logger:
         for step in range(1, 6):
             logger.log("batch_loss", float(step), step)
-    with BackgroundMetricLogger(client, run_id, skip_logged=True) as logger:
+    with BackgroundLogger(client, run_id, skip_logged=True) as logger:
         for step in range(1, 9):
             logger.log("batch_loss", float(step), step)
     assert history(client, run_id, "batch_loss") == [(s, float(s)) for s in range(1, 9)]
@@ -45,7 +45,7 @@ def test_a_resumed_run_is_sent_only_steps_it_lacks(run):
 
 def test_a_failed_write_is_raised_by_the_next_flush(run):
     client, run_id = run
-    logger = BackgroundMetricLogger(client, run_id)
+    logger = BackgroundLogger(client, run_id)
     logger.log("../outside", 1.0, 0)  # MLflow refuses a metric name that climbs out of the run
     with pytest.raises(MlflowException, match=rf"writing metrics to run {run_id} failed: MlflowException: .*name"):
         logger.flush()
@@ -56,7 +56,7 @@ def test_a_failed_write_is_raised_by_the_next_flush(run):
 
 def test_a_killed_sender_is_reported(run):
     client, run_id = run
-    logger = BackgroundMetricLogger(client, run_id)
+    logger = BackgroundLogger(client, run_id)
     logger.sender.kill()
     logger.sender.wait()
     logger.log("batch_loss", 1.0, 1)
@@ -66,7 +66,7 @@ def test_a_killed_sender_is_reported(run):
 
 def test_the_sender_ends_when_the_trainer_is_gone(run):
     client, run_id = run
-    logger = BackgroundMetricLogger(client, run_id)
+    logger = BackgroundLogger(client, run_id)
     logger.pipe.close()  # what the trainer's death does to the pipe
     assert logger.sender.wait(timeout=60) == 0
 
@@ -78,7 +78,7 @@ def test_the_sender_runs_the_trainers_own_lipdd(run, tmp_path, monkeypatch):
     (impostor / "__init__.py").write_text("raise ImportError('the wrong lipdd')\n")
     monkeypatch.setenv("PYTHONPATH", str(impostor.parent))
     client, run_id = run
-    with BackgroundMetricLogger(client, run_id) as logger:
+    with BackgroundLogger(client, run_id) as logger:
         logger.log("batch_loss", 0.5, 1)
     assert history(client, run_id, "batch_loss") == [(1, 0.5)]
 
@@ -90,7 +90,7 @@ def test_the_sender_runs_the_trainers_own_lipdd(run, tmp_path, monkeypatch):
     ("/srv/git/r", "/srv/git/r"),
 ])
 def test_the_remote_url_a_run_is_tagged_with_carries_no_credentials(url, tagged):
-    assert runs.without_credentials(url) == tagged
+    assert tracking.without_credentials(url) == tagged
 
 
 def test_runs_of_the_same_data_share_one_mlflow_dataset(workdir):

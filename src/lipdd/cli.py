@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import config
-from .config import Config, ConfigError, StatsConfig, TrainingDiverged
+from .config import Config, ConfigError, StatsConfig, TrackingUnavailable, TrainingDiverged
 
 GROUPS = {
     "prepare": ("data", "run"),
@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         print(f"lipdd {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except TrackingUnavailable as e:
+        print(f"lipdd {args.command}: error: {e}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: the same command succeeds later
 
 
 def setup_logging(cfg: Config) -> None:

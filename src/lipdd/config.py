@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -60,6 +61,12 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss: the run is FAILED, its last good checkpoint stays; exit status 1."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed unreachable past tracking_outage_limit: the training stops where
+    it is, its run stays RUNNING (nothing can reach the server to mark it) and the same command
+    resumes it later from its last uploaded checkpoint; exit status 75 (EX_TEMPFAIL)."""
 
 
 # What a training parameter says about a run (a marker on each field, read by runs.py):
@@ -199,6 +206,8 @@ class Config:
     seed: int = opt(42, "seed of initialisation, batch order and augmentation", "train", role="identity")
     # where things run and land
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (env DEVICE)", "run", role="place")
+    runs_per_gpu: int = opt(1, "processes that share one GPU: each `cuda` (or `auto`) training or stats process "
+                            "leases a GPU slot for its life, waiting while all are taken", "run", role="place")
     workers: int = opt(1, "CPU threads for the math (env WORKERS): training splits each op over them, stats "
                        "runs that many 32-sample chunks at once; data is device-resident, so no loader workers",
                        "run", role="place")
@@ -218,6 +227,10 @@ class Config:
     results_dir: str = opt("results", "pipeline outputs: train/run.json, metrics, histories", "run", role="place")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else "
                                    "sqlite:///<project root>/mlflow.db)", "run", kind=str, role="place")
+    tracking_outage_limit: float = opt(86400.0, "seconds a training goes on while the tracking server is "
+                                       "unreachable, its metrics and checkpoints kept on disk and written once the "
+                                       "server is back; past it the training stops, to be resumed", "run",
+                                       role="place")
     system_metrics: bool = opt(True, "log the training's CPU, memory, disk and network use (GPU with nvidia-ml-py) "
                                "as MLflow's system/ metrics, sampled every 10 s (env "
                                "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)", "run", role="place")
@@ -456,6 +469,12 @@ def validate(cfg: Config) -> None:
            "0, a period N > 0, or a list of epochs >= 0")
     if len(ckpt) > 1:
         _check(max(ckpt) <= cfg.epochs, "save_checkpoint", ckpt, f"epochs within 0..{cfg.epochs}")
+    _check(cfg.runs_per_gpu >= 1, "runs_per_gpu", cfg.runs_per_gpu, "a positive integer")
+    _check(cfg.tracking_outage_limit >= 0, "tracking_outage_limit", cfg.tracking_outage_limit, "seconds >= 0")
+    if cfg.tracking_uri and urlsplit(cfg.tracking_uri).password is not None:  # never echoed: it holds the password
+        raise ConfigError("tracking_uri: holds a password, which params.yaml and dvc.lock would carry into git; set "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or put the URI in "
+                          "MLFLOW_TRACKING_URI) instead")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda"
            or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
            "device", cfg.device, "cpu, cuda, cuda:N or auto")

@@ -15,12 +15,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.entities import RunTag
 
 from . import tracking
-from .config import ROLE, Config, ConfigError, draw_label_seed
+from .config import ROLE, Config, ConfigError, TrackingUnavailable, draw_label_seed
 
 KIND = "lipdd.kind"  # tag of report runs, so nothing takes a report for a training
 # A report draws the runs of one setting (its title) against its axes, averaging over seeds.
@@ -88,15 +87,6 @@ def git_commit() -> str | None:
     return git_output("rev-parse", "HEAD")
 
 
-def without_credentials(url: str) -> str:
-    """A remote's URL without any user:password@ it carries."""
-    parts = urlsplit(url)
-    if "://" not in url or "@" not in parts.netloc:
-        return url
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=host))
-
-
 def source_tags() -> dict[str, str | None]:
     """Where a training comes from: MLflow's own source tags (the UI's Source, Version and
     Created by columns), the DVC experiment (`workspace` outside one: `dvc repro`, `lipdd
@@ -113,7 +103,7 @@ def source_tags() -> dict[str, str | None]:
     return {"mlflow.source.name": "lipdd train", "mlflow.source.type": "LOCAL", "mlflow.user": user,
             "mlflow.source.git.commit": commit, "git_commit": commit,
             "mlflow.source.git.branch": git_output("symbolic-ref", "--short", "-q", "HEAD"),  # none when detached
-            "mlflow.source.git.repoURL": without_credentials(remote) if remote else None,
+            "mlflow.source.git.repoURL": tracking.without_credentials(remote) if remote else None,
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), "dvc_exp_baseline_rev": commit,
             "params_differ_from_commit": {0: "false", 1: "true"}.get(diff.returncode) if diff else None}
 
@@ -233,15 +223,22 @@ def reopen(client, run_id: str) -> None:
 @contextlib.contextmanager
 def ending(client, run_id: str) -> Iterator[None]:
     """Ends the run FINISHED, KILLED on an interrupt, FAILED on any error (message in a tag),
-    so no exited process leaves a run RUNNING."""
+    so no exited process leaves a run RUNNING; unless the server is unreachable, when the run stays
+    RUNNING, to be resumed (its process gone, `interrupted` finds it)."""
     try:
         yield
-    except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
+    except TrackingUnavailable:
         raise
     except BaseException as e:
-        client.log_batch(run_id, tags=[RunTag("error", f"{type(e).__name__}: {e}"[:5000])])
-        client.set_terminated(run_id, "FAILED")
+        try:
+            if isinstance(e, KeyboardInterrupt):
+                client.set_terminated(run_id, "KILLED")
+            else:
+                client.log_batch(run_id, tags=[RunTag("error", f"{type(e).__name__}: {e}"[:5000])])
+                client.set_terminated(run_id, "FAILED")
+        except Exception as unmarked:  # the error under way is the one to report
+            print(f"warning: run {run_id} could not be marked ended: {type(unmarked).__name__}: "
+                  f"{str(unmarked)[:300]}", file=sys.stderr)
         raise
     client.set_terminated(run_id, "FINISHED")
 

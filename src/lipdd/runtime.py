@@ -10,12 +10,15 @@ import torch
 
 from . import distributed
 from .config import Config, ConfigError
+from .leases import lease_gpu
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, runs_per_gpu: int = 1) -> torch.device:
     """`auto` picks CUDA when present. An explicit CUDA device on a machine without one runs on
     the CPU with a warning, so a GPU cluster's command also runs on a laptop, visibly slower.
-    Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    Under torchrun each process takes the GPU of its LOCAL_RANK; otherwise `cuda` (or `auto`) is a
+    lease of one of the visible GPUs (lease_gpu), so the workers of `dvc queue start -j 8` on an
+    8-GPU node train on 8 GPUs; `cuda:N` is device N, no lease asked."""
     if name == "auto" or (name.startswith("cuda") and not torch.cuda.is_available()):
         if name != "auto":
             print(f"warning: device {name!r} requested but CUDA is not available; running on the CPU",
@@ -23,10 +26,19 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and distributed.world_size() > 1:
         return torch.device("cuda", distributed.local_rank())
+    if name == "cuda":
+        return torch.device("cuda", lease_gpu(visible_gpus(), runs_per_gpu))
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise ConfigError(f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} "
                           "CUDA devices")
     return torch.device(name)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process sees, by the names the host knows them by: CUDA_VISIBLE_DEVICES's
+    entries (indices or UUIDs) when set, else every device's index."""
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return listed[:torch.cuda.device_count()] if listed else [str(i) for i in range(torch.cuda.device_count())]
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters in glibc's <malloc.h>
@@ -60,7 +72,7 @@ def channels_last(device: torch.device) -> bool:
 def setup(cfg: Config) -> torch.device:
     """The device `cfg` asks for, with `cfg.workers` CPU threads and, on the CPU, an allocator that
     keeps freed memory."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, cfg.runs_per_gpu)
     torch.set_num_threads(max(cfg.workers, 1))
     if device.type == "cpu":
         retain_freed_memory()

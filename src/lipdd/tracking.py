@@ -10,14 +10,19 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 # MLflow 3 sends usage telemetry by default; a cluster job or an offline laptop should not
 # open network connections behind the user's back. Checkpoint downloads are many and small:
@@ -29,7 +34,9 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # no
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from .config import ConfigError  # noqa: E402
+import requests  # noqa: E402
+
+from .config import ConfigError, TrackingUnavailable  # noqa: E402
 
 # MLflow's per-call limits for log_batch.
 MAX_METRICS, MAX_PARAMS = 1000, 100
@@ -49,8 +56,29 @@ def project_root() -> Path:
 
 
 def tracking_uri(configured: str | None = None) -> str:
+    """The store's URI, without credentials. A user:password@ in it moves to MLflow's own
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of this process (and so of its children):
+    MLflow puts the URI into its error messages, and lipdd into run.json; neither may carry a secret."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{project_root() / 'mlflow.db'}"
+    if not uri:
+        return f"sqlite:///{project_root() / 'mlflow.db'}"
+    parts = urlsplit(uri)
+    if "@" in parts.netloc and "://" in uri:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+        uri = without_credentials(uri)
+        if "MLFLOW_TRACKING_URI" in os.environ:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+def without_credentials(url: str) -> str:
+    """A URL without any user:password@ it carries."""
+    parts = urlsplit(url)
+    if "://" not in url or "@" not in parts.netloc:
+        return url
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def get_client(uri: str, create: bool = True) -> MlflowClient:
@@ -58,9 +86,12 @@ def get_client(uri: str, create: bool = True) -> MlflowClient:
     and two processes doing so at once (`dvc queue start -j 2` on a fresh repository) break
     its migration; a file lock beside the database lets one create it while the other waits.
     Readers pass create=False: a store that is not there has moved, and an empty new one
-    would only hide that."""
+    would only hide that. A server is asked once, so a login it refuses ends the command here."""
     if not uri.startswith("sqlite:///"):
-        return MlflowClient(tracking_uri=uri)
+        client = MlflowClient(tracking_uri=uri)
+        if uri.startswith(("http://", "https://")):
+            check_login(client)
+        return client
     db = Path(uri[len("sqlite:///"):])
     if not create and not db.exists():
         raise ConfigError(f"tracking_uri: the MLflow store {db} does not exist; point MLFLOW_TRACKING_URI "
@@ -71,6 +102,19 @@ def get_client(uri: str, create: bool = True) -> MlflowClient:
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)  # the store (and its schema) exists from here on
     return client
+
+
+def check_login(client: MlflowClient) -> None:
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        if status not in (401, 403):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        who = f"user {user!r}" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
+        raise ConfigError(f"tracking_uri: the MLflow server {client.tracking_uri} refused {who} (HTTP {status}); "
+                          "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
 
 
 # MLflow's UI opens an experiment of this kind on its runs, not on the GenAI overview of traces.
@@ -185,13 +229,21 @@ class MetricLogger:
 _SYNC = "sync"  # asks the sender to answer once everything before it is written
 
 
-class BackgroundMetricLogger(MetricLogger):
-    """A MetricLogger whose writes happen in a process of its own, for the training loop.
+class BackgroundLogger(MetricLogger):
+    """A MetricLogger for the training loop whose writes, checkpoint uploads included, happen in a
+    process of its own, in the order they were asked for.
 
     MLflow's ORM holds the GIL while it writes, so a thread of the trainer would slow a small
     model's steps as much as writing inline (README, Performance). Here the trainer only pickles
-    batches of SEND_EVERY rows down a pipe, and a sender process writes them while the training
-    goes on.
+    batches of SEND_EVERY rows down a pipe, and saves checkpoints to a spool folder, and a sender
+    process writes and uploads them while the training goes on. Order makes a checkpoint safe to
+    resume from: it is uploaded after every step logged before it.
+
+    A tracking server that goes away does not stop the training: the sender keeps what it is
+    handed (in memory up to Outbox.MEMORY_ROWS rows, then on disk) and retries until the server is
+    back, or until `outage_limit` seconds have passed, when the training stops with
+    TrackingUnavailable, resumable from its last uploaded checkpoint. Retried writes carry their
+    first timestamps, so MLflow stores each metric once.
 
     The sender is a fresh interpreter (`python -c`): a fork would copy the trainer's threads and
     open database connections, multiprocessing's spawn would re-run a user's script that calls
@@ -199,16 +251,22 @@ class BackgroundMetricLogger(MetricLogger):
     delaying it. It has a session of its own, so Ctrl-C stops only the trainer, whose close()
     still has everything it sent written. A failed write is raised by the trainer's next call."""
 
-    SEND_EVERY = 100  # so a flush before a checkpoint waits for ~100 rows, not ~1,000
+    SEND_EVERY = 100  # so a flush waits for ~100 rows, not ~1,000
+    STOP_WAIT = 60.0  # seconds a trainer that stops on an error waits for what it logged to be written
 
-    def __init__(self, client: MlflowClient, run_id: str, skip_logged: bool = False):
+    def __init__(self, client: MlflowClient, run_id: str, skip_logged: bool = False,
+                 outage_limit: float = 86400.0):
         super().__init__(client, run_id, skip_logged)
+        self.spool = Path(tempfile.mkdtemp(prefix="lipdd-outbox-"))
         self.pipe, theirs = Pipe()
-        # The sender imports this very lipdd, wherever it was imported from.
+        # The sender imports this very lipdd, wherever it was imported from. The URI goes through
+        # the environment, not argv, which any user of the host can read.
         code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-                "from lipdd.tracking import send_metrics; send_metrics(*sys.argv[2:])")
-        args = [str(Path(__file__).resolve().parent.parent), client.tracking_uri, run_id, str(theirs.fileno())]
+                "from lipdd.tracking import send_to_run; send_to_run(*sys.argv[2:])")
+        args = [str(Path(__file__).resolve().parent.parent), run_id, str(theirs.fileno()), str(self.spool),
+                str(outage_limit)]
         self.sender = subprocess.Popen([sys.executable, "-c", code, *args], pass_fds=[theirs.fileno()],
+                                       env={**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri},
                                        start_new_session=True)
         theirs.close()
 
@@ -217,22 +275,46 @@ class BackgroundMetricLogger(MetricLogger):
         if rows:
             self._tell(rows)
 
+    def log_checkpoint(self, state: dict, epoch: int) -> None:
+        import torch
+
+        path = self.spool / f"epoch_{epoch:04d}.pt"
+        torch.save(state, path)
+        self.send()
+        self._tell(("upload", str(path), "checkpoints"))
+
     def flush(self) -> None:
         self.send()
         self._tell(_SYNC)
         if (failure := self._answer()) is not None:
             self._fail(failure)
 
-    def close(self) -> None:
+    def close(self, wait: float | None = None) -> None:
+        """Everything written, then the sender stopped; with `wait`, at most that many seconds."""
         if self.pipe.closed:
             return
         try:
-            self.flush()
+            if wait is None:
+                self.flush()
+            else:
+                self.send()
         finally:
             with contextlib.suppress(OSError):
                 self.pipe.send(None)
-            self.sender.wait()
+            try:
+                self.sender.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                self.sender.kill()
+                self.sender.wait()
             self.pipe.close()
+            shutil.rmtree(self.spool, ignore_errors=True)
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the error under way is the one to report
+            self.close(wait=0 if kind is TrackingUnavailable else self.STOP_WAIT)
 
     def _tell(self, message) -> None:
         try:
@@ -250,24 +332,126 @@ class BackgroundMetricLogger(MetricLogger):
             return f"the sender process exited with status {self.sender.wait()}"
 
     def _fail(self, failure: str):
+        unavailable = f"{TrackingUnavailable.__name__}: "
+        if failure.startswith(unavailable):
+            raise TrackingUnavailable(failure[len(unavailable):])
         raise MlflowException(f"writing metrics to run {self.run_id} failed: {failure}")
 
 
+class Outbox:
+    """The sender's queue: what the trainer handed it, in order. Row batches stay in memory up to
+    MEMORY_ROWS rows, past that they wait in the spool folder as files. A thread fills it from the
+    pipe, so the trainer never waits for a write, however long the server is away."""
 
-def send_metrics(uri: str, run_id: str, fd: str) -> None:
-    """The sender process of a BackgroundMetricLogger: writes each batch of rows that arrives
-    on the pipe at file descriptor fd, answers _SYNC once everything before it is written, and
-    stops at None, at its first failure (after reporting it), or when the trainer is gone."""
-    pipe = Connection(int(fd))
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        while (message := pipe.recv()) is not None:
-            if message == _SYNC:
-                pipe.send(None)
+    MEMORY_ROWS = 200_000
+
+    def __init__(self, spool: Path):
+        self.spool, self.items, self.rows_in_memory, self.spilled = spool, deque(), 0, 0
+        self.ready = threading.Condition()
+        self.trainer_gone = False
+
+    def receive(self, pipe: Connection) -> None:
+        try:
+            while (message := pipe.recv()) is not None:
+                self.put(message)
+        except (EOFError, OSError):
+            self.trainer_gone = True
+        self.put(None)
+
+    def put(self, message) -> None:
+        with self.ready:
+            if isinstance(message, list) and self.rows_in_memory + len(message) > self.MEMORY_ROWS:
+                path = self.spool / f"rows-{self.spilled:08d}.pkl"
+                self.spilled += 1
+                path.write_bytes(pickle.dumps(message))
+                message = ("rows", str(path))
+            elif isinstance(message, list):
+                self.rows_in_memory += len(message)
+            self.items.append(message)
+            self.ready.notify()
+
+    def take(self):
+        with self.ready:
+            while not self.items:
+                self.ready.wait()
+            item = self.items.popleft()
+            if isinstance(item, list):
+                self.rows_in_memory -= len(item)
+            return item
+
+
+def transient(error: Exception) -> bool:
+    """Whether a failed call may succeed later: no answer, a timeout, a server error or a rate
+    limit; not a refusal of the request itself (a bad metric, a deleted run, a login)."""
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return status >= 500 or status in (408, 429)
+    return isinstance(error, (ConnectionError, TimeoutError, requests.exceptions.RequestException))
+
+
+class Patience:
+    """Retries a call while the server is away, for at most `limit` seconds of outage in a row, and
+    says on stderr when an outage starts and ends."""
+
+    def __init__(self, uri: str, spool: Path, limit: float):
+        self.uri, self.spool, self.limit, self.down_since = uri, spool, limit, None
+
+    def call(self, action, give_up_now=lambda: False) -> None:
+        pause = 1.0
+        while True:
+            try:
+                action()
+            except Exception as e:
+                if not transient(e) or give_up_now():
+                    raise
+                now = time.monotonic()
+                if self.down_since is None:
+                    self.down_since = now
+                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    reason = reason if len(reason) < 160 else "..." + reason[-150:]  # the root cause ends it
+                    print(f"lipdd: the tracking server {self.uri} does not answer ({reason}); the training goes on "
+                          f"and its metrics and checkpoints wait in {self.spool}, for up to {self.limit:g} s",
+                          file=sys.stderr, flush=True)
+                if now - self.down_since > self.limit:
+                    raise TrackingUnavailable(
+                        f"the tracking server {self.uri} did not answer for {now - self.down_since:.0f} s "
+                        f"(tracking_outage_limit: {self.limit:g}); the run stays resumable from its last "
+                        "uploaded checkpoint: run the same command again once the server is back") from None
+                time.sleep(pause)
+                pause = min(2 * pause, 30.0)
             else:
-                write_metrics(client, run_id, message)
-    except EOFError:
-        pass
+                if self.down_since is not None:
+                    print(f"lipdd: the tracking server {self.uri} is back after "
+                          f"{time.monotonic() - self.down_since:.0f} s; writing what waited", file=sys.stderr,
+                          flush=True)
+                    self.down_since = None
+                return
+
+
+def send_to_run(run_id: str, fd: str, spool: str, outage_limit: str) -> None:
+    """The sender process of a BackgroundLogger: writes each batch of rows and uploads each file
+    that arrives on the pipe at file descriptor fd, in order; answers _SYNC once everything before
+    it is done; stops at None, at its first failure (after reporting it), or when the trainer is
+    gone and everything it handed over is written (or the server fails once)."""
+    pipe = Connection(int(fd))
+    outbox = Outbox(Path(spool))
+    threading.Thread(target=outbox.receive, args=(pipe,), daemon=True).start()
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    patience = Patience(client.tracking_uri, outbox.spool, float(outage_limit))
+    give_up = lambda: outbox.trainer_gone  # noqa: E731
+    try:
+        while (item := outbox.take()) is not None:
+            if item == _SYNC:
+                pipe.send(None)
+            elif isinstance(item, list):
+                patience.call(lambda: write_metrics(client, run_id, item), give_up)
+            elif item[0] == "rows":
+                rows = pickle.loads(Path(item[1]).read_bytes())
+                patience.call(lambda: write_metrics(client, run_id, rows), give_up)
+                os.unlink(item[1])
+            else:  # ("upload", path, artifact folder)
+                patience.call(lambda: client.log_artifact(run_id, item[1], item[2]), give_up)
+                os.unlink(item[1])
     except Exception as e:
         with contextlib.suppress(OSError):  # unless the trainer is gone too
             pipe.send(f"{type(e).__name__}: {e}")

@@ -153,7 +153,7 @@ def evaluation(model, loaders: dict[str, datalib.Loader]) -> dict[str, float]:
 
 class Recorder:
     """Rank 0's part of a training: its MLflow run (ended FINISHED, KILLED or FAILED on leaving),
-    the metrics (through a sender process), evaluations, checkpoints and results/train/. Other
+    the metrics and checkpoints (through a sender process), evaluations and results/train/. Other
     ranks hold a distributed.rank0_only stand-in that does nothing."""
 
     EVAL_BATCH = 1024
@@ -187,8 +187,9 @@ class Recorder:
                 stack.callback(monitor.finish)
             # Left first: what it holds is in the run before the run ends. A resumed run re-computes
             # bit-identical values for steps it had logged: it sends only new ones.
-            self.logger = stack.enter_context(
-                tracking.BackgroundMetricLogger(self.client, self.run_id, skip_logged=self.start_epoch > 0))
+            self.logger = stack.enter_context(tracking.BackgroundLogger(
+                self.client, self.run_id, skip_logged=self.start_epoch > 0,
+                outage_limit=self.cfg.tracking_outage_limit))
             self.stack = stack.pop_all()
         return self
 
@@ -214,12 +215,10 @@ class Recorder:
         return early_exit(self.cfg, row)
 
     def checkpoint(self, epoch: int, step: int) -> None:
-        if epoch:  # a run resumed from this checkpoint must hold every step before it (the initial one: none)
-            self.logger.flush()
         state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), epoch=epoch,
                      global_step=step, rng={k: g.get_state() for k, g in self.loader.generators.items()},
                      config=self.cfg.flat())
-        tracking.log_checkpoint(self.client, self.run_id, state, epoch)
+        self.logger.log_checkpoint(state, epoch)  # uploaded after every step logged before it
 
     def diverged(self) -> None:
         self.logger.flush()  # the good steps before it stay in the run
