@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
-import subprocess
-import time
-import urllib.request
 
 import pytest
 
@@ -24,13 +20,7 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
     land in the workspace's store, tagged with their DVC experiment names."""
     repo.run("dvc", "exp", "run", "--queue", "-S", "width=1,2,3")
     repo.run("dvc", "queue", "start", "-j", "2")
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        status = repo.run("dvc", "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
-    assert "Failed" not in status, repo.run("dvc", "queue", "logs", status.split()[0], check=False).stdout
+    repo.finish_queue()
 
     runs = repo.training_runs()
     assert sorted(r.data.params["width"] for r in runs) == ["1", "2", "3"]
@@ -77,54 +67,3 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
         assert correlation[measure]["spearman_rho"] != "", measure
     for figure in ("measures_vs_width.png", "smoothness_vs_width.png"):
         assert (repo.path / "results/report" / figure).stat().st_size > 10_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_pipeline_against_an_mlflow_server(repo, tmp_path):
-    port = free_port()
-    server = subprocess.Popen(
-        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        # Without its GenAI job runners: a dozen worker processes lipdd never uses.
-        env={**repo.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
-        repo.env["MLFLOW_TRACKING_URI"] = base
-        repo.run("dvc", "repro")
-        assert not (repo.path / "mlflow.db").exists()
-
-        request = urllib.request.Request(
-            f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=lipdd")
-        experiment = json.load(urllib.request.urlopen(request))["experiment"]
-        body = json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode()
-        request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
-                                         headers={"Content-Type": "application/json"})
-        runs = json.load(urllib.request.urlopen(request))["runs"]
-        training = [r for r in runs if r["data"]["tags"] and
-                    not any(t["key"] == "lipdd.kind" for t in r["data"]["tags"])]
-        assert len(training) == 1 and training[0]["info"]["status"] == "FINISHED"
-        metrics = {m["key"] for m in training[0]["data"]["metrics"]}
-        assert {"test_error", "batch_loss", "train_jacobian_operator_norm_none_mean"} <= metrics
-        run_json = json.loads((repo.path / "results/train/run.json").read_text())
-        assert run_json["run_id"] == training[0]["info"]["run_id"] and run_json["tracking_uri"] == base
-        listing = urllib.request.urlopen(
-            f"{base}/api/2.0/mlflow/artifacts/list?run_id={run_json['run_id']}&path=checkpoints")
-        assert len(json.load(listing)["files"]) == 3
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
