@@ -43,7 +43,8 @@ The last line printed is one JSON object: the worst case over configurations of
   peak_mem_vs_seed_bigmem   peak memory of ours and of ours_bigmem (the larger) over seed_bigmem
   max_rel_err               max |ours - exact| / exact, both our paths, fp32, same linear piece
 and, for information, max_rel_err_vs_float64_net, vs_seed_frozen, and the seed estimator's worst
-relative error and count of zero estimates.
+relative error and count of zero estimates. On CUDA also tf32_/bf16_max_rel_err and _min_speedup, and
+best_chunk_cuda: the lipdd.jacobian.CHUNK["cuda"] fastest on cnn5_64 and resnet18_64 (chunk_sweep).
 """
 
 import argparse
@@ -277,6 +278,35 @@ def reduced_precision(model, x, targets, device):
     return out
 
 
+def chunk_sweep(device, sizes=(64, 128, 256, 512, 1024), n=1024, rounds=3):
+    """CUDA only: samples/s of ours for each lipdd.jacobian.CHUNK["cuda"], on the widest networks;
+    returns the chunk whose worst speed over the networks, relative to each network's best, is highest."""
+    from lipdd import jacobian
+
+    saved, speeds = jacobian.CHUNK["cuda"], {}
+    try:
+        for family in ("cnn5", "resnet18"):
+            model, x, targets = make_case(family, 64, n, device)
+            for size in sizes:
+                jacobian.CHUNK["cuda"] = size
+                run_method("ours", (model, None), x, targets)  # warm-up
+                times = []
+                for _ in range(rounds):
+                    sync(device)
+                    start = time.perf_counter()
+                    run_method("ours", (model, None), x, targets)
+                    sync(device)
+                    times.append(time.perf_counter() - start)
+                speeds[family, size] = n / statistics.median(times)
+    finally:
+        jacobian.CHUNK["cuda"] = saved
+    print("\nCUDA, samples/s of ours by jacobian.CHUNK['cuda'], width 64, 1,024 samples")
+    for family in ("cnn5", "resnet18"):
+        print(f"{family:12} " + "  ".join(f"{size}: {speeds[family, size]:.0f}" for size in sizes))
+    best = {f: max(speeds[f, s] for s in sizes) for f in ("cnn5", "resnet18")}
+    return max(sizes, key=lambda s: min(speeds[f, s] / best[f] for f in best))
+
+
 # ----------------------------------------------------------------------------- peak memory
 
 
@@ -373,6 +403,12 @@ def main():
         for name, by_precision in reduced.items():
             print(f"{name:12} " + "  ".join(f"{p} {err:.1e} x{speed:.2f}" for p, (err, speed) in by_precision.items()))
 
+    cuda = {}
+    if reduced:
+        for precision in ("tf32", "bf16"):
+            cuda[f"{precision}_max_rel_err"] = float(f"{max(r[precision][0] for r in reduced.values()):.3g}")
+            cuda[f"{precision}_min_speedup"] = round(min(r[precision][1] for r in reduced.values()), 3)
+        cuda["best_chunk_cuda"] = chunk_sweep(device)
     all_errs = [e for by_scale in errs.values() for e in by_scale.values()]
     print(json.dumps({
         "vs_seed_lowmem": round(min(r["vs_low"] for r in rows), 3),
@@ -384,6 +420,7 @@ def main():
         "seed_max_rel_err": float(f"{max(e['seed'] for e in all_errs):.3g}"),
         "seed_zero_estimates": sum(e["seed_zeros"] for e in all_errs),
         "samples": sum(r["n"] for r in rows),
+        **cuda,
     }))
 
 

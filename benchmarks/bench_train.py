@@ -21,8 +21,10 @@
 3. MLflow logging overhead on the embedded default: lipdd.train.train with params.yaml as it stands
    (digits, cnn5 width 8, 1,000 epochs, 1 thread) into a temporary SQLite store. Everything the trainer
    spends in lipdd.tracking.BackgroundLogger is timed: starting the sender process, each log
-   (buffering, and pickling every 100 rows down the pipe), each flush before a checkpoint (which waits
-   until the sender has written everything) and the close. The sender writes in parallel on the core
+   (buffering, and pickling every 100 rows down the pipe), each flush (which waits until the sender has
+   written everything: at the end of the training) and the close. Checkpoints are saved by the trainer
+   and uploaded by the sender; saving one is the checkpoint's cost, not logging's, and is not timed
+   (it was not before the sender took the uploads either). The sender writes in parallel on the core
    the 1-thread trainer leaves free; a trainer that uses every core shares them with the sender.
    Timing the calls measures what logging adds without the noise of differencing two timings on a
    shared machine. (The README's Performance section keeps the history of this figure.)

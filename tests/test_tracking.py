@@ -1,8 +1,12 @@
 """The training loop's metric logger against a real SQLite store: what it is handed reaches the
 run by each flush, and a sender that fails or dies is reported, never waited for forever."""
 
+import pickle
+from pathlib import Path
+
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
 
 from lipdd import config, runs, tracking
 from lipdd.tracking import BackgroundLogger, get_client
@@ -104,3 +108,29 @@ def test_runs_of_the_same_data_share_one_mlflow_dataset(workdir):
         assert (given.dataset.name, given.dataset.digest) == ("digits-noise0.3", "ab" * 6)
         assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "training")]
         client.set_terminated(run_id)
+
+
+def test_the_sender_keeps_a_bounded_backlog_in_memory_and_the_rest_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracking.Outbox, "MEMORY_ROWS", 250)
+    outbox = tracking.Outbox(tmp_path)
+    batches = [[("batch_loss", float(s), 0, s) for s in range(i, i + 100)] for i in range(0, 500, 100)]
+    for rows in batches:
+        outbox.put(rows)
+    assert outbox.rows_in_memory == 200 and len(list(tmp_path.glob("rows-*.pkl"))) == 3
+    taken = [outbox.take() for _ in batches]
+    assert taken[:2] == batches[:2] and outbox.rows_in_memory == 0
+    assert [pickle.loads(Path(path).read_bytes()) for kind, path in taken[2:]] == batches[2:]
+
+
+@pytest.mark.parametrize("error, retried", [
+    (MlflowException("no answer", error_code=databricks_pb2.INTERNAL_ERROR), True),  # what the client raises with no server
+    (MlflowException("busy", error_code=databricks_pb2.TEMPORARILY_UNAVAILABLE), True),
+    (MlflowException("slow down", error_code=databricks_pb2.RESOURCE_EXHAUSTED), True),
+    (MlflowException("bad metric", error_code=databricks_pb2.INVALID_PARAMETER_VALUE), False),
+    (MlflowException("who are you", error_code=databricks_pb2.UNAUTHENTICATED), False),
+    (MlflowException("deleted run", error_code=databricks_pb2.RESOURCE_DOES_NOT_EXIST), False),
+    (ConnectionRefusedError(), True),
+    (ValueError("a bug"), False),
+])
+def test_only_failures_that_may_pass_are_retried(error, retried):
+    assert tracking.transient(error) is retried

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# lipdd on a CUDA machine, in one go: at most 8 minutes, each step stopped at its own limit (exit 124):
+#   gpu        the device, torch and CUDA versions
+#   pipeline   the default pipeline's commands (prepare, train, stats: params.yaml) on CUDA
+#   leases     two trainings started at once with device cuda and runs_per_gpu 1: on one GPU the
+#              second waits for the first's lease, on several each takes its own
+#   torchrun   stats of the pipeline's run under torchrun, one process per GPU, NCCL (needs 2 GPUs)
+#   bench_train, bench_stats   both benchmarks with --device cuda (bench_stats adds the TF32 and bf16
+#              errors and speed-ups, and the fastest jacobian.CHUNK["cuda"])
+# and prints one JSON line: each step's exit status and seconds, and the figures each step reports.
+#
+#   bash benchmarks/gpu_check.sh                         # on the GPU machine, lipdd installed or not
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # a dry run anywhere
+#
+# PYTHON picks the interpreter (default: .venv/bin/python if there, else python3); lipdd is imported
+# from src/. Everything it writes goes to a temporary folder (GPU_CHECK_KEEP=DIR keeps it there).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+QUICK=${GPU_CHECK_QUICK:+--quick}
+WORK=${GPU_CHECK_KEEP:-$(mktemp -d)}
+mkdir -p "$WORK/steps"
+[ -n "${GPU_CHECK_KEEP:-}" ] || trap 'rm -rf "$WORK"' EXIT
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export MLFLOW_TRACKING_URI=sqlite:///$WORK/mlflow.db LIPDD_GPU_LEASES=$WORK/leases
+COMMON=(--params params.yaml --device "$DEVICE" --prepared-dir "$WORK/prepared" --results-dir "$WORK/results")
+
+# step NAME LIMIT_SECONDS COMMAND...: runs it (a function of this script runs in a bash of its own, so
+# that timeout can stop it), its output in steps/NAME.log, its status and time in steps/NAME.rc
+step() {
+    local name=$1 limit=$2; shift 2
+    local start=$SECONDS
+    if declare -F "$1" >/dev/null; then
+        set -- bash -c "$(declare -p PY DEVICE WORK COMMON); $(declare -f "$1"); $1"
+    fi
+    timeout "$limit" "$@" >"$WORK/steps/$name.log" 2>&1
+    echo "$? $((SECONDS - start))" >"$WORK/steps/$name.rc"
+    echo "gpu_check: $name: exit $(cut -d' ' -f1 "$WORK/steps/$name.rc") in $((SECONDS - start)) s" >&2
+}
+
+step gpu 30 "$PY" -c 'import json, torch; print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
+  "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}))'
+
+pipeline() {
+    "$PY" -m lipdd prepare "${COMMON[@]}" && "$PY" -m lipdd train "${COMMON[@]}" &&
+        "$PY" -m lipdd stats "${COMMON[@]}" --output-dir "$WORK/stats" || return 1
+    "$PY" -c 'import json, sys; t, s = (json.load(open(f)) for f in sys.argv[1:]); print(json.dumps({
+        "test_error": t["test_error"], "operator_norm_mean": s["jacobian_operator_norm_none"]["mean"]}))' \
+        "$WORK/results/train/metrics.json" "$WORK/results/stats/metrics.json"
+}
+step pipeline 120 pipeline
+
+leases() {
+    local a b
+    "$PY" -m lipdd train "${COMMON[@]}" --epochs 50 --name leases --seed 1 >"$WORK/steps/lease-a.log" 2>&1 & a=$!
+    "$PY" -m lipdd train "${COMMON[@]}" --epochs 50 --name leases --seed 2 >"$WORK/steps/lease-b.log" 2>&1 & b=$!
+    wait $a && wait $b || return 1
+    echo "{\"waited\": $(cat "$WORK"/steps/lease-?.log | grep -c 'waiting for a GPU')}"
+}
+step leases 60 leases
+
+gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "$gpus" -ge 2 ]; then
+    step torchrun 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$gpus" -m lipdd stats \
+        "${COMMON[@]}" --output-dir "$WORK/torchrun"
+else
+    echo "skipped: NCCL needs 2 GPUs, this machine has $gpus" >"$WORK/steps/torchrun.log"
+    echo "0 0" >"$WORK/steps/torchrun.rc"
+fi
+
+step bench_train 90 "$PY" benchmarks/bench_train.py --device "$DEVICE" $QUICK
+step bench_stats 120 "$PY" benchmarks/bench_stats.py --device "$DEVICE" $QUICK
+
+"$PY" - "$WORK/steps" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = {}
+for rc in sorted(Path(sys.argv[1]).glob("*.rc")):
+    status, seconds = map(int, rc.read_text().split())
+    lines = rc.with_suffix(".log").read_text().strip().splitlines() or [""]
+    entry = {"exit": status, "seconds": seconds}
+    try:  # a step's figures: the JSON object its output ends with
+        entry.update(json.loads(lines[-1]))
+    except (json.JSONDecodeError, TypeError):
+        entry["last_line"] = lines[-1][-300:]
+    out[rc.stem] = entry
+print(json.dumps(out))
+EOF
