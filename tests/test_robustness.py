@@ -176,3 +176,21 @@ def test_four_concurrent_trainings_share_one_sqlite_store(workdir):
     for r in runs:
         assert [m.step for m in client.get_metric_history(r.info.run_id, "batch_loss")] == list(range(1, 19))  # ceil(1297 / 256) = 6 steps an epoch
         assert [m.step for m in client.get_metric_history(r.info.run_id, "test_error")] == [0, 3]
+
+
+def test_stats_never_overwrite_another_runs_results(workdir, capsys):
+    """Runs that differ only in a parameter the seed layout does not name (here the learning rate)
+    share its directory: the second run's stats are refused there, and written where asked."""
+    run = [train.train(config.build(dict(width=2, label_seed=0, epochs=1, batch_size=256, save_checkpoint=[1],
+                                         device="cpu", learning_rate=lr), environ={})) for lr in (0.01, 0.02)]
+    stats = ["stats", "--device", "cpu", "--metric", "accuracy", "--num-samples", "100", "--batch-size", "100",
+             "--probes", "between"]
+    assert cli.main([*stats, "--run-id", run[0]]) == 0
+    before = snapshot(workdir / "results")
+    capsys.readouterr()
+    assert cli.main([*stats, "--run-id", run[1]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"of run {run[0]}, and this is run {run[1]}" in err, err
+    assert snapshot(workdir / "results") == before
+    assert cli.main([*stats, "--run-id", run[1], "--output-dir", "results/second"]) == 0
+    assert cli.main([*stats, "--run-id", run[0]]) == 0  # a run's own results: measured again in place

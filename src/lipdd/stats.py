@@ -159,6 +159,7 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
     s = cfg.stats
     client, run, run_cfg, out_dir = analysed_run(cfg)
     run_id = run.info.run_id
+    refuse_foreign_results(out_dir, run_id)
     available = tracking.list_checkpoints(client, run_id)
     chosen = select_checkpoints(cfg, available, int(run.data.tags.get("steps_per_epoch", 0)) or 1)
     from_start = [m for m in s.metric if "initial" in MEASURES[m].options]
@@ -194,6 +195,21 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
             probed = measure_probes(model, probe_points(), s) if distributed.is_rank0() else None
             write.checkpoint(key, epoch, state["global_step"], values, measured, probed, time.time() - started)
     return write.files() or []
+
+
+def refuse_foreign_results(out_dir: Path, run_id: str) -> None:
+    """One directory, one run's results. The seed layout names a run's directory by the parameters
+    the seed's scripts name runs by, so runs that differ only in others (a learning rate, epochs)
+    share one, and one's files would overwrite the other's."""
+    for path in sorted(out_dir.glob("*.json")):
+        try:
+            found = json.loads(path.read_text())
+            other = found.get("metadata", found).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if other and other != run_id:
+            raise ConfigError(f"stats.output_dir: {out_dir} holds {path.name} of run {other}, and this is run "
+                              f"{run_id}; pass --output-dir DIR to keep both runs' results")
 
 
 class Writer:
