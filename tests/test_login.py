@@ -20,7 +20,7 @@ PASSWORD = "lipdd-Pa55word-never-written"
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("auth")
     # MLflow's own settings, but with its login cache on: without it every request pays a PBKDF2
-    # hash, which makes the pipeline several times slower (README, Scaling out).
+    # hash, which makes the pipeline about twice as slow (README, Scaling out).
     ini = root / "basic_auth.ini"
     ini.write_text("[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///basic_auth.db\n"
                    "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
