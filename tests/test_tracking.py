@@ -73,6 +73,7 @@ def test_the_sender_ends_when_the_trainer_is_gone(run):
     logger = BackgroundLogger(client, run_id)
     logger.pipe.close()  # what the trainer's death does to the pipe
     assert logger.sender.wait(timeout=60) == 0
+    assert not logger.spool.exists()  # nor does it leave its spool behind
 
 
 def test_the_sender_runs_the_trainers_own_lipdd(run, tmp_path, monkeypatch):

@@ -455,6 +455,7 @@ def send_to_run(run_id: str, fd: str, spool: str, outage_limit: str) -> None:
     except Exception as e:
         with contextlib.suppress(OSError):  # unless the trainer is gone too
             pipe.send(f"{type(e).__name__}: {e}")
+    shutil.rmtree(outbox.spool, ignore_errors=True)  # a trainer killed by SIGKILL cannot remove it
     # Every write is committed: skip tearing down MLflow's import graph, which the trainer's
     # close() would wait for.
     os._exit(0)
