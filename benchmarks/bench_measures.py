@@ -40,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.sparse.linalg import svds
 
-from lipdd import config, curvature, lanczos, lipschitz
+from lipdd import config, curvature, lipschitz
 from lipdd.models import CNN5, build_model
 from lipdd.probes import PROBES, Points
 from lipdd.stats import measure_points
@@ -49,8 +49,7 @@ TOL = 1e-3
 
 
 def ours_top_eigenvalue(model, x, y, tol=TOL):
-    h = curvature.Hessian(model, x, y)
-    return lanczos.top_eigenvalues(h.matvec, h.size, tol=tol)[0][0]
+    return curvature.Hessian(model, x, y).top_eigenvalues(1, tol, seed=0)[0][0]
 
 
 def pyhessian_top_eigenvalue(model, x, y, tol=TOL, max_iter=100):

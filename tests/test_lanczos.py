@@ -61,3 +61,19 @@ def test_no_convergence_is_an_error():
     a = symmetric(np.linspace(0, 1, 300))
     with pytest.raises(RuntimeError, match="Lanczos did not reach relative tolerance 1e-12 in 5 steps"):
         top_eigenvalues(products(a)[0], 300, tol=1e-12, max_steps=5)
+
+
+def test_a_start_near_the_top_eigenvector_saves_steps_and_a_bad_one_costs_no_accuracy():
+    spectrum = np.concatenate([[1.0], np.linspace(-0.9, 0.9, 499)])
+    q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((500, 500)))
+    a = torch.from_numpy(q @ np.diag(spectrum) @ q.T)
+    top = torch.from_numpy(q[:, 0])
+    plain, plain_steps = top_eigenvalues(products(a)[0], 500, tol=1e-8)
+    guessed, guessed_steps = top_eigenvalues(products(a)[0], 500, tol=1e-8, start=top + 0.1 * torch.from_numpy(q[:, 1]))
+    assert guessed_steps < plain_steps
+    # A start orthogonal to the top eigenvector (here: the next one) is still met by the Gaussian half.
+    misled, _ = top_eigenvalues(products(a)[0], 500, tol=1e-8, start=torch.from_numpy(q[:, 1]))
+    ignored = top_eigenvalues(products(a)[0], 500, tol=1e-8, start=torch.zeros(500))
+    for values in (plain, guessed, misled):
+        assert values[0] == pytest.approx(1.0, rel=1e-8)
+    assert ignored == (plain, plain_steps)

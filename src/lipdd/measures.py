@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import numpy as np
 
-from . import curvature, jacobian, lanczos, lipschitz
+from . import curvature, jacobian, lipschitz
 from .names import NORMALIZATIONS, bound_ratio
 
 
@@ -141,8 +141,7 @@ def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
     its standard error, and the gradient norm ||grad L||."""
     s = network.options
     hessian = curvature.Hessian(network.model, *network.training_points())
-    eigenvalues, steps = lanczos.top_eigenvalues(hessian.matvec, hessian.size, s.curvature_top_k,
-                                                 s.curvature_tolerance, device=hessian.device, seed=s.curvature_seed)
+    eigenvalues, steps = hessian.top_eigenvalues(s.curvature_top_k, s.curvature_tolerance, s.curvature_seed)
     quadratic = hessian.hutchinson(s.hutchinson_probes, s.curvature_seed)
     summary = {"hessian_top_eigenvalue": eigenvalues[0], "hessian_trace": float(quadratic.mean()),
                "hessian_trace_se": float(quadratic.std(ddof=1) / np.sqrt(len(quadratic))),
