@@ -99,3 +99,15 @@ def test_past_its_outage_limit_a_training_stops_and_the_same_command_resumes_it(
     assert again.returncode == 0, err
     assert f"resuming run {run_id}" in err
     assert_complete(client, run_id, 100)
+
+
+@pytest.mark.parametrize("command", [["train", *TINY], ["stats", "--run-id", "0" * 32], ["report"]])
+def test_a_command_whose_server_is_down_says_so_in_one_line_and_does_nothing(setup, command):
+    server, work, env, _ = setup
+    server.stop()
+    proc = subprocess.run([sys.executable, "-m", "lipdd", *command], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 75, proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
+    assert f"the tracking server {server.uri} does not answer" in proc.stderr and "run the same command again" in proc.stderr
+    assert not any(work.iterdir())  # no data prepared, no result written

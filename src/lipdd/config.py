@@ -64,9 +64,10 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server stayed unreachable past tracking_outage_limit: the training stops where
-    it is, its run stays RUNNING (nothing can reach the server to mark it) and the same command
-    resumes it later from its last uploaded checkpoint; exit status 75 (EX_TEMPFAIL)."""
+    """The tracking server does not answer: at a command's first request (nothing done yet), or
+    past tracking_outage_limit during a training, which stops where it is, its run RUNNING (nothing
+    can reach the server to mark it), resumable from its last uploaded checkpoint by the same
+    command; exit status 75 (EX_TEMPFAIL)."""
 
 
 # What a training parameter says about a run (a marker on each field, read by runs.py):

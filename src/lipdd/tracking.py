@@ -86,11 +86,11 @@ def get_client(uri: str, create: bool = True) -> MlflowClient:
     and two processes doing so at once (`dvc queue start -j 2` on a fresh repository) break
     its migration; a file lock beside the database lets one create it while the other waits.
     Readers pass create=False: a store that is not there has moved, and an empty new one
-    would only hide that. A server is asked once, so a login it refuses ends the command here."""
+    would only hide that. A server is asked once (check_server)."""
     if not uri.startswith("sqlite:///"):
         client = MlflowClient(tracking_uri=uri)
         if uri.startswith(("http://", "https://")):
-            check_login(client)
+            check_server(client)
         return client
     db = Path(uri[len("sqlite:///"):])
     if not create and not db.exists():
@@ -104,11 +104,16 @@ def get_client(uri: str, create: bool = True) -> MlflowClient:
     return client
 
 
-def check_login(client: MlflowClient) -> None:
+def check_server(client: MlflowClient) -> None:
+    """One request before any work: a server that does not answer, or refuses the login, ends the
+    command in one line (exit 75 and 2) instead of a traceback after the data is prepared."""
     try:
         client.search_experiments(max_results=1)
-    except MlflowException as e:
-        status = e.get_http_status_code()
+    except Exception as e:
+        if transient(e):
+            raise TrackingUnavailable(f"the tracking server {client.tracking_uri} does not answer ({cause(e)}); "
+                                      "start it or point tracking_uri at one, then run the same command again") from None
+        status = e.get_http_status_code() if isinstance(e, MlflowException) else None
         if status not in (401, 403):
             raise
         user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -389,6 +394,12 @@ def transient(error: Exception) -> bool:
     return isinstance(error, (ConnectionError, TimeoutError, requests.exceptions.RequestException))
 
 
+def cause(error: Exception) -> str:
+    """A failed request's reason in a few words: MLflow's messages end with the root cause."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return reason if len(reason) < 160 else "..." + reason[-150:]
+
+
 class Patience:
     """Retries a call while the server is away, for at most `limit` seconds of outage in a row, and
     says on stderr when an outage starts and ends."""
@@ -407,9 +418,7 @@ class Patience:
                 now = time.monotonic()
                 if self.down_since is None:
                     self.down_since = now
-                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    reason = reason if len(reason) < 160 else "..." + reason[-150:]  # the root cause ends it
-                    print(f"lipdd: the tracking server {self.uri} does not answer ({reason}); the training goes on "
+                    print(f"lipdd: the tracking server {self.uri} does not answer ({cause(e)}); the training goes on "
                           f"and its metrics and checkpoints wait in {self.spool}, for up to {self.limit:g} s",
                           file=sys.stderr, flush=True)
                 if now - self.down_since > self.limit:
