@@ -9,9 +9,10 @@ Why not scipy's eigsh (ARPACK), with the same test: it checks it once per restar
 products, 20 by default), and every product is a round trip through numpy on the host, which on
 a GPU is a device-to-host copy of the vector each time.
 
-Each step costs one product, two passes over the kept vectors and the top of the tridiagonal's
-spectrum (LAPACK's bisection and inverse iteration, linear in the steps, where a full
-eigendecomposition every step grew to cost more than the product on small operators).
+Each step costs one product, one reorthogonalisation pass against the kept vectors (rarely two)
+and the top of the tridiagonal's spectrum (LAPACK's bisection and inverse iteration, linear in the
+steps, where a full eigendecomposition every step grew to cost more than the product on small
+operators).
 Memory: every Lanczos vector is kept (steps x n float64 values), the price of reorthogonalising
 against all of them, which keeps the iteration free of spurious copies of converged eigenvalues.
 """
