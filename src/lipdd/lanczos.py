@@ -45,23 +45,25 @@ def top_eigenvalues(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: i
     for step in range(1, min(n, max_steps) + 1):
         q = basis[step - 1]
         w = matvec(q)
-        alpha = float(w @ q)
+        alpha = w @ q
         w -= alpha * q
         if betas:
             w -= betas[-1] * basis[step - 2]
         # The three-term recurrence leaves components along older vectors that grow as Ritz vectors
         # converge; one pass against all of them removes them, unless it cancelled most of w (then a
-        # second pass removes the first's rounding: "twice is enough").
-        before = float(torch.linalg.vector_norm(w))
+        # second pass removes the first's rounding: "twice is enough"). Scalars stay on the device
+        # until one read per pass: on a GPU each read is a synchronisation.
+        before = torch.linalg.vector_norm(w)
         for _ in range(2):
             coefficients = basis[:step] @ w
             w -= basis[:step].T @ coefficients
-            alpha += float(coefficients[-1])
-            beta = float(torch.linalg.vector_norm(w))
-            if beta > 0.5 * before:
+            alpha = alpha + coefficients[-1]
+            norm = torch.linalg.vector_norm(w)
+            beta, kept, alpha_value = torch.stack([norm, norm / before, alpha]).tolist()
+            if kept > 0.5:
                 break
-            before = beta
-        alphas.append(alpha)
+            before = norm
+        alphas.append(alpha_value)
         ritz, vectors = eigh_tridiagonal(np.array(alphas), np.array(betas), select="i",
                                          select_range=(step - min(k, step), step - 1), check_finite=False)
         ritz, residuals = ritz[::-1], beta * np.abs(vectors[-1, ::-1])  # largest first
