@@ -2,8 +2,9 @@
 # lipdd on a CUDA machine, in one go: at most 8 minutes, each step stopped at its own limit (exit 124):
 #   gpu        the device, torch and CUDA versions
 #   pipeline   the default pipeline's commands (prepare, train, stats: params.yaml) on CUDA
-#   leases     two trainings started at once with device cuda and runs_per_gpu 1: on one GPU the
-#              second waits for the first's lease, on several each takes its own
+#   leases     two trainings started at once with device cuda and runs_per_gpu 1, both shown only
+#              GPU 0, one by index and one by UUID (CUDA_VISIBLE_DEVICES): one waits for the other
+#              ("waited": 1), whatever the spelling
 #   torchrun   stats of the pipeline's run under torchrun, one process per GPU, NCCL (needs 2 GPUs)
 #   bench_train, bench_stats   both benchmarks with --device cuda (bench_stats adds the TF32 and bf16
 #              errors and speed-ups, and the fastest jacobian.CHUNK["cuda"])
@@ -52,9 +53,13 @@ pipeline() {
 step pipeline 120 pipeline
 
 leases() {
-    local a b
-    "$PY" -m lipdd train "${COMMON[@]}" --epochs 50 --name leases --seed 1 >"$WORK/steps/lease-a.log" 2>&1 & a=$!
-    "$PY" -m lipdd train "${COMMON[@]}" --epochs 50 --name leases --seed 2 >"$WORK/steps/lease-b.log" 2>&1 & b=$!
+    local a b uuid=0
+    [ "$DEVICE" = cpu ] || uuid=$("$PY" -c 'import torch; u = str(torch.cuda.get_device_properties(0).uuid)
+print(u if u.startswith(("GPU-", "MIG-")) else "GPU-" + u)') || return 1
+    CUDA_VISIBLE_DEVICES=0 "$PY" -m lipdd train "${COMMON[@]}" --epochs 50 --name leases --seed 1 \
+        >"$WORK/steps/lease-a.log" 2>&1 & a=$!
+    CUDA_VISIBLE_DEVICES=$uuid "$PY" -m lipdd train "${COMMON[@]}" --epochs 50 --name leases --seed 2 \
+        >"$WORK/steps/lease-b.log" 2>&1 & b=$!
     wait $a && wait $b || return 1
     echo "{\"waited\": $(cat "$WORK"/steps/lease-?.log | grep -c 'waiting for a GPU')}"
 }

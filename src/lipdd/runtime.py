@@ -35,10 +35,10 @@ def resolve_device(name: str, runs_per_gpu: int = 1) -> torch.device:
 
 
 def visible_gpus() -> list[str]:
-    """The GPUs this process sees, by the names the host knows them by: CUDA_VISIBLE_DEVICES's
-    entries (indices or UUIDs) when set, else every device's index."""
-    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    return listed[:torch.cuda.device_count()] if listed else [str(i) for i in range(torch.cuda.device_count())]
+    """The UUID of each GPU this process sees: one name per physical device, however
+    CUDA_VISIBLE_DEVICES spells it (indices, UUIDs, a subset), so processes that spell it
+    differently still share one set of leases. The device index where a build reports no UUID."""
+    return [str(torch.cuda.get_device_properties(i).uuid) or str(i) for i in range(torch.cuda.device_count())]
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters in glibc's <malloc.h>
