@@ -53,17 +53,17 @@ def top_eigenvalues(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: i
         # converge; one pass against all of them removes them, unless it cancelled most of w (then a
         # second pass removes the first's rounding: "twice is enough"). Scalars stay on the device
         # until one read per pass: on a GPU each read is a synchronisation.
-        before = torch.linalg.vector_norm(w)
+        before, correction = torch.linalg.vector_norm(w), 0.0
         for _ in range(2):
             coefficients = basis[:step] @ w
             w -= basis[:step].T @ coefficients
-            alpha = alpha + coefficients[-1]
             norm = torch.linalg.vector_norm(w)
-            beta, kept, alpha_value = torch.stack([norm, norm / before, alpha]).tolist()
-            if kept > 0.5:
+            alpha_value, along_q, before_value, beta = torch.stack([alpha, coefficients[-1], before, norm]).tolist()
+            correction += along_q
+            if beta > 0.5 * before_value:
                 break
             before = norm
-        alphas.append(alpha_value)
+        alphas.append(alpha_value + correction)
         ritz, vectors = eigh_tridiagonal(np.array(alphas), np.array(betas), select="i",
                                          select_range=(step - min(k, step), step - 1), check_finite=False)
         ritz, residuals = ritz[::-1], beta * np.abs(vectors[-1, ::-1])  # largest first
