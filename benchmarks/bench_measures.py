@@ -74,7 +74,9 @@ def bench_curvature(quick: bool) -> dict:
         print("pyhessian not installed: `pip install pyhessian==0.1`; curvature comparison skipped")
         return {}
     out, ratios, accurate_ratios = {}, [], []
-    configs = [("cnn5", 8)] if quick else [("cnn5", 8), ("cnn5", 32), ("resnet18", 8), ("resnet18", 32)]
+    configs = (
+        [("cnn5", 8)] if quick else [("cnn5", 8), ("cnn5", 32), ("resnet18", 8), ("resnet18", 32)]
+    )
     for family, width in configs:
         torch.manual_seed(0)
         model = build_model(family, width, 3, 10).eval()
@@ -94,12 +96,21 @@ def bench_curvature(quick: bool) -> dict:
         accurate = theirs_time / (time.perf_counter() - start)
         ratios.append(ratio)
         accurate_ratios.append(accurate)
-        error = {"ours": abs(ours - reference) / reference, "pyhessian": abs(theirs - reference) / reference}
-        print(f"{family}_{width}: top eigenvalue {reference:.8g}; at tol 1e-3 ours {ours:.8g} (rel. error "
-              f"{error['ours']:.1e}), PyHessian {theirs:.8g} ({error['pyhessian']:.1e}); PyHessian time / ours "
-              f"{ratio:.2f} at the same tol, {accurate:.2f} at the same accuracy")
-        out[f"curvature_{family}_{width}"] = {"reference": reference, "rel_error": error, "time_ratio": round(ratio, 3),
-                                    "time_ratio_same_accuracy": round(accurate, 3)}
+        error = {
+            "ours": abs(ours - reference) / reference,
+            "pyhessian": abs(theirs - reference) / reference,
+        }
+        print(
+            f"{family}_{width}: top eigenvalue {reference:.8g}; at tol 1e-3 ours {ours:.8g} (rel. error "
+            f"{error['ours']:.1e}), PyHessian {theirs:.8g} ({error['pyhessian']:.1e}); PyHessian time / ours "
+            f"{ratio:.2f} at the same tol, {accurate:.2f} at the same accuracy"
+        )
+        out[f"curvature_{family}_{width}"] = {
+            "reference": reference,
+            "rel_error": error,
+            "time_ratio": round(ratio, 3),
+            "time_ratio_same_accuracy": round(accurate, 3),
+        }
     out["curvature_vs_pyhessian"] = round(min(ratios), 3)
     out["curvature_vs_pyhessian_same_accuracy"] = round(min(accurate_ratios), 3)
     return out
@@ -115,37 +126,56 @@ def conv_matrix(conv: nn.Conv2d, shape) -> sp.csr_matrix:
     cout, _, kh, kw = weight.shape
     (sh, sw), (ph, pw) = conv.stride, conv.padding
     oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    o, ci, ki, kj, i, j = np.meshgrid(np.arange(cout), np.arange(c), np.arange(kh), np.arange(kw), np.arange(oh),
-                                      np.arange(ow), indexing="ij")
+    o, ci, ki, kj, i, j = np.meshgrid(
+        np.arange(cout),
+        np.arange(c),
+        np.arange(kh),
+        np.arange(kw),
+        np.arange(oh),
+        np.arange(ow),
+        indexing="ij",
+    )
     r, s = i * sh - ph + ki, j * sw - pw + kj
     keep = (r >= 0) & (r < h) & (s >= 0) & (s < w)
     rows = ((o * oh + i) * ow + j)[keep]
     cols = ((ci * h + r) * w + s)[keep]
-    return sp.csr_matrix((weight[o, ci, ki, kj][keep], (rows, cols)), shape=(cout * oh * ow, c * h * w))
+    return sp.csr_matrix(
+        (weight[o, ci, ki, kj][keep], (rows, cols)), shape=(cout * oh * ow, c * h * w)
+    )
 
 
 def pool_matrix(shape, k) -> sp.csr_matrix:
     """Average pooling with a k x k window and stride k (global pooling: k = H)."""
     c, h, w = shape
     oh, ow = h // k, w // k
-    ch, i, j, a, b = np.meshgrid(np.arange(c), np.arange(oh), np.arange(ow), np.arange(k), np.arange(k), indexing="ij")
+    ch, i, j, a, b = np.meshgrid(
+        np.arange(c), np.arange(oh), np.arange(ow), np.arange(k), np.arange(k), indexing="ij"
+    )
     rows = ((ch * oh + i) * ow + j).ravel()
     cols = ((ch * h + i * k + a) * w + j * k + b).ravel()
-    return sp.csr_matrix((np.full(rows.size, 1 / k**2), (rows, cols)), shape=(c * oh * ow, c * h * w))
+    return sp.csr_matrix(
+        (np.full(rows.size, 1 / k**2), (rows, cols)), shape=(c * oh * ow, c * h * w)
+    )
 
 
 def sparse_norm(m: sp.spmatrix) -> float:
     if min(m.shape) <= 2 or m.shape[1] <= 1024:  # small: a dense SVD, the float64 reference
         return float(np.linalg.norm(m.toarray(), 2))
-    return float(svds(m, k=1, return_singular_vectors=False, tol=1e-10, v0=np.ones(min(m.shape)))[0])
+    return float(
+        svds(m, k=1, return_singular_vectors=False, tol=1e-10, v0=np.ones(min(m.shape)))[0]
+    )
 
 
 def sparse_bound(model, shape) -> float:
     """lipdd's bound, every map as an explicit sparse matrix (no batch norm: plain networks)."""
     if isinstance(model, CNN5):
         bound, s = 1.0, shape
-        for layer, pool_before in ((model.layer1, False), (model.layer2, False), (model.layer3, True),
-                                   (model.layer4, True)):
+        for layer, pool_before in (
+            (model.layer1, False),
+            (model.layer2, False),
+            (model.layer3, True),
+            (model.layer4, True),
+        ):
             pool = sp.identity(math.prod(s), format="csr")
             if pool_before:  # a ReLU, then pooling, then this convolution: one linear map
                 pool, s = pool_matrix(s, 2), (s[0], s[1] // 2, s[2] // 2)
@@ -157,10 +187,17 @@ def sparse_bound(model, shape) -> float:
     for stage in model.stages():
         for block in stage:
             first = conv_matrix(block.conv1, s)
-            out = (block.conv1.out_channels, (s[1] - 1) // block.conv1.stride[0] + 1,
-                   (s[2] - 1) // block.conv1.stride[1] + 1)
+            out = (
+                block.conv1.out_channels,
+                (s[1] - 1) // block.conv1.stride[0] + 1,
+                (s[2] - 1) // block.conv1.stride[1] + 1,
+            )
             second = conv_matrix(block.conv2, out)
-            shortcut = 1.0 if block.downsample is None else sparse_norm(conv_matrix(block.downsample[0], s))
+            shortcut = (
+                1.0
+                if block.downsample is None
+                else sparse_norm(conv_matrix(block.downsample[0], s))
+            )
             bound *= shortcut + sparse_norm(first) * sparse_norm(second)
             s = out
     head = sp.csr_matrix(model.fc.weight.detach().double().numpy()) @ pool_matrix(s, s[1])
@@ -169,7 +206,9 @@ def sparse_bound(model, shape) -> float:
 
 def bench_upper_bound(quick: bool) -> dict:
     out, ratios, errors = {}, [], []
-    configs = [("cnn5", 8)] if quick else [("cnn5", 8), ("cnn5", 32), ("resnet18", 8), ("resnet18", 32)]
+    configs = (
+        [("cnn5", 8)] if quick else [("cnn5", 8), ("cnn5", 32), ("resnet18", 8), ("resnet18", 32)]
+    )
     for family, width in configs:
         torch.manual_seed(0)
         model = build_model(family, width, 3, 10).eval()
@@ -184,9 +223,15 @@ def bench_upper_bound(quick: bool) -> dict:
         error = abs(ours - theirs) / theirs
         ratios.append(ratio)
         errors.append(error)
-        print(f"{family}_{width}: bound ours {ours:.8g}, sparse {theirs:.8g} (rel. diff {error:.1e}); "
-              f"sparse time / ours {ratio:.2f}")
-        out[f"upper_bound_{family}_{width}"] = {"ours": ours, "sparse": theirs, "time_ratio": round(ratio, 3)}
+        print(
+            f"{family}_{width}: bound ours {ours:.8g}, sparse {theirs:.8g} (rel. diff {error:.1e}); "
+            f"sparse time / ours {ratio:.2f}"
+        )
+        out[f"upper_bound_{family}_{width}"] = {
+            "ours": ours,
+            "sparse": theirs,
+            "time_ratio": round(ratio, 3),
+        }
     out["upper_bound_vs_sparse"] = round(min(ratios), 3)
     out["upper_bound_rel_diff"] = max(errors)
     return out
@@ -202,8 +247,15 @@ def bench_accuracy() -> float:
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 
     def loss(theta):
-        params = dict(zip(names, (t.view(s) for t, s in zip(torch.split(theta, [math.prod(s) for s in shapes]),
-                                                             shapes))))
+        params = dict(
+            zip(
+                names,
+                (
+                    t.view(s)
+                    for t, s in zip(torch.split(theta, [math.prod(s) for s in shapes]), shapes)
+                ),
+            )
+        )
         return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
 
     exact_top = torch.linalg.eigvalsh(torch.func.jacrev(torch.func.jacrev(loss))(flat))[-1].item()
@@ -221,11 +273,25 @@ def bench_probes(quick: bool) -> dict:
     torch.manual_seed(0)
     model = build_model("cnn5", 8, 3, 10).eval()
     n = 32 if quick else 128
-    points = Points(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), np.arange(n), np.zeros(n, bool),
-                    [0.5] * 3, [0.25] * 3, 10)
-    options = config.build({"stats.metric": ["jacobian_operator_norm"], "stats.normalization": ["none", "softmax"],
-                            "stats.batch_size": 64, "stats.probe_lambdas": [0.5], "stats.probe_directions": 1},
-                           environ={}).stats
+    points = Points(
+        torch.randn(n, 3, 32, 32),
+        torch.randint(0, 10, (n,)),
+        np.arange(n),
+        np.zeros(n, bool),
+        [0.5] * 3,
+        [0.25] * 3,
+        10,
+    )
+    options = config.build(
+        {
+            "stats.metric": ["jacobian_operator_norm"],
+            "stats.normalization": ["none", "softmax"],
+            "stats.batch_size": 64,
+            "stats.probe_lambdas": [0.5],
+            "stats.probe_directions": 1,
+        },
+        environ={},
+    ).stats
     out = {}
     for name in ("between", "shift1"):
         probe = PROBES[name](points, options)
@@ -238,18 +304,26 @@ def bench_probes(quick: bool) -> dict:
             per_probe_point = (time.perf_counter() - mid) / len(probe.targets)
             pairs.append(per_probe_point / ((mid - start) / n))
         out[name] = round(statistics.median(pairs), 3)
-        print(f"probe {name}: {len(probe.targets)} points; time per point over the training points' {out[name]:.2f}")
+        print(
+            f"probe {name}: {len(probe.targets)} points; time per point over the training points' {out[name]:.2f}"
+        )
     return {"probe_vs_training_points": max(out.values()), "probes": out}
 
 
-PARTS = {"curvature": bench_curvature, "bound": bench_upper_bound,
-         "accuracy": lambda quick: {"max_rel_err": bench_accuracy()}, "probes": bench_probes}
+PARTS = {
+    "curvature": bench_curvature,
+    "bound": bench_upper_bound,
+    "accuracy": lambda quick: {"max_rel_err": bench_accuracy()},
+    "probes": bench_probes,
+}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small network each, one round")
-    parser.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (default: all)")
+    parser.add_argument(
+        "--part", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (default: all)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     result = {}

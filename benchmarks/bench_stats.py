@@ -79,7 +79,9 @@ def seed_jacobian_lowmem(model, x):
     for k in range(K):
         onehot.zero_()
         onehot[:, k] = 1
-        logits.backward(gradient=onehot, retain_graph=True)  # parameters get gradients too, as in the seed
+        logits.backward(
+            gradient=onehot, retain_graph=True
+        )  # parameters get gradients too, as in the seed
         J[..., k] = x.grad
         x.grad.zero_()
     model.zero_grad(set_to_none=True)
@@ -139,7 +141,9 @@ def run_method(name, models, x, targets, precision="fp32"):
     if name == "seed_frozen":
         return seed_operator_norm(seed_jacobian_lowmem(frozen, x))
     key = ("jacobian_operator_norm", "none")
-    return per_sample(model, x, targets, key[:1], key[1:], bigmem=name == "ours_bigmem", precision=precision)[key]
+    return per_sample(
+        model, x, targets, key[:1], key[1:], bigmem=name == "ours_bigmem", precision=precision
+    )[key]
 
 
 def frozen_copy(model):
@@ -202,8 +206,12 @@ def norms64(model, x, masks=None):
     with ReluPattern(masks) as pattern:
         logits = model64(x)
     eye = torch.eye(K, dtype=x.dtype, device=x.device)
-    rows = [torch.autograd.grad(logits, x, eye[k].expand_as(logits), retain_graph=k < K - 1)[0].flatten(1)
-            for k in range(K)]
+    rows = [
+        torch.autograd.grad(logits, x, eye[k].expand_as(logits), retain_graph=k < K - 1)[0].flatten(
+            1
+        )
+        for k in range(K)
+    ]
     return torch.linalg.svdvals(torch.stack(rows, 1))[:, 0], pattern.masks
 
 
@@ -254,9 +262,13 @@ def accuracy(model, x, targets, seed_jacobian):
                 pieces.append((masks, known[0]))
             e["ours"] = max(e["ours"], rel_err(estimate, known[0] * c))
             e["ours_net"] = max(e["ours_net"], rel_err(estimate, net * c))
-            differs = torch.stack([(a != b).flatten(1).any(1) for a, b in zip(masks, net_masks)]).any(0)
+            differs = torch.stack(
+                [(a != b).flatten(1).any(1) for a, b in zip(masks, net_masks)]
+            ).any(0)
             e["other_piece"] = max(e["other_piece"], int(differs.sum()))
-        seed = seed_operator_norm(seed_jacobian * c)  # the seed's Jacobian of the scaled net, up to rounding
+        seed = seed_operator_norm(
+            seed_jacobian * c
+        )  # the seed's Jacobian of the scaled net, up to rounding
         e.update(seed=rel_err(seed, net * c), seed_zeros=int((seed == 0).sum()))
         out[label] = e
     return out
@@ -327,12 +339,17 @@ def peak_memory(name, models, x, targets, device):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+        ) as prof:
             run_method(name, models, x, targets)
     finally:
         torch.set_num_threads(threads)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
     total = peak = 0
     for _, nbytes in events:
         total += nbytes
@@ -346,16 +363,23 @@ def peak_memory(name, models, x, targets, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer samples and rounds, no seed_frozen memory")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer samples and rounds, no seed_frozen memory"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
         from lipdd.runtime import retain_freed_memory
 
         retain_freed_memory()
-    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, K={K}, input {SHAPE}")
-    header = (f"{'model':12} {'N':>3} " + " ".join(f"{m:>12}" for m in METHODS)
-              + f" {'vs_low':>7} {'vs_big':>7} {'vs_frz':>7}")
+    print(
+        f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, K={K}, input {SHAPE}"
+    )
+    header = (
+        f"{'model':12} {'N':>3} "
+        + " ".join(f"{m:>12}" for m in METHODS)
+        + f" {'vs_low':>7} {'vs_big':>7} {'vs_frz':>7}"
+    )
     print("\nsamples/s (median over rounds); ratios: median of per-round ratios ours/seed")
     print(header)
     rows, mems, errs, reduced = [], {}, {}, {}
@@ -365,18 +389,28 @@ def main():
         model, x, targets = make_case(family, width, n, device)
         models = (model, frozen_copy(model))
         times = time_methods(models, x, targets, rounds, device)
-        row = dict(model=f"{family}_{width}", n=n,
-                   vs_low=paired_ratio(times["seed_lowmem"], times["ours"]),
-                   vs_big=paired_ratio(times["seed_bigmem"], times["ours_bigmem"]),
-                   vs_frozen=paired_ratio(times["seed_frozen"], times["ours"]))
+        row = dict(
+            model=f"{family}_{width}",
+            n=n,
+            vs_low=paired_ratio(times["seed_lowmem"], times["ours"]),
+            vs_big=paired_ratio(times["seed_bigmem"], times["ours_bigmem"]),
+            vs_frozen=paired_ratio(times["seed_frozen"], times["ours"]),
+        )
         rows.append(row)
-        print(f"{row['model']:12} {n:>3} " + " ".join(f"{n / statistics.median(times[m]):>12.1f}" for m in METHODS)
-              + f" {row['vs_low']:>7.2f} {row['vs_big']:>7.2f} {row['vs_frozen']:>7.2f}", flush=True)
+        print(
+            f"{row['model']:12} {n:>3} "
+            + " ".join(f"{n / statistics.median(times[m]):>12.1f}" for m in METHODS)
+            + f" {row['vs_low']:>7.2f} {row['vs_big']:>7.2f} {row['vs_frozen']:>7.2f}",
+            flush=True,
+        )
         errs[row["model"]] = accuracy(model, x, targets, seed_jacobian_lowmem(model, x))
         if device.type == "cuda":
             reduced[row["model"]] = reduced_precision(model, x, targets, device)
-        mems[row["model"]] = {m: peak_memory(m, models, x, targets, device)
-                              for m in MEM_METHODS if not (args.quick and m == "seed_lowmem")}
+        mems[row["model"]] = {
+            m: peak_memory(m, models, x, targets, device)
+            for m in MEM_METHODS
+            if not (args.quick and m == "seed_lowmem")
+        }
 
     print("\npeak memory, MiB allocated above the allocation at the start of the call")
     print(f"{'model':12} " + " ".join(f"{m:>12}" for m in MEM_METHODS) + f" {'vs_big':>7}")
@@ -384,44 +418,76 @@ def main():
     for name, mem in mems.items():
         ratio = max(mem["ours"], mem["ours_bigmem"]) / mem["seed_bigmem"]
         mem_ratios.append(ratio)
-        print(f"{name:12} " + " ".join(f"{mem[m] / 2**20:>12.1f}" if m in mem else f"{'-':>12}" for m in MEM_METHODS)
-              + f" {ratio:>7.3f}")
+        print(
+            f"{name:12} "
+            + " ".join(
+                f"{mem[m] / 2**20:>12.1f}" if m in mem else f"{'-':>12}" for m in MEM_METHODS
+            )
+            + f" {ratio:>7.3f}"
+        )
 
-    print("\nmax relative error of the operator norm against float64 singular values: ours against the float64")
-    print("Jacobian of the same linear piece (relu pattern) as our fp32 forward pass, and against the float64")
-    print("network, beside the number of samples whose fp32 relu pattern differs from the float64 network's;")
-    print("the seed's estimator (on its own fp32 Jacobian) against the float64 network, and its estimates of 0")
-    print(f"{'model':12} {'weights':8} {'median':>9} {'ours':>9} {'ours/net':>9} {'other pc':>8} {'seed':>9} "
-          f"{'seed 0s':>7}")
+    print(
+        "\nmax relative error of the operator norm against float64 singular values: ours against the float64"
+    )
+    print(
+        "Jacobian of the same linear piece (relu pattern) as our fp32 forward pass, and against the float64"
+    )
+    print(
+        "network, beside the number of samples whose fp32 relu pattern differs from the float64 network's;"
+    )
+    print(
+        "the seed's estimator (on its own fp32 Jacobian) against the float64 network, and its estimates of 0"
+    )
+    print(
+        f"{'model':12} {'weights':8} {'median':>9} {'ours':>9} {'ours/net':>9} {'other pc':>8} {'seed':>9} "
+        f"{'seed 0s':>7}"
+    )
     for name, by_scale in errs.items():
         for label, e in by_scale.items():
-            print(f"{name:12} {label:8} {e['median_norm']:>9.3g} {e['ours']:>9.1e} {e['ours_net']:>9.1e} "
-                  f"{e['other_piece']:>8} {e['seed']:>9.1e} {e['seed_zeros']:>7}")
+            print(
+                f"{name:12} {label:8} {e['median_norm']:>9.3g} {e['ours']:>9.1e} {e['ours_net']:>9.1e} "
+                f"{e['other_piece']:>8} {e['seed']:>9.1e} {e['seed_zeros']:>7}"
+            )
 
     if reduced:
-        print("\nCUDA arithmetic: max relative error against the float64 network, speed-up over fp32")
+        print(
+            "\nCUDA arithmetic: max relative error against the float64 network, speed-up over fp32"
+        )
         for name, by_precision in reduced.items():
-            print(f"{name:12} " + "  ".join(f"{p} {err:.1e} x{speed:.2f}" for p, (err, speed) in by_precision.items()))
+            print(
+                f"{name:12} "
+                + "  ".join(
+                    f"{p} {err:.1e} x{speed:.2f}" for p, (err, speed) in by_precision.items()
+                )
+            )
 
     cuda = {}
     if reduced:
         for precision in ("tf32", "bf16"):
-            cuda[f"{precision}_max_rel_err"] = float(f"{max(r[precision][0] for r in reduced.values()):.3g}")
-            cuda[f"{precision}_min_speedup"] = round(min(r[precision][1] for r in reduced.values()), 3)
+            cuda[f"{precision}_max_rel_err"] = float(
+                f"{max(r[precision][0] for r in reduced.values()):.3g}"
+            )
+            cuda[f"{precision}_min_speedup"] = round(
+                min(r[precision][1] for r in reduced.values()), 3
+            )
         cuda["best_chunk_cuda"] = chunk_sweep(device)
     all_errs = [e for by_scale in errs.values() for e in by_scale.values()]
-    print(json.dumps({
-        "vs_seed_lowmem": round(min(r["vs_low"] for r in rows), 3),
-        "vs_seed_bigmem": round(min(r["vs_big"] for r in rows), 3),
-        "peak_mem_vs_seed_bigmem": round(max(mem_ratios), 4),
-        "max_rel_err": float(f"{max(e['ours'] for e in all_errs):.3g}"),
-        "max_rel_err_vs_float64_net": float(f"{max(e['ours_net'] for e in all_errs):.3g}"),
-        "vs_seed_frozen": round(min(r["vs_frozen"] for r in rows), 3),
-        "seed_max_rel_err": float(f"{max(e['seed'] for e in all_errs):.3g}"),
-        "seed_zero_estimates": sum(e["seed_zeros"] for e in all_errs),
-        "samples": sum(r["n"] for r in rows),
-        **cuda,
-    }))
+    print(
+        json.dumps(
+            {
+                "vs_seed_lowmem": round(min(r["vs_low"] for r in rows), 3),
+                "vs_seed_bigmem": round(min(r["vs_big"] for r in rows), 3),
+                "peak_mem_vs_seed_bigmem": round(max(mem_ratios), 4),
+                "max_rel_err": float(f"{max(e['ours'] for e in all_errs):.3g}"),
+                "max_rel_err_vs_float64_net": float(f"{max(e['ours_net'] for e in all_errs):.3g}"),
+                "vs_seed_frozen": round(min(r["vs_frozen"] for r in rows), 3),
+                "seed_max_rel_err": float(f"{max(e['seed'] for e in all_errs):.3g}"),
+                "seed_zero_estimates": sum(e["seed_zeros"] for e in all_errs),
+                "samples": sum(r["n"] for r in rows),
+                **cuda,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -93,8 +93,12 @@ class SeedDataset(Dataset):
 class SeedTrainer:
     def __init__(self, model, split, mean, std):
         self.model, self.opt = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        self.loader = DataLoader(SeedDataset(split, mean, std, augment=True), batch_size=BATCH, shuffle=True,
-                                 num_workers=0)
+        self.loader = DataLoader(
+            SeedDataset(split, mean, std, augment=True),
+            batch_size=BATCH,
+            shuffle=True,
+            num_workers=0,
+        )
 
     def run(self, batches, device):
         done = 0
@@ -114,13 +118,24 @@ class OurTrainer:
     """lipdd.train.train_epoch, the loop lipdd.train runs, over `batches` batches per round."""
 
     def __init__(self, model, split, mean, std, device, batches, compile=False):
-        self.cfg = Config(width=4, learning_rate=0.01, momentum=0.9, batch_size=BATCH, augmentation=True)
+        self.cfg = Config(
+            width=4, learning_rate=0.01, momentum=0.9, batch_size=BATCH, augmentation=True
+        )
         cl = channels_last(device)  # the layout lipdd train picks here
-        self.model = model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format)
+        self.model = model.to(
+            device, memory_format=torch.channels_last if cl else torch.contiguous_format
+        )
         self.net = torch.compile(self.model) if compile else self.model
         self.opt = make_optimizer(self.cfg, self.model)
-        self.loader = datalib.Loader.of(split.take(np.arange(batches * BATCH)), dict(mean=mean, std=std), device,
-                                        BATCH, seed=0, augment=True, channels_last=cl)
+        self.loader = datalib.Loader.of(
+            split.take(np.arange(batches * BATCH)),
+            dict(mean=mean, std=std),
+            device,
+            BATCH,
+            seed=0,
+            augment=True,
+            channels_last=cl,
+        )
 
     def run(self, batches, device):
         losses = train_epoch(self.cfg, self.net, self.model, self.opt, self.loader)
@@ -157,7 +172,11 @@ def bench_pipelines(args, device):
     ratios = {}
     print(f"\ntraining images/s (median over rounds), batch {BATCH}, augmentation on")
     names = ("seed", "ours", "ours_compiled")
-    print(f"{'model':14} " + " ".join(f"{n:>15}" for n in names) + f" {'ours/seed':>10} {'compiled/seed':>14}")
+    print(
+        f"{'model':14} "
+        + " ".join(f"{n:>15}" for n in names)
+        + f" {'ours/seed':>10} {'compiled/seed':>14}"
+    )
     for family, width, batches, rounds in (("cnn5", 4, 16, 5), ("resnet18", 64, 2, 5)):
         if args.quick:
             batches, rounds = max(1, batches // 2), 2
@@ -166,25 +185,36 @@ def bench_pipelines(args, device):
             torch.manual_seed(0)
             return build_model(family, width, 3, 10).to(device)
 
-        trainers = {"seed": SeedTrainer(model(), split, mean, std),
-                    "ours": OurTrainer(model(), split, mean, std, device, batches),
-                    "ours_compiled": OurTrainer(model(), split, mean, std, device, batches, compile=True)}
+        trainers = {
+            "seed": SeedTrainer(model(), split, mean, std),
+            "ours": OurTrainer(model(), split, mean, std, device, batches),
+            "ours_compiled": OurTrainer(model(), split, mean, std, device, batches, compile=True),
+        }
         ips = throughput(trainers, batches, rounds, device)
         key = f"{family}_{width}"
         ratios[key] = paired(ips["ours"], ips["seed"])
         ratios[key + "_compiled"] = paired(ips["ours_compiled"], ips["seed"])
-        print(f"{key:14} " + " ".join(f"{statistics.median(ips[n]):>15.0f}" for n in names)
-              + f" {ratios[key]:>10.2f} {ratios[key + '_compiled']:>14.2f}", flush=True)
+        print(
+            f"{key:14} "
+            + " ".join(f"{statistics.median(ips[n]):>15.0f}" for n in names)
+            + f" {ratios[key]:>10.2f} {ratios[key + '_compiled']:>14.2f}",
+            flush=True,
+        )
 
     # evaluation: lipdd.train.evaluate against a seed-style loader, cnn5 width 4
     torch.manual_seed(0)
     net = build_model("cnn5", 4, 3, 10).to(device).eval()
-    loader = DataLoader(SeedDataset(split, mean, std, augment=False), batch_size=BATCH, num_workers=0)
+    loader = DataLoader(
+        SeedDataset(split, mean, std, augment=False), batch_size=BATCH, num_workers=0
+    )
     ours = datalib.Loader.of(split, dict(mean=mean, std=std), device, 1024, channels_last=True)
 
     def seed_eval():
         with torch.no_grad():
-            return [F.cross_entropy(net(x.to(device)), y.to(device), reduction="none") for x, y in loader]
+            return [
+                F.cross_entropy(net(x.to(device)), y.to(device), reduction="none")
+                for x, y in loader
+            ]
 
     times = {"seed": [], "ours": []}
     for _ in range(1 if args.quick else 3):
@@ -195,8 +225,10 @@ def bench_pipelines(args, device):
             sync(device)
             times[name].append(len(split.labels) / (time.perf_counter() - start))
     ratios["eval_cnn5_4"] = paired(times["ours"], times["seed"])
-    print(f"evaluation, cnn5_4: seed {statistics.median(times['seed']):.0f} img/s, lipdd.train.evaluate "
-          f"{statistics.median(times['ours']):.0f} img/s, ratio {ratios['eval_cnn5_4']:.2f}")
+    print(
+        f"evaluation, cnn5_4: seed {statistics.median(times['seed']):.0f} img/s, lipdd.train.evaluate "
+        f"{statistics.median(times['ours']):.0f} img/s, ratio {ratios['eval_cnn5_4']:.2f}"
+    )
     return ratios
 
 
@@ -236,9 +268,16 @@ def bench_logging(args, device):
     """lipdd.train.train on the embedded default (params.yaml), every metric through TimedLogger."""
     epochs = 100 if args.quick else None
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = build({"tracking_uri": f"sqlite:///{tmp}/mlflow.db", "prepared_dir": f"{tmp}/prepared",
-                     "results_dir": f"{tmp}/results", "device": str(device), **({"epochs": epochs} if epochs else {})},
-                    params_file=ROOT / "params.yaml")
+        cfg = build(
+            {
+                "tracking_uri": f"sqlite:///{tmp}/mlflow.db",
+                "prepared_dir": f"{tmp}/prepared",
+                "results_dir": f"{tmp}/results",
+                "device": str(device),
+                **({"epochs": epochs} if epochs else {}),
+            },
+            params_file=ROOT / "params.yaml",
+        )
         datalib.ensure_prepared(cfg)
         tracking.get_client(cfg.tracking_uri)  # the store's tables exist before the clock starts
         tracking.BackgroundLogger, plain = TimedLogger, tracking.BackgroundLogger
@@ -250,20 +289,30 @@ def bench_logging(args, device):
         finally:
             tracking.BackgroundLogger = plain
         client = tracking.get_client(cfg.tracking_uri)
-        logged = sum(len(client.get_metric_history(run_id, k)) for k in client.get_run(run_id).data.metrics)
+        logged = sum(
+            len(client.get_metric_history(run_id, k)) for k in client.get_run(run_id).data.metrics
+        )
     inside = TimedLogger.seconds
     overhead = inside / (total - inside)
-    print(f"\nMLflow metric logging in lipdd.train.train, embedded default ({cfg.model}_{cfg.width} on {cfg.data}, "
-          f"{cfg.epochs} epochs, {cfg.workers} thread), SQLite store")
+    print(
+        f"\nMLflow metric logging in lipdd.train.train, embedded default ({cfg.model}_{cfg.width} on {cfg.data}, "
+        f"{cfg.epochs} epochs, {cfg.workers} thread), SQLite store"
+    )
     print(f"{'metrics':>8} {'train s':>8} {'in logger s':>12} {'per metric':>11} {'overhead':>9}")
-    print(f"{logged:>8} {total:>8.2f} {inside:>12.3f} {inside / logged * 1e6:>9.0f}us {overhead:>9.2%}")
+    print(
+        f"{logged:>8} {total:>8.2f} {inside:>12.3f} {inside / logged * 1e6:>9.0f}us {overhead:>9.2%}"
+    )
     return overhead
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer batches and rounds (a smoke test; quote the full run)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer batches and rounds (a smoke test; quote the full run)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
@@ -271,14 +320,18 @@ def main():
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     ratios = bench_pipelines(args, device)
     overhead = bench_logging(args, device)
-    print(json.dumps({
-        "vs_seed_pipeline_cnn5_4": round(ratios["cnn5_4"], 3),
-        "vs_seed_pipeline_resnet18_64": round(ratios["resnet18_64"], 3),
-        "vs_seed_pipeline_cnn5_4_compiled": round(ratios["cnn5_4_compiled"], 3),
-        "vs_seed_pipeline_resnet18_64_compiled": round(ratios["resnet18_64_compiled"], 3),
-        "logging_overhead": round(overhead, 4),
-        "eval_vs_seed_cnn5_4": round(ratios["eval_cnn5_4"], 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "vs_seed_pipeline_cnn5_4": round(ratios["cnn5_4"], 3),
+                "vs_seed_pipeline_resnet18_64": round(ratios["resnet18_64"], 3),
+                "vs_seed_pipeline_cnn5_4_compiled": round(ratios["cnn5_4_compiled"], 3),
+                "vs_seed_pipeline_resnet18_64_compiled": round(ratios["resnet18_64_compiled"], 3),
+                "logging_overhead": round(overhead, 4),
+                "eval_vs_seed_cnn5_4": round(ratios["eval_cnn5_4"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -74,8 +74,12 @@ def seed_spectral_norm(J, steps=10, atol=1e-2):
 
 def summary(estimate: np.ndarray, exact: np.ndarray) -> dict:
     rel = estimate / exact - 1
-    return dict(median=float(np.median(rel)), min=float(rel.min()), max=float(rel.max()),
-                zeros=int((estimate == 0).sum()))
+    return dict(
+        median=float(np.median(rel)),
+        min=float(rel.min()),
+        max=float(rel.max()),
+        zeros=int((estimate == 0).sum()),
+    )
 
 
 def main():
@@ -86,13 +90,19 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     cfg = config.build({}, params_file=args.params)
-    run_id = args.run_id or json.loads((Path(cfg.results_dir) / "train/run.json").read_text())["run_id"]
+    run_id = (
+        args.run_id or json.loads((Path(cfg.results_dir) / "train/run.json").read_text())["run_id"]
+    )
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
     run = client.get_run(run_id)
     run_cfg = config.from_flat(run.data.params)
     prepared = data.ensure_prepared(run_cfg, run.data.tags.get("dataset_hash"))
-    loader = data.Loader.of(prepared.splits["train"].take(np.arange(args.num_samples)), prepared.meta, "cpu",
-                            args.num_samples)
+    loader = data.Loader.of(
+        prepared.splits["train"].take(np.arange(args.num_samples)),
+        prepared.meta,
+        "cpu",
+        args.num_samples,
+    )
     x, y = next(iter(loader))
     K = prepared.meta["num_classes"]
     model = model_for(run_cfg, prepared.meta).eval()
@@ -100,17 +110,27 @@ def main():
     out = {"run_id": run_id, "model": run_cfg.model_name, "num_samples": args.num_samples}
     for epoch, artifact in (checkpoints[0], checkpoints[-1]):
         model.load_state_dict(tracking.load_checkpoint(client, run_id, artifact)["model"])
-        exact = torch.linalg.matrix_norm(input_jacobian(model.double(), x.double(), y), ord=2).numpy()
+        exact = torch.linalg.matrix_norm(
+            input_jacobian(model.double(), x.double(), y), ord=2
+        ).numpy()
         model.float()
         ours = operator_norm(input_jacobian(model, x, y)).double().numpy()
         lowmem = seed_spectral_norm(seed_lowmem_jacobian(model, x, K)).double().numpy()
         bigmem = seed_spectral_norm(seed_bigmem_jacobian(model, x, K)).double().numpy()
-        row = {"median_norm": float(np.median(exact)), "lipdd": summary(ours, exact),
-               "seed": summary(lowmem, exact), "seed_bigmem": summary(bigmem, exact)}
-        print(f"epoch {epoch}: median norm {row['median_norm']:.4g}; relative error median [min, max]:")
+        row = {
+            "median_norm": float(np.median(exact)),
+            "lipdd": summary(ours, exact),
+            "seed": summary(lowmem, exact),
+            "seed_bigmem": summary(bigmem, exact),
+        }
+        print(
+            f"epoch {epoch}: median norm {row['median_norm']:.4g}; relative error median [min, max]:"
+        )
         for name in ("lipdd", "seed", "seed_bigmem"):
             s = row[name]
-            print(f"  {name:12} {s['median']:+.3g} [{s['min']:+.3g}, {s['max']:+.3g}], {s['zeros']} zeros")
+            print(
+                f"  {name:12} {s['median']:+.3g} [{s['min']:+.3g}, {s['max']:+.3g}], {s['zeros']} zeros"
+            )
         out[f"epoch_{epoch}"] = row
     print(json.dumps(out))
 

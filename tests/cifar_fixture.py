@@ -12,7 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR10_NAMES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def _rows_and_labels(rng, n, num_classes):
@@ -32,8 +43,13 @@ def write_cifar10(root, n_train_per_batch=20, n_test=30, seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     parts = {"train": [], "test": []}
-    files = [(f"data_batch_{i}", f"training batch {i} of 5", n_train_per_batch, "train") for i in range(1, 6)]
-    for fname, batch_label, n, split in files + [("test_batch", "testing batch 1 of 1", n_test, "test")]:
+    files = [
+        (f"data_batch_{i}", f"training batch {i} of 5", n_train_per_batch, "train")
+        for i in range(1, 6)
+    ]
+    for fname, batch_label, n, split in files + [
+        ("test_batch", "testing batch 1 of 1", n_test, "test")
+    ]:
         data, labels = _rows_and_labels(rng, n, 10)
         _dump(
             folder / fname,
@@ -46,8 +62,14 @@ def write_cifar10(root, n_train_per_batch=20, n_test=30, seed=0):
         )
         parts[split].append((data, labels))
     names = [s.encode() for s in CIFAR10_NAMES]
-    _dump(folder / "batches.meta", {b"num_cases_per_batch": n_train_per_batch, b"label_names": names, b"num_vis": 3072})
-    return {k: (np.concatenate([d for d, _ in v]), np.concatenate([l for _, l in v])) for k, v in parts.items()}
+    _dump(
+        folder / "batches.meta",
+        {b"num_cases_per_batch": n_train_per_batch, b"label_names": names, b"num_vis": 3072},
+    )
+    return {
+        k: (np.concatenate([d for d, _ in v]), np.concatenate([l for _, l in v]))
+        for k, v in parts.items()
+    }
 
 
 def write_cifar100(root, n_train=50, n_test=30, seed=0):
@@ -63,7 +85,9 @@ def write_cifar100(root, n_train=50, n_test=30, seed=0):
                 b"filenames": [f"{fname}_{j:05d}.png".encode() for j in range(n)],
                 b"batch_label": f"{fname}ing batch 1 of 1".encode(),
                 b"fine_labels": fine.tolist(),
-                b"coarse_labels": (fine // 5).tolist(),  # 20 superclasses; the mapping is not the real one
+                b"coarse_labels": (
+                    fine // 5
+                ).tolist(),  # 20 superclasses; the mapping is not the real one
                 b"data": data,
             },
         )

@@ -11,9 +11,14 @@ from mlflow.tracking import MlflowClient
 # torch.compile's kernel cache does not key on the instruction set ATen and oneDNN are held to:
 # under ATEN_CPU_CAPABILITY=avx2 a kernel cached by a native run crashes the process. Each
 # setting gets a cache of its own.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
-    tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}",
-    f"aten-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}-onednn-{os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}"))
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(
+        tempfile.gettempdir(),
+        f"torchinductor_{getpass.getuser()}",
+        f"aten-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}-onednn-{os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}",
+    ),
+)
 
 
 @pytest.fixture(scope="session")

@@ -23,15 +23,33 @@ from lipdd.runs import KIND
 ROOT = Path(__file__).resolve().parents[1]
 
 # params.yaml values that make the whole pipeline run in seconds on two CPU cores.
-PATCH = dict(epochs=4, eval_every=2, save_checkpoint=2, width=2, label_noise=0.2, batch_size=128, device="cpu")
-STATS_PATCH = dict(num_samples=200, batch_size=100, curvature_samples=200, hutchinson_probes=10, probe_samples=20,
-                   worst_steps=3)
+PATCH = dict(
+    epochs=4,
+    eval_every=2,
+    save_checkpoint=2,
+    width=2,
+    label_noise=0.2,
+    batch_size=128,
+    device="cpu",
+)
+STATS_PATCH = dict(
+    num_samples=200,
+    batch_size=100,
+    curvature_samples=200,
+    hutchinson_probes=10,
+    probe_samples=20,
+    worst_steps=3,
+)
+
 
 def clean_env(tmp: Path) -> dict[str, str]:
     """The environment of every command: the venv first on PATH, no tracking URI, none of the
     variables lipdd reads as config (NAME, DEVICE, ...), no DVC/git state of an outer process."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "GIT_")) and k not in configlib.ENV_VARS}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DVC_", "GIT_")) and k not in configlib.ENV_VARS
+    }
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["DVC_NO_ANALYTICS"] = "1"
     env["DVC_SITE_CACHE_DIR"] = str(tmp / "dvc-site-cache")  # not /var/tmp/dvc
@@ -46,11 +64,18 @@ class Repo:
         self.path, self.env = path, env
         self.uri = f"sqlite:///{path / 'mlflow.db'}"
 
-    def run(self, *cmd: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, cwd=self.path, env=env or self.env, capture_output=True, text=True)
+    def run(
+        self, *cmd: str, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            cmd, cwd=self.path, env=env or self.env, capture_output=True, text=True
+        )
         if check and proc.returncode != 0:
-            pytest.fail(f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
-                        f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}", pytrace=False)
+            pytest.fail(
+                f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
+                f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}",
+                pytrace=False,
+            )
         return proc
 
     def finish_queue(self, timeout: float = 300) -> None:
@@ -83,7 +108,9 @@ class Repo:
 
     def meta(self) -> dict:
         data = self.params()
-        return json.loads((self.path / data["prepared_dir"] / data["data"] / "meta.json").read_text())
+        return json.loads(
+            (self.path / data["prepared_dir"] / data["data"] / "meta.json").read_text()
+        )
 
 
 def make_repo(path: Path, env: dict[str, str]) -> Repo:
@@ -97,9 +124,13 @@ def make_repo(path: Path, env: dict[str, str]) -> Repo:
     params.update(PATCH)
     params["stats"].update(STATS_PATCH)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copytree(ROOT / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     gitignore = (ROOT / ".gitignore").read_text() if (ROOT / ".gitignore").exists() else ""
-    (path / ".gitignore").write_text(gitignore + "\nmlflow.db\nmlflow.db-*\nmlartifacts/\nmlruns/\n")
+    (path / ".gitignore").write_text(
+        gitignore + "\nmlflow.db\nmlflow.db-*\nmlartifacts/\nmlruns/\n"
+    )
     repo = Repo(path, env)
     repo.run("git", "init", "-q")
     repo.run("git", "config", "user.name", "lipdd tests")

@@ -29,17 +29,32 @@ class MlflowServer:
         root.mkdir(parents=True, exist_ok=True)
 
     def start(self, timeout: float = 120) -> "MlflowServer":
-        command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--workers", "1",
-                   "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-                   "--artifacts-destination", str(self.artifacts)]
+        command = [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'server.db'}",
+            "--artifacts-destination",
+            str(self.artifacts),
+        ]
         if self.app_name:
             command += ["--app-name", self.app_name]
         # Without its GenAI job runners: a dozen worker processes lipdd never uses. In a session of
         # its own, so a stop takes the server's workers with it.
-        self.proc = subprocess.Popen(command, cwd=self.root, start_new_session=True,
-                                     env={**self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-                                     stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"))
+        self.proc = subprocess.Popen(
+            command,
+            cwd=self.root,
+            start_new_session=True,
+            env={**self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "server.log", "ab"),
+        )
         deadline = time.time() + timeout
         while True:
             try:
@@ -48,7 +63,9 @@ class MlflowServer:
             except OSError:
                 if self.proc.poll() is not None or time.time() > deadline:
                     self.stop()
-                    raise RuntimeError(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
+                    raise RuntimeError(
+                        f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}"
+                    )
                 time.sleep(0.3)
 
     def stop(self) -> None:

@@ -69,8 +69,11 @@ class SeedResNet(nn.Module):
         cin = width
         for i, n in enumerate(stages):
             cout, stride = width * 2**i, 1 if i == 0 else 2
-            downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False)) \
-                if stride != 1 or cin != cout else None
+            downsample = (
+                nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+                if stride != 1 or cin != cout
+                else None
+            )
             blocks = [SeedBlock(cin, cout, stride, downsample, bn)]
             blocks += [SeedBlock(cout, cout, 1, None, bn) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
@@ -88,7 +91,13 @@ class SeedResNet(nn.Module):
 def seed_model(family, width, in_channels=3, classes=10, bn=False):
     if family == "cnn5":
         return SeedCNN5(width, in_channels, classes, bn)
-    return SeedResNet({"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}[family], width, in_channels, classes, bn)
+    return SeedResNet(
+        {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}[family],
+        width,
+        in_channels,
+        classes,
+        bn,
+    )
 
 
 def seed_split(n, train_split, val_split, seed):
@@ -114,7 +123,9 @@ def seed_sample_positions(n_split, batch_size, num_samples, skip=None, mc_sample
     """Positions in the split the seed's stats sampler yields: a non-shuffling DataLoader, whole
     batches skipped until `skip` samples are passed, then num_samples / batch_size batches."""
     torch.manual_seed(mc_sample_seed)
-    iterator = iter(DataLoader(Subset(range(n_split), range(n_split)), batch_size=batch_size, shuffle=False))
+    iterator = iter(
+        DataLoader(Subset(range(n_split), range(n_split)), batch_size=batch_size, shuffle=False)
+    )
     passed = 0
     while passed < (skip or 0):
         passed += len(next(iterator))
@@ -142,7 +153,11 @@ def seed_random_images(dist, n, mean, std, shape=(3, 32, 32), seed=1234, num_cla
         ssq = np.sum(np.square(x), axis=1)
         d = h * w
         scale = gammainc(d / 2.0, ssq / 2.0) ** (1.0 / d) / np.sqrt(ssq)
-        x = np.multiply(x, np.tile(scale.reshape(n * c, 1), (1, d))).reshape((n, c, h, w)).transpose(0, 2, 3, 1)
+        x = (
+            np.multiply(x, np.tile(scale.reshape(n * c, 1), (1, d)))
+            .reshape((n, c, h, w))
+            .transpose(0, 2, 3, 1)
+        )
     return (x * 255).astype(np.uint8), labels
 
 
@@ -157,20 +172,65 @@ def seed_jitter(x, probability=0.66, lower=0.02, upper=0.98):
 # Every flag of the seed's core/cmd.py (both scripts), train.py and compute_stats.py, with a value
 # its parser accepts (None: a switch).
 SEED_COMMON_FLAGS = {
-    "--device": "cpu", "--name": "n", "--save-dir": "s", "--data-dir": "d", "--workers": "0", "--data": "cifar10",
-    "--model": "cnn5_4", "--model-additions": "batch_norm", "--batch-size": "128", "--augmentation": None,
-    "--label-noise": "0.2", "--seed": "42", "--label-seed": "3", "--data-split-seed": "42", "--train-split": "49000",
-    "--val-split": "1000", "--log-level": "info", "--logfile": "output.log", "--weight-decay": "0.0005",
-    "--dropout": "0.0", "--l1-regularization": "0.0001", "--l2-regularization": "0.0001", "--random-dataset": "uniform"}
+    "--device": "cpu",
+    "--name": "n",
+    "--save-dir": "s",
+    "--data-dir": "d",
+    "--workers": "0",
+    "--data": "cifar10",
+    "--model": "cnn5_4",
+    "--model-additions": "batch_norm",
+    "--batch-size": "128",
+    "--augmentation": None,
+    "--label-noise": "0.2",
+    "--seed": "42",
+    "--label-seed": "3",
+    "--data-split-seed": "42",
+    "--train-split": "49000",
+    "--val-split": "1000",
+    "--log-level": "info",
+    "--logfile": "output.log",
+    "--weight-decay": "0.0005",
+    "--dropout": "0.0",
+    "--l1-regularization": "0.0001",
+    "--l2-regularization": "0.0001",
+    "--random-dataset": "uniform",
+}
 SEED_TRAIN_FLAGS = {
-    "--epochs": "300", "--learning-rate": "0.1", "--lr-step": "10", "--learning-rate-step": "10", "--optimizer": "sgd",
-    "--momentum": "0.9", "--eval-every": "1", "--early-exit-accuracy": None, "--early-exit-loss": None,
-    "--lr-decay-rate": "0.1", "--lr-warmup-epochs": "5", "--lr-warmup-initial": "0.001",
-    "--stop-by-loss-threshold": "0.19", "--stop-by-accuracy-threshold": "0.9", "--resume-from": "3910",
-    "--save-checkpoint": "10", "--accuracy-threshold": "1.0", "--loss-checkpoint": "382", "--raw-checkpoints": "1",
-    "--weight-init": "nkaiming"}
+    "--epochs": "300",
+    "--learning-rate": "0.1",
+    "--lr-step": "10",
+    "--learning-rate-step": "10",
+    "--optimizer": "sgd",
+    "--momentum": "0.9",
+    "--eval-every": "1",
+    "--early-exit-accuracy": None,
+    "--early-exit-loss": None,
+    "--lr-decay-rate": "0.1",
+    "--lr-warmup-epochs": "5",
+    "--lr-warmup-initial": "0.001",
+    "--stop-by-loss-threshold": "0.19",
+    "--stop-by-accuracy-threshold": "0.9",
+    "--resume-from": "3910",
+    "--save-checkpoint": "10",
+    "--accuracy-threshold": "1.0",
+    "--loss-checkpoint": "382",
+    "--raw-checkpoints": "1",
+    "--weight-init": "nkaiming",
+}
 SEED_STATS_FLAGS = {
-    "--gen-strategy": "none", "--metric": "jacobian_operator_norm", "--normalization": "jacobian", "--outname": "o",
-    "--dataset-split": "train", "--bigmem": None, "--target-logit-only": None, "--num-samples": "1280",
-    "--checkpoint": "1", "--checkpoint-by-step": None, "--nsteps-per-epoch": "382", "--skip": "1280",
-    "--mc-sample-seed": "4321", "--num-power-iters": "10"}
+    "--gen-strategy": "none",
+    "--metric": "jacobian_operator_norm",
+    "--normalization": "jacobian",
+    "--outname": "o",
+    "--dataset-split": "train",
+    "--bigmem": None,
+    "--target-logit-only": None,
+    "--num-samples": "1280",
+    "--checkpoint": "1",
+    "--checkpoint-by-step": None,
+    "--nsteps-per-epoch": "382",
+    "--skip": "1280",
+    "--mc-sample-seed": "4321",
+    "--num-power-iters": "10",
+}

@@ -10,16 +10,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import bench_measures  # noqa: E402
 import bench_stats  # noqa: E402
 import bench_train  # noqa: E402
-import bench_measures  # noqa: E402
-
 from lipdd.models import build_model  # noqa: E402
 
 
 def exact_jacobians(model, x):
     """(N, D, K) by torch.autograd.functional.jacobian, one sample at a time."""
-    return torch.stack([torch.autograd.functional.jacobian(lambda s: model(s[None])[0], s).flatten(1).T for s in x])
+    return torch.stack(
+        [torch.autograd.functional.jacobian(lambda s: model(s[None])[0], s).flatten(1).T for s in x]
+    )
 
 
 @pytest.mark.parametrize("family", ["cnn5", "resnet18"])
@@ -52,8 +53,10 @@ def test_both_training_pipelines_train():
     torch.manual_seed(0)
     models = {"seed": build_model("cnn5", 2, 3, 10), "ours": build_model("cnn5", 2, 3, 10)}
     before = {name: [p.detach().clone() for p in m.parameters()] for name, m in models.items()}
-    trainers = {"seed": bench_train.SeedTrainer(models["seed"], split, mean, std),
-                "ours": bench_train.OurTrainer(models["ours"], split, mean, std, device, batches=2)}
+    trainers = {
+        "seed": bench_train.SeedTrainer(models["seed"], split, mean, std),
+        "ours": bench_train.OurTrainer(models["ours"], split, mean, std, device, batches=2),
+    }
     assert {name: t.run(2, device) for name, t in trainers.items()} == {"seed": 256, "ours": 256}
     for name, m in models.items():
         assert all(not torch.equal(a, b) for a, b in zip(before[name], m.parameters())), name
@@ -76,4 +79,6 @@ def test_sparse_reference_matrices_are_the_layers_maps(stride, padding):
     got = bench_measures.conv_matrix(conv, (3, 7, 7)) @ x.flatten().numpy()
     assert np.allclose(got, conv(x[None]).flatten().detach().numpy(), rtol=1e-12, atol=1e-12)
     pooled = bench_measures.pool_matrix((3, 8, 8), 2) @ torch.arange(192.0).numpy()
-    assert np.allclose(pooled, torch.nn.functional.avg_pool2d(torch.arange(192.0).view(1, 3, 8, 8), 2).flatten())
+    assert np.allclose(
+        pooled, torch.nn.functional.avg_pool2d(torch.arange(192.0).view(1, 3, 8, 8), 2).flatten()
+    )

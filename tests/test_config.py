@@ -33,8 +33,18 @@ def parse(command: str, environ=None) -> config.Config:
 def test_seed_train_command_parses_with_seed_semantics():
     cfg = parse(SEED_TRAIN)
     assert (cfg.model, cfg.width, cfg.data, cfg.label_noise) == ("resnet18", 64, "cifar10", 0.2)
-    assert (cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.learning_rate) == ("sgd", 128, 300, 0.005)
-    assert (cfg.lr_warmup_epochs, cfg.lr_warmup_initial, cfg.train_split, cfg.val_split) == (5, 0.001, 49000, 1000)
+    assert (cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.learning_rate) == (
+        "sgd",
+        128,
+        300,
+        0.005,
+    )
+    assert (cfg.lr_warmup_epochs, cfg.lr_warmup_initial, cfg.train_split, cfg.val_split) == (
+        5,
+        0.001,
+        49000,
+        1000,
+    )
     assert cfg.augmentation is True and cfg.device == "cuda" and cfg.workers == 4
     assert (cfg.name, cfg.save_dir, cfg.data_dir) == ("test", "checkpoints", "./data")
 
@@ -42,7 +52,12 @@ def test_seed_train_command_parses_with_seed_semantics():
 def test_seed_stats_command_parses_batch_size_as_the_stats_batch_size():
     cfg = parse(SEED_STATS)
     s = cfg.stats
-    assert (s.num_samples, s.batch_size, s.checkpoint, s.metric) == (49000, 140, [1], ["jacobian_operator_norm"])
+    assert (s.num_samples, s.batch_size, s.checkpoint, s.metric) == (
+        49000,
+        140,
+        [1],
+        ["jacobian_operator_norm"],
+    )
     assert cfg.batch_size == config.Config.batch_size  # the training batch size is untouched
     assert (cfg.model, cfg.width, cfg.seed, cfg.augmentation) == ("resnet18", 64, 42, True)
 
@@ -60,18 +75,27 @@ def test_precedence_defaults_file_env_flags(tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text("label_noise: 0.3\nname: from-file\ndevice: cpu\nstats:\n  batch_size: 10\n")
     cfg = config.build({}, params_file=str(params), environ={})
-    assert (cfg.label_noise, cfg.name, cfg.stats.batch_size, cfg.epochs) == (0.3, "from-file", 10, 100)
+    assert (cfg.label_noise, cfg.name, cfg.stats.batch_size, cfg.epochs) == (
+        0.3,
+        "from-file",
+        10,
+        100,
+    )
     env = {"NAME": "from-env", "DEVICE": "cpu", "WORKERS": "3", "SAVE_DIR": "s", "DATA_DIR": "d"}
     cfg = config.build({}, params_file=str(params), environ=env)
     assert (cfg.name, cfg.workers, cfg.save_dir, cfg.data_dir) == ("from-env", 3, "s", "d")
-    cfg = config.build({"name": "from-flag", "stats.batch_size": "20"}, params_file=str(params), environ=env)
+    cfg = config.build(
+        {"name": "from-flag", "stats.batch_size": "20"}, params_file=str(params), environ=env
+    )
     assert (cfg.name, cfg.stats.batch_size, cfg.label_noise) == ("from-flag", 20, 0.3)
 
 
 def test_every_params_yaml_key_has_a_flag_and_every_flag_a_key():
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     keys = {k for k in raw if k != "stats"} | {f"stats.{k}" for k in raw["stats"]}
-    fields = {f.name for f in config.field_specs()} | {f"stats.{f.name}" for f in config.field_specs(config.StatsConfig)}
+    fields = {f.name for f in config.field_specs()} | {
+        f"stats.{f.name}" for f in config.field_specs(config.StatsConfig)
+    }
     assert keys == fields
     dests = set()
     for sub in cli.build_parser()._subparsers._group_actions[0].choices.values():
@@ -92,35 +116,53 @@ def test_params_yaml_is_documented_line_by_line():
 def test_save_checkpoint_forms():
     assert config.build({"save_checkpoint": 0}, environ={}).save_checkpoint == [0]
     assert config.build({"save_checkpoint": ["5"]}, environ={}).save_checkpoint == [5]
-    assert config.build({"save_checkpoint": "1,3,7", "epochs": 10}, environ={}).save_checkpoint == [1, 3, 7]
+    assert config.build({"save_checkpoint": "1,3,7", "epochs": 10}, environ={}).save_checkpoint == [
+        1,
+        3,
+        7,
+    ]
 
 
 def test_run_params_round_trip():
-    cfg = config.build({"model": "resnet18_16", "label_noise": 0.4, "save_checkpoint": [1, 2]}, environ={})
+    cfg = config.build(
+        {"model": "resnet18_16", "label_noise": 0.4, "save_checkpoint": [1, 2]}, environ={}
+    )
     again = config.from_flat({k: str(v) for k, v in cfg.flat().items()})
     assert again.flat() == cfg.flat()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"label_noise": 1.5}, "label_noise: 1.5 is not allowed; expected a fraction in [0, 1]"),
-    ({"label_noise": "lots"}, "label_noise: 'lots' is not a valid float"),
-    ({"data": "mnist"}, "data: 'mnist' is not allowed; expected one of digits, cifar10, cifar100"),
-    ({"model": "vgg11"}, "model: unknown model 'vgg11'"),
-    ({"model": "cnn5_16", "width": 8}, "says width 16 but width is 8"),
-    ({"train_split": 100}, "val_split: 0 is not allowed"),
-    ({"optimizer": "rmsprop"}, "optimizer: 'rmsprop' is not allowed"),
-    ({"weight_init": "fixup"}, "weight_init: 'fixup' is not allowed; expected pytorch or nkaiming for cnn5"),
-    ({"epochs": -1}, "epochs: -1 is not allowed"),
-    ({"epochs": 2.5}, "epochs: 2.5 is not a valid int"),
-    ({"device": "tpu"}, "device: 'tpu' is not allowed"),
-    ({"save_checkpoint": [3, 20], "epochs": 10}, "save_checkpoint: [3, 20] is not allowed"),
-    ({"stats.num_samples": 150, "stats.batch_size": 100}, "stats.num_samples: 150 is not allowed"),
-    ({"stats.skip": 50, "stats.batch_size": 100}, "stats.skip: 50 is not allowed"),
-    ({"stats.metric": ["lipschitz"]}, "stats.metric: 'lipschitz' is not allowed"),
-    ({"stats.normalization": ["sigmoid"]}, "stats.normalization: 'sigmoid' is not allowed"),
-    ({"stats.dataset_split": "holdout"}, "stats.dataset_split: 'holdout' is not allowed"),
-    ({"augmentation": "maybe"}, "augmentation: 'maybe' is not a valid bool"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"label_noise": 1.5}, "label_noise: 1.5 is not allowed; expected a fraction in [0, 1]"),
+        ({"label_noise": "lots"}, "label_noise: 'lots' is not a valid float"),
+        (
+            {"data": "mnist"},
+            "data: 'mnist' is not allowed; expected one of digits, cifar10, cifar100",
+        ),
+        ({"model": "vgg11"}, "model: unknown model 'vgg11'"),
+        ({"model": "cnn5_16", "width": 8}, "says width 16 but width is 8"),
+        ({"train_split": 100}, "val_split: 0 is not allowed"),
+        ({"optimizer": "rmsprop"}, "optimizer: 'rmsprop' is not allowed"),
+        (
+            {"weight_init": "fixup"},
+            "weight_init: 'fixup' is not allowed; expected pytorch or nkaiming for cnn5",
+        ),
+        ({"epochs": -1}, "epochs: -1 is not allowed"),
+        ({"epochs": 2.5}, "epochs: 2.5 is not a valid int"),
+        ({"device": "tpu"}, "device: 'tpu' is not allowed"),
+        ({"save_checkpoint": [3, 20], "epochs": 10}, "save_checkpoint: [3, 20] is not allowed"),
+        (
+            {"stats.num_samples": 150, "stats.batch_size": 100},
+            "stats.num_samples: 150 is not allowed",
+        ),
+        ({"stats.skip": 50, "stats.batch_size": 100}, "stats.skip: 50 is not allowed"),
+        ({"stats.metric": ["lipschitz"]}, "stats.metric: 'lipschitz' is not allowed"),
+        ({"stats.normalization": ["sigmoid"]}, "stats.normalization: 'sigmoid' is not allowed"),
+        ({"stats.dataset_split": "holdout"}, "stats.dataset_split: 'holdout' is not allowed"),
+        ({"augmentation": "maybe"}, "augmentation: 'maybe' is not a valid bool"),
+    ],
+)
 def test_bad_values_are_refused_with_one_line(overrides, message):
     with pytest.raises(config.ConfigError) as e:
         config.build(overrides, environ={})
@@ -134,8 +176,13 @@ def test_unknown_params_file_key(tmp_path):
         config.build({}, params_file=str(p), environ={})
 
 
-@pytest.mark.parametrize("command, flags", [("train", {**SEED_COMMON_FLAGS, **SEED_TRAIN_FLAGS}),
-                                            ("stats", {**SEED_COMMON_FLAGS, **SEED_STATS_FLAGS})])
+@pytest.mark.parametrize(
+    "command, flags",
+    [
+        ("train", {**SEED_COMMON_FLAGS, **SEED_TRAIN_FLAGS}),
+        ("stats", {**SEED_COMMON_FLAGS, **SEED_STATS_FLAGS}),
+    ],
+)
 def test_every_seed_flag_is_accepted(command, flags):
     """Each flag of the seed's scripts parses alone; all together they validate as a config."""
     argv = [command]
@@ -144,20 +191,38 @@ def test_every_seed_flag_is_accepted(command, flags):
         cli.build_parser().parse_args([command, *args])
         argv += args
     overrides = vars(cli.build_parser().parse_args(argv))
-    cfg = config.build({k: v for k, v in overrides.items() if k not in ("command", "params")}, environ={})
+    cfg = config.build(
+        {k: v for k, v in overrides.items() if k not in ("command", "params")}, environ={}
+    )
     assert (cfg.workers, cfg.random_dataset, cfg.log_level) == (0, "uniform", "info")
     if command == "train":
         assert (cfg.lr_step, cfg.raw_checkpoints, cfg.resume_from) == (10, True, "3910")
     else:
-        assert (cfg.stats.normalization, cfg.stats.gen_strategy, cfg.stats.skip) == (["jacobian"], "none", 1280)
+        assert (cfg.stats.normalization, cfg.stats.gen_strategy, cfg.stats.skip) == (
+            ["jacobian"],
+            "none",
+            1280,
+        )
 
 
 def test_seed_run_directory_names():
     def run_dir(**kw):
-        return config.build({"model": "resnet18_64", "data": "cifar10", **kw}, environ={}).seed_run_dir
+        return config.build(
+            {"model": "resnet18_64", "data": "cifar10", **kw}, environ={}
+        ).seed_run_dir
 
-    assert run_dir(label_noise=0.2, augmentation=True) == "resnet18_64/cifar10/augmentation/noise-0.2000-seed-42"
+    assert (
+        run_dir(label_noise=0.2, augmentation=True)
+        == "resnet18_64/cifar10/augmentation/noise-0.2000-seed-42"
+    )
     assert run_dir(label_noise=0, seed=1) == "resnet18_64/cifar10/default/seed-1"
-    assert run_dir(label_noise=0.15, model_additions=["batch_norm", "dropout"], dropout=0.3, l1_regularization=1e-4,
-                   augmentation=True, weight_decay=5e-4) == (
-        "resnet18_64/cifar10/batch_norm-dropout_0.3-l1-0.00010-augmentation-wd_0.0005/noise-0.1500-seed-42")
+    assert run_dir(
+        label_noise=0.15,
+        model_additions=["batch_norm", "dropout"],
+        dropout=0.3,
+        l1_regularization=1e-4,
+        augmentation=True,
+        weight_decay=5e-4,
+    ) == (
+        "resnet18_64/cifar10/batch_norm-dropout_0.3-l1-0.00010-augmentation-wd_0.0005/noise-0.1500-seed-42"
+    )

@@ -4,14 +4,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from cifar_fixture import write_cifar10, write_cifar100
 from sklearn.datasets import load_digits
 
+from cifar_fixture import write_cifar10, write_cifar100
 from lipdd.data import (
     SEED_STATS,
     DataError,
     Loader,
     Split,
+    _validation_split,
     content_hash,
     corrupt_labels,
     load_prepared,
@@ -19,7 +20,6 @@ from lipdd.data import (
     prepare,
     random_crop_flip,
     to_device,
-    _validation_split,
 )
 from seed_reference import seed_corrupt, seed_jitter, seed_random_images, seed_split
 
@@ -73,19 +73,27 @@ def test_corrupt_labels_rejects_bad_noise(noise):
 # ----------------------------------------------------------------------------- the seed's data, as facts
 
 
-@pytest.mark.parametrize("n, ts, vs, seed", [(1297, 1000, 297, 42), (100, 80, 20, 3), (50000, 49000, 1000, 42)])
+@pytest.mark.parametrize(
+    "n, ts, vs, seed", [(1297, 1000, 297, 42), (100, 80, 20, 3), (50000, 49000, 1000, 42)]
+)
 def test_split_is_the_seeds_random_split(n, ts, vs, seed):
     index = np.arange(n) + 7
-    splits = _validation_split(Split(np.zeros((n, 1, 1, 1), np.uint8), index % 10, index % 10, index), ts, vs, seed)
+    splits = _validation_split(
+        Split(np.zeros((n, 1, 1, 1), np.uint8), index % 10, index % 10, index), ts, vs, seed
+    )
     train, val = seed_split(n, ts, vs, seed)
     assert splits["train"].index.tolist() == [i + 7 for i in train]
     assert splits["val"].index.tolist() == [i + 7 for i in val]
 
 
-@pytest.mark.parametrize("n, noise, seed", [(1000, 0.2, 0), (49000, 0.2, 42), (80, 0.5, 3), (333, 1.0, 9)])
+@pytest.mark.parametrize(
+    "n, noise, seed", [(1000, 0.2, 0), (49000, 0.2, 42), (80, 0.5, 3), (333, 1.0, 9)]
+)
 def test_label_noise_is_the_seeds(n, noise, seed):
     clean = np.random.default_rng(n).integers(0, 10, n)
-    assert corrupt_labels(clean, 10, noise, seed).tolist() == seed_corrupt(clean.tolist(), noise, seed)
+    assert corrupt_labels(clean, 10, noise, seed).tolist() == seed_corrupt(
+        clean.tolist(), noise, seed
+    )
 
 
 def test_label_noise_two_classes_is_the_seeds():
@@ -97,9 +105,17 @@ def test_seed_normalisation_constants(tmp_path):
     assert SEED_STATS["cifar10"] == ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
     assert SEED_STATS["cifar100"] == ([0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023])
     write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
-    fixed = prepare(tmp_path / "fixed", "cifar10", tmp_path / "raw", verify_checksums=False, label_noise=0.2)
-    split = prepare(tmp_path / "split", "cifar10", tmp_path / "raw", verify_checksums=False, label_noise=0.2,
-                    stats="split")
+    fixed = prepare(
+        tmp_path / "fixed", "cifar10", tmp_path / "raw", verify_checksums=False, label_noise=0.2
+    )
+    split = prepare(
+        tmp_path / "split",
+        "cifar10",
+        tmp_path / "raw",
+        verify_checksums=False,
+        label_noise=0.2,
+        stats="split",
+    )
     assert (fixed["mean"], fixed["std"]) == SEED_STATS["cifar10"]
     assert split["mean"] != fixed["mean"] and split["content_hash"] != fixed["content_hash"]
 
@@ -150,7 +166,9 @@ def test_prepare_digits_with_val(digits_dir):
     assert (m["train_split"], m["val_split"]) == (1000, 200)
     # "fixed" normalisation on digits: the statistics of its whole training set, whatever the split
     x = np.round(digits.images[perm[:1297]] * 255 / 16) / 255
-    assert np.allclose(m["mean"], [x.mean()], rtol=1e-12) and np.allclose(m["std"], [x.std()], rtol=1e-12)
+    assert np.allclose(m["mean"], [x.mean()], rtol=1e-12) and np.allclose(
+        m["std"], [x.std()], rtol=1e-12
+    )
     assert m["input_stats"] == "fixed"
     assert m["content_hash"] == content_hash(p.splits, m["mean"], m["std"])
     text = (digits_dir / "meta.json").read_text()
@@ -162,7 +180,11 @@ def test_prepare_digits_without_val_is_stable(tmp_path):
     b = prep(tmp_path / "b", train_split=0, val_split=0)
     assert a["splits"] == {"train": 1297, "test": 500}
     assert a["content_hash"] == b["content_hash"]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["meta.json", "test.npz", "train.npz"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "meta.json",
+        "test.npz",
+        "train.npz",
+    ]
     p = load_prepared(tmp_path / "a")
     perm = np.random.default_rng(0).permutation(1797)
     assert (p.splits["train"].index == perm[:1297]).all()
@@ -202,9 +224,7 @@ def test_load_missing(tmp_path):
         load_prepared(tmp_path / "nope")
 
 
-@pytest.mark.parametrize(
-    "ts, vs", [(100, 0), (0, 100), (None, 100), (1200, 200), (-5, 10)]
-)
+@pytest.mark.parametrize("ts, vs", [(100, 0), (0, 100), (None, 100), (1200, 200), (-5, 10)])
 def test_prepare_bad_splits_write_nothing(tmp_path, ts, vs):
     with pytest.raises(DataError, match="train_split.*val_split"):
         prep(tmp_path / "d", train_split=ts, val_split=vs)
@@ -252,7 +272,9 @@ def test_cifar_checksum_failure(tmp_path):
     assert not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("data, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+@pytest.mark.parametrize(
+    "data, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")]
+)
 def test_cifar_missing_without_verify(tmp_path, data, folder):
     with pytest.raises(DataError, match=str(tmp_path / "nothing" / folder)):
         prep(tmp_path / "p", data=data, data_dir=tmp_path / "nothing")
@@ -287,7 +309,9 @@ def test_random_crop_flip_offsets_and_flips():
     assert (img.sum((1, 2)) == n_rows * n_cols).all()
     assert ((n_rows >= h - 4) & (n_cols >= w - 4)).all()
     assert ((rows[:, 0] | rows[:, -1]) & (cols[:, 0] | cols[:, -1])).all()
-    assert len(set(zip(n_rows.tolist(), n_cols.tolist()))) == 25  # every |offset| pair 0..4 shows up
+    assert (
+        len(set(zip(n_rows.tolist(), n_cols.tolist()))) == 25
+    )  # every |offset| pair 0..4 shows up
 
 
 def test_random_crop_flip_flips_half_and_is_seeded():
@@ -298,7 +322,9 @@ def test_random_crop_flip_flips_half_and_is_seeded():
     assert (flipped | (out == ramp).flatten(1).all(1)).all()
     assert abs(flipped.float().mean().item() - 0.5) < 0.05
 
-    x = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    x = torch.randint(
+        0, 256, (64, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2)
+    )
     a = random_crop_flip(x, torch.Generator().manual_seed(3))
     b = random_crop_flip(x, torch.Generator().manual_seed(3))
     c = random_crop_flip(x, torch.Generator().manual_seed(4))
@@ -307,20 +333,29 @@ def test_random_crop_flip_flips_half_and_is_seeded():
 
 def test_random_crop_flip_outputs_are_padded_crops():
     # Each output must be one of the 9 x 9 x 2 crops/flips of its zero-padded input, computed by slicing.
-    x = torch.randint(1, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    x = torch.randint(
+        1, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+    )
     out = random_crop_flip(x, torch.Generator().manual_seed(6))
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     flips = []
     for i in range(32):
         crops = [padded[i, :, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9)]
-        matches = [f for crop in crops for f in (False, True) if torch.equal(out[i], crop.flip(2) if f else crop)]
+        matches = [
+            f
+            for crop in crops
+            for f in (False, True)
+            if torch.equal(out[i], crop.flip(2) if f else crop)
+        ]
         assert len(matches) == 1
         flips += matches
     assert set(flips) == {False, True}
 
 
 def test_split_corrupted_mask():
-    s = Split(np.zeros((3, 1, 1, 1), np.uint8), np.array([0, 1, 2]), np.array([0, 2, 2]), np.arange(3))
+    s = Split(
+        np.zeros((3, 1, 1, 1), np.uint8), np.array([0, 1, 2]), np.array([0, 2, 2]), np.arange(3)
+    )
     assert s.corrupted.tolist() == [False, True, False]
 
 
@@ -341,7 +376,10 @@ def test_loader_serves_the_split_in_order_normalised(digits_dir):
 
 def test_loader_order_and_augmentation_are_seeded_and_resumable(digits_dir):
     def epochs(loader, n):
-        return [torch.cat([torch.cat([x.flatten(1), y[:, None].float()], 1) for x, y in loader]) for _ in range(n)]
+        return [
+            torch.cat([torch.cat([x.flatten(1), y[:, None].float()], 1) for x, y in loader])
+            for _ in range(n)
+        ]
 
     a, _ = loader_of(digits_dir, batch_size=128, seed=5, augment=True)
     b, _ = loader_of(digits_dir, batch_size=128, seed=5, augment=True)
@@ -365,7 +403,13 @@ def test_loader_shards_are_one_process_batches(digits_dir, monkeypatch, world):
         parts = []
         for rank in range(world):
             monkeypatch.setenv("RANK", str(rank))
-            parts.append(list(loader_of(digits_dir, batch_size=100, seed=1, augment=shard == "batch", shard=shard)[0]))
+            parts.append(
+                list(
+                    loader_of(
+                        digits_dir, batch_size=100, seed=1, augment=shard == "batch", shard=shard
+                    )[0]
+                )
+            )
         monkeypatch.delenv("WORLD_SIZE")
         monkeypatch.delenv("RANK")
         if shard == "batch":
@@ -380,20 +424,27 @@ def test_loader_shards_are_one_process_batches(digits_dir, monkeypatch, world):
 @pytest.mark.parametrize("dist", ["uniform", "normal", "hypersphere"])
 def test_random_datasets_are_the_seeds(tmp_path, dist):
     write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
-    meta = prepare(tmp_path / dist, "cifar10", tmp_path / "raw", verify_checksums=False, random_dataset=dist)
+    meta = prepare(
+        tmp_path / dist, "cifar10", tmp_path / "raw", verify_checksums=False, random_dataset=dist
+    )
     p = load_prepared(tmp_path / dist)
     mean, std = SEED_STATS["cifar10"] if dist != "hypersphere" else ([0.0] * 3, [1.0] * 3)
     for split, n in (("train", 100), ("test", 10)):
         images, labels = seed_random_images(dist, n, *SEED_STATS["cifar10"])
-        assert np.array_equal(p.splits[split].images, images) and p.splits[split].clean_labels.tolist() == labels.tolist()
+        assert (
+            np.array_equal(p.splits[split].images, images)
+            and p.splits[split].clean_labels.tolist() == labels.tolist()
+        )
     assert (meta["mean"], meta["std"], meta["random_dataset"]) == (mean, std, dist)
 
 
 def test_jitter_is_the_seeds_threshold_after_normalisation(tmp_path):
     write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
-    prepare(tmp_path / "j", "cifar10", tmp_path / "raw", verify_checksums=False, random_dataset="jitter")
+    prepare(
+        tmp_path / "j", "cifar10", tmp_path / "raw", verify_checksums=False, random_dataset="jitter"
+    )
     p = load_prepared(tmp_path / "j")
     split = p.splits["train"]
-    (x, _), = Loader.of(split, p.meta, "cpu", 100)
+    ((x, _),) = Loader.of(split, p.meta, "cpu", 100)
     plain = normalize(torch.from_numpy(split.images).permute(0, 3, 1, 2), *SEED_STATS["cifar10"])
     assert torch.equal(x, seed_jitter(plain)) and not torch.equal(x, plain)

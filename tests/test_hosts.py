@@ -23,7 +23,11 @@ def clone(tmp_path, name: str, remote, env) -> Repo:
     path.parent.mkdir(parents=True, exist_ok=True)
     repo = Repo(path, env)
     Repo(path.parent, env).run("git", "clone", "-q", str(remote), str(path))
-    for key, value in (("user.name", name), ("user.email", f"{name}@lipdd.invalid"), ("commit.gpgsign", "false")):
+    for key, value in (
+        ("user.name", name),
+        ("user.email", f"{name}@lipdd.invalid"),
+        ("commit.gpgsign", "false"),
+    ):
         repo.run("git", "config", key, value)
     return repo
 
@@ -41,19 +45,35 @@ def test_two_hosts_one_server_and_a_third_that_reports(tmp_path):
         for repo, width in ((a, 2), (b, 3)):
             repo.run("dvc", "exp", "run", "-n", f"width-{width}", "-S", f"width={width}")
             repo.run("dvc", "exp", "push", "--no-cache", "origin", f"width-{width}")
-            assert not (repo.path / "mlflow.db").exists() and not (repo.path / "mlartifacts").exists()
+            assert (
+                not (repo.path / "mlflow.db").exists() and not (repo.path / "mlartifacts").exists()
+            )
         run_a = json.loads((a.path / "results/train/run.json").read_text())
         assert run_a["tracking_uri"] == server.uri
         client = MlflowClient(server.uri)
         trained = client.get_run(run_a["run_id"])
         assert trained.info.status == "FINISHED"
-        assert {"test_error", "batch_loss", "train_jacobian_operator_norm_none_mean"} <= set(trained.data.metrics)
+        assert {"test_error", "batch_loss", "train_jacobian_operator_norm_none_mean"} <= set(
+            trained.data.metrics
+        )
         assert [e for e, _ in list_checkpoints(client, run_a["run_id"])] == [0, 2, 4]
-        assert not list(tmp_path.glob("[ab]/**/checkpoints/epoch_*.pt"))  # the server alone holds them
+        assert not list(
+            tmp_path.glob("[ab]/**/checkpoints/epoch_*.pt")
+        )  # the server alone holds them
 
         # Host B measures host A's checkpoints, downloaded through the server.
-        b.run("lipdd", "stats", "--params", "params.yaml", "--run-id", run_a["run_id"], "--metric", "accuracy",
-              "--output-dir", "results/from-a")
+        b.run(
+            "lipdd",
+            "stats",
+            "--params",
+            "params.yaml",
+            "--run-id",
+            run_a["run_id"],
+            "--metric",
+            "accuracy",
+            "--output-dir",
+            "results/from-a",
+        )
         assert len(list((b.path / "results/from-a").glob("accuracy-train-checkpoint-*.json"))) >= 1
         assert "train_accuracy_mean" in client.get_run(run_a["run_id"]).data.metrics
 

@@ -17,18 +17,27 @@ B, K = 5, 10
 
 def small_cnn(in_channels=1):
     return nn.Sequential(
-        nn.Conv2d(in_channels, 4, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, K),
+        nn.Conv2d(in_channels, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, K),
     )
 
 
 def bn_cnn():
     # 3x6x6 inputs; BatchNorm buffers and an in-place ReLU must survive functional_call and vmap.
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-        nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, K),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, K),
     )
     model[1].running_mean.normal_()
     model[1].running_var.uniform_(0.5, 2.0)
@@ -54,10 +63,15 @@ def reference_jacobian(model, x, targets, normalization, target_logit_only):
         z = model64(xi[None])
         if normalization == "crossentropy":
             return F.cross_entropy(z, ti[None]).reshape(1)
-        out = {"none": z, "jacobian": z, "softmax": z.softmax(-1), "logsoftmax": z.log_softmax(-1)}[normalization][0]
+        out = {"none": z, "jacobian": z, "softmax": z.softmax(-1), "logsoftmax": z.log_softmax(-1)}[
+            normalization
+        ][0]
         return out[ti, None] if target_logit_only else out
 
-    rows = [torch.autograd.functional.jacobian(lambda xi: output(xi, ti), xi) for xi, ti in zip(x.double(), targets)]
+    rows = [
+        torch.autograd.functional.jacobian(lambda xi: output(xi, ti), xi)
+        for xi, ti in zip(x.double(), targets)
+    ]
     return torch.stack(rows).flatten(2)
 
 
@@ -78,7 +92,9 @@ def test_jacobian_and_norms_match_float64_reference(case, normalization, target_
     torch.testing.assert_close(J.double(), ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
 
     stats = per_sample(model, x, targets, JACOBIAN_METRICS, (normalization,), target_logit_only)
-    assert_rel_close(stats["jacobian_operator_norm", normalization], torch.linalg.svdvals(ref)[:, 0])
+    assert_rel_close(
+        stats["jacobian_operator_norm", normalization], torch.linalg.svdvals(ref)[:, 0]
+    )
     assert_rel_close(stats["jacobian", normalization], torch.linalg.matrix_norm(ref))
 
 
@@ -142,7 +158,9 @@ def test_plain_metrics_and_keys():
         zb, t = z[b].double(), targets[b].item()
         p = zb.exp() / zb.exp().sum()
         assert stats["accuracy", None][b].item() == float(zb.argmax().item() == t)
-        assert stats["crossentropy", None][b].item() == pytest.approx((zb.exp().sum().log() - zb[t]).item(), rel=1e-6)
+        assert stats["crossentropy", None][b].item() == pytest.approx(
+            (zb.exp().sum().log() - zb[t]).item(), rel=1e-6
+        )
         distance = ((p - F.one_hot(torch.tensor(t), K)) ** 2).sum().sqrt().item()
         assert stats["confidence", None][b].item() == pytest.approx(distance, rel=1e-6)
     assert 0 < stats["accuracy", None].sum() < B

@@ -19,6 +19,7 @@ def products(a):
     def matvec(v):
         count[0] += 1
         return a @ v
+
     return matvec, count
 
 
@@ -26,7 +27,9 @@ def products(a):
 @pytest.mark.parametrize("k", [1, 3])
 def test_largest_eigenvalues_to_the_tolerance(tol, k):
     # The largest algebraically, not in magnitude (-8 is the largest in magnitude); a close pair on top.
-    spectrum = np.concatenate([[2.0, 1.999, 1.5, -8.0], np.random.default_rng(1).uniform(-1, 1, 396)])
+    spectrum = np.concatenate(
+        [[2.0, 1.999, 1.5, -8.0], np.random.default_rng(1).uniform(-1, 1, 396)]
+    )
     a = symmetric(spectrum)
     matvec, count = products(a)
     values, steps = top_eigenvalues(matvec, 400, k=k, tol=tol)
@@ -38,7 +41,9 @@ def test_largest_eigenvalues_to_the_tolerance(tol, k):
 
 
 def test_invariant_krylov_space_gives_exact_values_early():
-    spectrum = np.repeat([3.0, 1.0, -2.0], 50)  # three distinct eigenvalues: a Krylov space of dimension 3
+    spectrum = np.repeat(
+        [3.0, 1.0, -2.0], 50
+    )  # three distinct eigenvalues: a Krylov space of dimension 3
     matvec, count = products(symmetric(spectrum))
     values, steps = top_eigenvalues(matvec, 150, k=2, tol=1e-14)
     assert steps == 3 and values == pytest.approx([3.0, 1.0], abs=1e-12)
@@ -53,13 +58,19 @@ def test_tiny_operators(n):
 
 def test_start_vector_is_seeded():
     a = symmetric(np.linspace(0, 1, 300))
-    assert top_eigenvalues(products(a)[0], 300, seed=5) == top_eigenvalues(products(a)[0], 300, seed=5)
-    assert top_eigenvalues(products(a)[0], 300, seed=5) != top_eigenvalues(products(a)[0], 300, seed=6)
+    assert top_eigenvalues(products(a)[0], 300, seed=5) == top_eigenvalues(
+        products(a)[0], 300, seed=5
+    )
+    assert top_eigenvalues(products(a)[0], 300, seed=5) != top_eigenvalues(
+        products(a)[0], 300, seed=6
+    )
 
 
 def test_no_convergence_is_an_error():
     a = symmetric(np.linspace(0, 1, 300))
-    with pytest.raises(RuntimeError, match="Lanczos did not reach relative tolerance 1e-12 in 5 steps"):
+    with pytest.raises(
+        RuntimeError, match="Lanczos did not reach relative tolerance 1e-12 in 5 steps"
+    ):
         top_eigenvalues(products(a)[0], 300, tol=1e-12, max_steps=5)
 
 
@@ -69,7 +80,9 @@ def test_a_start_near_the_top_eigenvector_saves_steps_and_a_bad_one_costs_no_acc
     a = torch.from_numpy(q @ np.diag(spectrum) @ q.T)
     top = torch.from_numpy(q[:, 0])
     plain, plain_steps = top_eigenvalues(products(a)[0], 500, tol=1e-8)
-    guessed, guessed_steps = top_eigenvalues(products(a)[0], 500, tol=1e-8, start=top + 0.1 * torch.from_numpy(q[:, 1]))
+    guessed, guessed_steps = top_eigenvalues(
+        products(a)[0], 500, tol=1e-8, start=top + 0.1 * torch.from_numpy(q[:, 1])
+    )
     assert guessed_steps < plain_steps
     # A start orthogonal to the top eigenvector (here: the next one) is still met by the Gaussian half.
     misled, _ = top_eigenvalues(products(a)[0], 500, tol=1e-8, start=torch.from_numpy(q[:, 1]))

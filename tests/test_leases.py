@@ -13,23 +13,34 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def holder(directory: Path, gpus: list[str], runs_per_gpu: int, hold: float, log: Path) -> subprocess.Popen:
+def holder(
+    directory: Path, gpus: list[str], runs_per_gpu: int, hold: float, log: Path
+) -> subprocess.Popen:
     """A process that leases a GPU, notes when it holds it, holds it for `hold` seconds and exits."""
-    code = (f"import sys, time; sys.path.insert(0, {str(SRC)!r}); from lipdd.leases import lease_gpu\n"
-            f"i = lease_gpu({gpus!r}, {runs_per_gpu}, __import__('pathlib').Path({str(directory)!r}), poll=0.02)\n"
-            f"start = time.monotonic(); print(i, flush=True); time.sleep({hold})\n"
-            f"open({str(log)!r}, 'a').write(f'{{i}} {{start}} {{time.monotonic()}}\\n')")
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(SRC)!r}); from lipdd.leases import lease_gpu\n"
+        f"i = lease_gpu({gpus!r}, {runs_per_gpu}, __import__('pathlib').Path({str(directory)!r}), poll=0.02)\n"
+        f"start = time.monotonic(); print(i, flush=True); time.sleep({hold})\n"
+        f"open({str(log)!r}, 'a').write(f'{{i}} {{start}} {{time.monotonic()}}\\n')"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 @pytest.mark.parametrize("devices, runs_per_gpu", [(3, 1), (2, 2)])
 def test_concurrent_processes_never_share_a_gpu_beyond_its_slots(tmp_path, devices, runs_per_gpu):
     gpus = [f"GPU-{i}" for i in range(devices)]
     log = tmp_path / "held.log"
-    procs = [holder(tmp_path / "leases", gpus, runs_per_gpu, 0.6, log) for _ in range(devices * runs_per_gpu + 2)]
+    procs = [
+        holder(tmp_path / "leases", gpus, runs_per_gpu, 0.6, log)
+        for _ in range(devices * runs_per_gpu + 2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * len(procs), outputs
-    held = [(int(i), float(a), float(b)) for i, a, b in map(str.split, log.read_text().splitlines())]
+    held = [
+        (int(i), float(a), float(b)) for i, a, b in map(str.split, log.read_text().splitlines())
+    ]
     assert len(held) == len(procs)
     for gpu in range(devices):
         spans = [(a, b) for i, a, b in held if i == gpu]

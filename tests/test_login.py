@@ -22,11 +22,17 @@ def server(tmp_path_factory):
     # MLflow's own settings, but with its login cache on: without it every request pays a PBKDF2
     # hash, which makes the pipeline about twice as slow (README, Scaling out).
     ini = root / "basic_auth.ini"
-    ini.write_text("[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///basic_auth.db\n"
-                   "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                   "auth_cache_ttl_seconds = 600\n")
-    env = {**clean_env(root), "MLFLOW_FLASK_SERVER_SECRET_KEY": "lipdd-tests-flask-key",
-           "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD, "MLFLOW_AUTH_CONFIG_PATH": str(ini)}
+    ini.write_text(
+        "[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///basic_auth.db\n"
+        "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "auth_cache_ttl_seconds = 600\n"
+    )
+    env = {
+        **clean_env(root),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "lipdd-tests-flask-key",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": PASSWORD,
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+    }
     with MlflowServer(root / "server", env, app_name="basic-auth") as server:
         yield server
 
@@ -36,27 +42,60 @@ def as_admin(server) -> MlflowClient:
 
 
 def login_env(tmp_path, server, password=PASSWORD) -> dict[str, str]:
-    return {**clean_env(tmp_path), "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_TRACKING_USERNAME": "admin",
-            "MLFLOW_TRACKING_PASSWORD": password}
+    return {
+        **clean_env(tmp_path),
+        "MLFLOW_TRACKING_URI": server.uri,
+        "MLFLOW_TRACKING_USERNAME": "admin",
+        "MLFLOW_TRACKING_PASSWORD": password,
+    }
 
 
 def test_a_wrong_password_is_one_line_and_status_2_before_any_training(tmp_path, server):
     wrong = "not-the-Pa55word"
-    proc = subprocess.run([sys.executable, "-m", "lipdd", "train", "--device", "cpu", "--epochs", "1",
-                           "--name", "wrong-login"], cwd=tmp_path, env=login_env(tmp_path, server, wrong),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lipdd",
+            "train",
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--name",
+            "wrong-login",
+        ],
+        cwd=tmp_path,
+        env=login_env(tmp_path, server, wrong),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
         f"lipdd train: error: tracking_uri: the MLflow server {server.uri} refused user 'admin' (HTTP 401); "
-        "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"]
+        "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    ]
     assert as_admin(server).get_experiment_by_name("wrong-login") is None
     assert not (tmp_path / "data").exists()  # nothing prepared, nothing trained
 
 
 def test_a_password_in_a_params_file_is_refused_without_echoing_it(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lipdd", "train", "--tracking-uri",
-                           f"http://admin:{PASSWORD}@127.0.0.1:1"], cwd=tmp_path, env=clean_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lipdd",
+            "train",
+            "--tracking-uri",
+            f"http://admin:{PASSWORD}@127.0.0.1:1",
+        ],
+        cwd=tmp_path,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert "tracking_uri: holds a password" in proc.stderr and PASSWORD not in proc.stderr
 
@@ -67,7 +106,10 @@ def test_the_pipeline_and_the_queue_log_in_and_write_the_password_nowhere(tmp_pa
     repo.run("dvc", "queue", "start", "-j", "2")
     repo.finish_queue()
     # The login inside the URI, as some clusters hand it out: the same, and kept out of files too.
-    inside = {**clean_env(tmp_path), "MLFLOW_TRACKING_URI": f"http://admin:{PASSWORD}@{server.uri[7:]}"}
+    inside = {
+        **clean_env(tmp_path),
+        "MLFLOW_TRACKING_URI": f"http://admin:{PASSWORD}@{server.uri[7:]}",
+    }
     repo.run("lipdd", "report", "--params", "params.yaml", env=inside)
 
     client = as_admin(server)
@@ -77,7 +119,10 @@ def test_the_pipeline_and_the_queue_log_in_and_write_the_password_nowhere(tmp_pa
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert client.get_experiment_by_name("lipdd-reports") is not None
 
-    for root in (repo.path, server.root):  # the repository (DVC's queue logs too), the store, the artifacts
+    for root in (
+        repo.path,
+        server.root,
+    ):  # the repository (DVC's queue logs too), the store, the artifacts
         leaked = [p for p in root.rglob("*") if p.is_file() and PASSWORD.encode() in p.read_bytes()]
         assert not leaked
     revisions = repo.run("git", "rev-list", "--all").stdout.split()  # experiment refs included

@@ -9,8 +9,8 @@ import torch
 
 from lipdd import cli, config, lipschitz, train
 from lipdd.jacobian import input_jacobian
-from lipdd.models import build_model, model_for
 from lipdd.measures import MEASURES, Measure, Network
+from lipdd.models import build_model, model_for
 from lipdd.tracking import get_client, list_checkpoints, load_checkpoint
 
 STATS = ["--num-samples=100", "--batch-size=50", "--output-dir=out", "--device=cpu"]
@@ -19,8 +19,20 @@ STATS = ["--num-samples=100", "--batch-size=50", "--output-dir=out", "--device=c
 @pytest.fixture
 def run_id(workdir):
     """A tiny trained network with checkpoints at epochs 0 and 2."""
-    return train.train(config.build(dict(width=2, label_seed=0, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[0],
-                                         device="cpu"), environ={}))
+    return train.train(
+        config.build(
+            dict(
+                width=2,
+                label_seed=0,
+                epochs=2,
+                batch_size=256,
+                eval_every=1,
+                save_checkpoint=[0],
+                device="cpu",
+            ),
+            environ={},
+        )
+    )
 
 
 def test_distance_from_init_against_two_downloaded_checkpoints(workdir, run_id):
@@ -28,49 +40,99 @@ def test_distance_from_init_against_two_downloaded_checkpoints(workdir, run_id):
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
     (_, first), (_, last) = list_checkpoints(client, run_id)
     theta0, theta = (load_checkpoint(client, run_id, a)["model"] for a in (first, last))
-    params = [name for name, _ in model_for(config.build(dict(width=2), environ={}),
-                                                    dict(image_shape=[8, 8, 1], num_classes=10)).named_parameters()]
+    params = [
+        name
+        for name, _ in model_for(
+            config.build(dict(width=2), environ={}), dict(image_shape=[8, 8, 1], num_classes=10)
+        ).named_parameters()
+    ]
 
     def norm(tensors):
         return torch.cat([t.double().flatten() for t in tensors]).norm().item()
 
     at0 = json.loads((workdir / "out/distance_from_init-checkpoint-0.json").read_text())
-    assert at0["summary"]["distance_from_init"] == 0 and at0["summary"]["distance_from_init_relative"] == 0
-    assert at0["summary"]["parameter_norm"] == pytest.approx(norm(theta0[k] for k in params), rel=1e-12)
+    assert (
+        at0["summary"]["distance_from_init"] == 0
+        and at0["summary"]["distance_from_init_relative"] == 0
+    )
+    assert at0["summary"]["parameter_norm"] == pytest.approx(
+        norm(theta0[k] for k in params), rel=1e-12
+    )
 
     at2 = json.loads((workdir / "out/distance_from_init-checkpoint-1.json").read_text())
     distance, initial = norm(theta[k] - theta0[k] for k in params), norm(theta0[k] for k in params)
     assert distance > 0
     assert at2["summary"]["distance_from_init"] == pytest.approx(distance, rel=1e-12)
-    assert at2["summary"]["distance_from_init_relative"] == pytest.approx(distance / initial, rel=1e-12)
-    assert at2["summary"]["parameter_norm"] == pytest.approx(norm(theta[k] for k in params), rel=1e-12)
+    assert at2["summary"]["distance_from_init_relative"] == pytest.approx(
+        distance / initial, rel=1e-12
+    )
+    assert at2["summary"]["parameter_norm"] == pytest.approx(
+        norm(theta[k] for k in params), rel=1e-12
+    )
     assert sorted(at2["per_layer"]) == sorted(params)
     for k in params:
-        assert at2["per_layer"][k]["distance"] == pytest.approx(norm([theta[k] - theta0[k]]), rel=1e-12)
-    assert at2["metadata"]["metric"] == "distance_from_init" and at2["metadata"]["checkpoint_epoch"] == 2
+        assert at2["per_layer"][k]["distance"] == pytest.approx(
+            norm([theta[k] - theta0[k]]), rel=1e-12
+        )
+    assert (
+        at2["metadata"]["metric"] == "distance_from_init"
+        and at2["metadata"]["checkpoint_epoch"] == 2
+    )
     assert at2["metadata"]["checkpoint"] == 1
 
     history = client.get_metric_history(run_id, "distance_from_init")
-    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (2, at2["summary"]["distance_from_init"])]
+    assert sorted((m.step, m.value) for m in history) == [
+        (0, 0.0),
+        (2, at2["summary"]["distance_from_init"]),
+    ]
 
 
 def test_a_new_measure_is_one_function_and_one_entry(workdir, run_id, monkeypatch):
-    monkeypatch.setitem(MEASURES, "logit_norm", Measure("logit_norm", "sample", lambda b: b.logits.norm(dim=1)))
-    monkeypatch.setitem(MEASURES, "parameter_count", Measure(
-        "parameter_count", "network", lambda n: ({"parameter_count": float(sum(p.numel() for p in n.model.parameters()))},
-                                                 {})))
-    assert cli.main(["stats", "--run-id", run_id, "--metric", "logit_norm", "parameter_count", "accuracy",
-                     *STATS]) == 0
+    monkeypatch.setitem(
+        MEASURES, "logit_norm", Measure("logit_norm", "sample", lambda b: b.logits.norm(dim=1))
+    )
+    monkeypatch.setitem(
+        MEASURES,
+        "parameter_count",
+        Measure(
+            "parameter_count",
+            "network",
+            lambda n: (
+                {"parameter_count": float(sum(p.numel() for p in n.model.parameters()))},
+                {},
+            ),
+        ),
+    )
+    assert (
+        cli.main(
+            [
+                "stats",
+                "--run-id",
+                run_id,
+                "--metric",
+                "logit_norm",
+                "parameter_count",
+                "accuracy",
+                *STATS,
+            ]
+        )
+        == 0
+    )
     out = {p.name for p in (workdir / "out").glob("*.json")}
     assert out == {f"parameter_count-checkpoint-{c}.json" for c in (0, 1)} | {
-        f"{name}-train-checkpoint-{c}.json" for name in ("accuracy", "logit_norm") for c in (0, 1)}
+        f"{name}-train-checkpoint-{c}.json" for name in ("accuracy", "logit_norm") for c in (0, 1)
+    }
     values = json.loads((workdir / "out/logit_norm-train-checkpoint-1.json").read_text())
     values["stats"] = [v for (v,) in values["stats"]]
-    assert len(values["stats"]) == 100 and min(values["stats"]) > 0 and len(values["batch_means"]) == 2
+    assert (
+        len(values["stats"]) == 100 and min(values["stats"]) > 0 and len(values["batch_means"]) == 2
+    )
 
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
     metrics = client.get_run(run_id).data.metrics
-    assert {"train_logit_norm_mean", "train_logit_norm_clean_mean", "parameter_count"} <= set(metrics)
+    assert {"train_logit_norm_mean", "train_logit_norm_clean_mean", "parameter_count"} <= set(
+        metrics
+    )
     assert [m.step for m in client.get_metric_history(run_id, "train_logit_norm_mean")] == [0, 2]
     summary = json.loads((workdir / "results/stats/metrics.json").read_text())  # the pipeline run's
     assert summary["logit_norm"]["mean"] == pytest.approx(sum(values["stats"]) / 100)
@@ -79,13 +141,28 @@ def test_a_new_measure_is_one_function_and_one_entry(workdir, run_id, monkeypatc
 def test_unknown_measure_is_refused_before_any_work(workdir, run_id, capsys):
     assert cli.main(["stats", "--run-id", run_id, "--metric", "lipschitz", *STATS]) == 2
     err = capsys.readouterr().err.strip()
-    assert "stats.metric: 'lipschitz' is not allowed; expected one of jacobian_operator_norm" in err and "\n" not in err
+    assert (
+        "stats.metric: 'lipschitz' is not allowed; expected one of jacobian_operator_norm" in err
+        and "\n" not in err
+    )
     assert not (workdir / "out").exists()
 
 
 def test_network_measure_needs_the_initial_checkpoint(workdir, capsys):
-    run_id = train.train(config.build(dict(width=2, label_seed=0, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[1, 2],
-                                           device="cpu"), environ={}))
+    run_id = train.train(
+        config.build(
+            dict(
+                width=2,
+                label_seed=0,
+                epochs=2,
+                batch_size=256,
+                eval_every=1,
+                save_checkpoint=[1, 2],
+                device="cpu",
+            ),
+            environ={},
+        )
+    )
     assert cli.main(["stats", "--run-id", run_id, "--metric", "distance_from_init", *STATS]) == 2
     assert "has no checkpoint of epoch 0" in capsys.readouterr().err
     assert not (workdir / "out").exists()
@@ -96,7 +173,9 @@ def test_network_measure_needs_the_initial_checkpoint(workdir, capsys):
 
 def explicit_norm(affine, shape) -> float:
     """Largest singular value of the matrix of affine's linear part, built column by column (float64)."""
-    matrix = torch.autograd.functional.jacobian(lambda x: affine(x[None])[0], torch.zeros(shape, dtype=torch.float64))
+    matrix = torch.autograd.functional.jacobian(
+        lambda x: affine(x[None])[0], torch.zeros(shape, dtype=torch.float64)
+    )
     return torch.linalg.svdvals(matrix.reshape(matrix[..., 0, 0, 0].numel(), -1))[0].item()
 
 
@@ -116,11 +195,20 @@ def test_cnn5_bound_is_the_product_of_its_maps_exact_norms(batch_norm):
     model = with_running_stats(build_model("cnn5", 2, 1, 10, batch_norm=batch_norm))
     bound, maps = lipschitz.upper_bound(model, (1, 8, 8))
     net = model.double()
-    runs = [torch.nn.Sequential(net.layer1.conv, net.layer1.bn), torch.nn.Sequential(net.layer2.conv, net.layer2.bn),
-            torch.nn.Sequential(net.pool, net.layer3.conv, net.layer3.bn),
-            torch.nn.Sequential(net.pool, net.layer4.conv, net.layer4.bn),
-            torch.nn.Sequential(net.apool, torch.nn.Flatten(), net.fc)]
-    shapes = [(1, 8, 8), (2, 8, 8), (4, 8, 8), (8, 4, 4), (16, 2, 2)]  # pooling opens the third and fourth
+    runs = [
+        torch.nn.Sequential(net.layer1.conv, net.layer1.bn),
+        torch.nn.Sequential(net.layer2.conv, net.layer2.bn),
+        torch.nn.Sequential(net.pool, net.layer3.conv, net.layer3.bn),
+        torch.nn.Sequential(net.pool, net.layer4.conv, net.layer4.bn),
+        torch.nn.Sequential(net.apool, torch.nn.Flatten(), net.fc),
+    ]
+    shapes = [
+        (1, 8, 8),
+        (2, 8, 8),
+        (4, 8, 8),
+        (8, 4, 4),
+        (16, 2, 2),
+    ]  # pooling opens the third and fourth
     want = [explicit_norm(run, shape) for run, shape in zip(runs, shapes)]
     assert [m["input_shape"] for m in maps] == [list(s) for s in shapes]
     assert [m["norm"] for m in maps] == pytest.approx(want, rel=1e-8)
@@ -130,13 +218,19 @@ def test_cnn5_bound_is_the_product_of_its_maps_exact_norms(batch_norm):
 @pytest.mark.parametrize("weight_init, batch_norm", [("pytorch", True), ("mfixup", False)])
 def test_resnet_bound_adds_shortcut_and_branch_per_block(weight_init, batch_norm):
     torch.manual_seed(0)
-    model = with_running_stats(build_model("resnet18", 2, 3, 10, batch_norm=batch_norm, weight_init=weight_init))
+    model = with_running_stats(
+        build_model("resnet18", 2, 3, 10, batch_norm=batch_norm, weight_init=weight_init)
+    )
     bound, maps = lipschitz.upper_bound(model, (3, 8, 8))
     net = model.double()
     norms = {m["map"]: m["norm"] for m in maps}
     want, shape = explicit_norm(lambda x: net.bn1(net.conv1(x)), (3, 8, 8)), (2, 8, 8)
     assert norms["stem0"] == pytest.approx(want, rel=1e-8)
-    blocks = [(f"layer{i}.{j}", block) for i in range(1, 5) for j, block in enumerate(getattr(net, f"layer{i}"))]
+    blocks = [
+        (f"layer{i}.{j}", block)
+        for i in range(1, 5)
+        for j, block in enumerate(getattr(net, f"layer{i}"))
+    ]
     assert len(blocks) == 8
     for name, block in blocks:
         first = explicit_norm(lambda x: block.bn1(block.conv1(x)), shape)
@@ -152,26 +246,47 @@ def test_resnet_bound_adds_shortcut_and_branch_per_block(weight_init, batch_norm
     assert bound == pytest.approx(want, rel=1e-8)
     # No input's Jacobian may exceed it.
     x = torch.randn(64, 3, 8, 8)
-    opnorms = torch.linalg.matrix_norm(input_jacobian(model.float(), x, torch.zeros(64, dtype=torch.long)), ord=2)
+    opnorms = torch.linalg.matrix_norm(
+        input_jacobian(model.float(), x, torch.zeros(64, dtype=torch.long)), ord=2
+    )
     assert 0 < opnorms.max().item() <= bound
 
 
 def test_upper_bound_holds_at_every_checkpoint(workdir, run_id):
     """The bound is never below the largest per-sample operator norm: a failure is a wrong bound."""
-    args = ["--metric", "jacobian_operator_norm", "lipschitz_upper_bound", "--normalization", "none", "softmax"]
+    args = [
+        "--metric",
+        "jacobian_operator_norm",
+        "lipschitz_upper_bound",
+        "--normalization",
+        "none",
+        "softmax",
+    ]
     assert cli.main(["stats", "--run-id", run_id, *args, *STATS]) == 0
     for checkpoint in (0, 1):
-        bound = json.loads((workdir / f"out/lipschitz_upper_bound-checkpoint-{checkpoint}.json").read_text())["summary"]
-        for norm, key in (("", "lipschitz_upper_bound"), ("-softmax", "lipschitz_upper_bound_softmax")):
-            result = json.loads((workdir / f"out/jacobian_operator_norm{norm}-train-checkpoint-{checkpoint}.json")
-                                .read_text())
+        bound = json.loads(
+            (workdir / f"out/lipschitz_upper_bound-checkpoint-{checkpoint}.json").read_text()
+        )["summary"]
+        for norm, key in (
+            ("", "lipschitz_upper_bound"),
+            ("-softmax", "lipschitz_upper_bound_softmax"),
+        ):
+            result = json.loads(
+                (
+                    workdir / f"out/jacobian_operator_norm{norm}-train-checkpoint-{checkpoint}.json"
+                ).read_text()
+            )
             largest = max(v for (v,) in result["stats"])
             assert 0 < largest <= bound[key], (checkpoint, norm)
             assert bound[f"{key}_over_max"] == pytest.approx(bound[key] / largest, rel=1e-12)
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
     metrics = client.get_run(run_id).data.metrics
-    assert {"lipschitz_upper_bound_over_max", "lipschitz_upper_bound_softmax_over_max",
-            "train_jacobian_operator_norm_none_max", "train_jacobian_operator_norm_softmax_p99"} <= set(metrics)
+    assert {
+        "lipschitz_upper_bound_over_max",
+        "lipschitz_upper_bound_softmax_over_max",
+        "train_jacobian_operator_norm_none_max",
+        "train_jacobian_operator_norm_softmax_p99",
+    } <= set(metrics)
     assert metrics["lipschitz_upper_bound_over_max"] >= 1
 
 
@@ -196,10 +311,17 @@ def test_loss_curvature_against_the_explicit_hessian():
     torch.manual_seed(0)
     model = build_model("cnn5", 1, 1, 10).double().eval()
     x, y = torch.randn(100, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (100,))
-    options = config.build({"stats.curvature_top_k": 3, "stats.curvature_tolerance": 1e-8,
-                            "stats.hutchinson_probes": 50}, environ={}).stats
+    options = config.build(
+        {
+            "stats.curvature_top_k": 3,
+            "stats.curvature_tolerance": 1e-8,
+            "stats.hutchinson_probes": 50,
+        },
+        environ={},
+    ).stats
     summary, details = MEASURES["loss_curvature"].fn(
-        Network(model, None, (1, 8, 8), lambda: (x, y), options))
+        Network(model, None, (1, 8, 8), lambda: (x, y), options)
+    )
     grad, hessian = explicit_loss_hessian(model, x, y)
     exact = torch.linalg.eigvalsh(hessian).flip(0)
     assert details["parameters"] == len(grad) == 492 and details["training_points"] == 100

@@ -50,8 +50,11 @@ def test_batch_norm_replaces_conv_bias(family, num_bn):
     assert sum(isinstance(m, nn.BatchNorm2d) for m in normed.modules()) == num_bn
     # 3x3 convolutions have a bias exactly without batch norm; the seed's 1x1 shortcuts never have one
     for model, bias in ((plain, True), (normed, False)):
-        assert all((m.bias is not None) == (bias and m.kernel_size == (3, 3))
-                   for m in model.modules() if isinstance(m, nn.Conv2d))
+        assert all(
+            (m.bias is not None) == (bias and m.kernel_size == (3, 3))
+            for m in model.modules()
+            if isinstance(m, nn.Conv2d)
+        )
 
 
 @pytest.mark.parametrize("family", MODEL_FAMILIES)
@@ -71,11 +74,22 @@ def test_seed_parameter_names_and_weights(family, batch_norm):
 
 def test_seed_parameter_names_spelled_out():
     cnn5 = list(build_model("cnn5", 2, 3, 10).state_dict())
-    assert cnn5 == [f"layer{i}.conv.{p}" for i in range(1, 5) for p in ("weight", "bias")] + ["fc.weight", "fc.bias"]
+    assert cnn5 == [f"layer{i}.conv.{p}" for i in range(1, 5) for p in ("weight", "bias")] + [
+        "fc.weight",
+        "fc.bias",
+    ]
     resnet = build_model("resnet18", 2, 3, 10).state_dict()
-    assert {"conv1.weight", "conv1.bias", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
-            "layer4.1.conv2.bias", "fc.weight"} <= set(resnet)
-    assert "layer2.0.downsample.0.bias" not in resnet and not any(k.startswith("bn1") for k in resnet)
+    assert {
+        "conv1.weight",
+        "conv1.bias",
+        "layer1.0.conv1.weight",
+        "layer2.0.downsample.0.weight",
+        "layer4.1.conv2.bias",
+        "fc.weight",
+    } <= set(resnet)
+    assert "layer2.0.downsample.0.bias" not in resnet and not any(
+        k.startswith("bn1") for k in resnet
+    )
 
 
 @pytest.mark.parametrize(
@@ -114,7 +128,9 @@ def test_fixup_starts_at_zero():
     block_inputs = []
     for stage in model.stages():
         for block in stage:
-            block.register_forward_pre_hook(lambda module, args: block_inputs.append((module, args[0])))
+            block.register_forward_pre_hook(
+                lambda module, args: block_inputs.append((module, args[0]))
+            )
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model(x), torch.zeros(2, 10))
     assert len(block_inputs) == 8
@@ -132,14 +148,21 @@ def test_fixup_as_the_seed_draws_it(weight_init):
     torch.manual_seed(3)
     fixup = build_model("resnet18", 4, 3, 10, weight_init=weight_init).state_dict()
     assert list(fixup) == list(default)
-    for key in ("conv1.weight", "conv1.bias", "layer2.0.downsample.0.weight", "layer4.0.downsample.0.weight"):
+    for key in (
+        "conv1.weight",
+        "conv1.bias",
+        "layer2.0.downsample.0.weight",
+        "layer4.0.downsample.0.weight",
+    ):
         assert torch.equal(fixup[key], default[key]), key
     assert not fixup["layer1.0.conv1.bias"].any() and not fixup["layer3.1.conv2.bias"].any()
     second, fc = fixup["layer4.1.conv2.weight"], fixup["fc.weight"]
     if weight_init == "fixup":
         assert not second.any() and not fc.any()
     else:
-        assert second.std().item() == pytest.approx(1e-6, rel=0.05) and fc.std().item() == pytest.approx(1e-6, rel=0.1)
+        assert second.std().item() == pytest.approx(
+            1e-6, rel=0.05
+        ) and fc.std().item() == pytest.approx(1e-6, rel=0.1)
 
 
 def test_fixup_scales_first_conv():
@@ -187,6 +210,8 @@ def test_same_seed_same_state_dict(weight_init):
 
 
 def test_channels_last():
-    model = build_model("resnet18", 2, 3, 10, weight_init="mfixup").to(memory_format=torch.channels_last)
+    model = build_model("resnet18", 2, 3, 10, weight_init="mfixup").to(
+        memory_format=torch.channels_last
+    )
     x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
     assert model(x).shape == (2, 10)

@@ -16,21 +16,48 @@ from lipdd.tracking import list_checkpoints
 from mlflow_server import MlflowServer
 
 STEPS_PER_EPOCH = 6  # ceil(1297 / 256)
-TINY = ["--width", "2", "--label-seed", "0", "--batch-size", "256", "--device", "cpu", "--optimizer", "sgd",
-        "--learning-rate", "0.05", "--save-checkpoint", "10", "--eval-every", "10"]
+TINY = [
+    "--width",
+    "2",
+    "--label-seed",
+    "0",
+    "--batch-size",
+    "256",
+    "--device",
+    "cpu",
+    "--optimizer",
+    "sgd",
+    "--learning-rate",
+    "0.05",
+    "--save-checkpoint",
+    "10",
+    "--eval-every",
+    "10",
+]
 
 
 def client_env(tmp_path, server) -> dict[str, str]:
     # The client's own retries shrunk to none, its requests to 5 s: every outage outlasts them. A
     # temporary folder of its own shows what the training left there.
     (tmp_path / "tmp").mkdir(exist_ok=True)
-    return {**clean_env(tmp_path), "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "TMPDIR": str(tmp_path / "tmp")}
+    return {
+        **clean_env(tmp_path),
+        "MLFLOW_TRACKING_URI": server.uri,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+        "TMPDIR": str(tmp_path / "tmp"),
+    }
 
 
 def train(cwd, env, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lipdd", "train", *TINY, *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lipdd", "train", *TINY, *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_checkpoints(client, proc, count: int) -> str:
@@ -49,7 +76,9 @@ def assert_complete(client, run_id, epochs: int) -> None:
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run_id, "batch_loss")]
     assert sorted(steps) == list(range(1, epochs * STEPS_PER_EPOCH + 1))
-    assert sorted(m.step for m in client.get_metric_history(run_id, "test_error")) == list(range(0, epochs + 1, 10))
+    assert sorted(m.step for m in client.get_metric_history(run_id, "test_error")) == list(
+        range(0, epochs + 1, 10)
+    )
     assert [e for e, _ in list_checkpoints(client, run_id)] == list(range(0, epochs + 1, 10))
 
 
@@ -105,9 +134,18 @@ def test_past_its_outage_limit_a_training_stops_and_the_same_command_resumes_it(
 def test_a_command_whose_server_is_down_says_so_in_one_line_and_does_nothing(setup, command):
     server, work, env, _ = setup
     server.stop()
-    proc = subprocess.run([sys.executable, "-m", "lipdd", *command], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lipdd", *command],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 75, proc.stderr
     assert len(proc.stderr.splitlines()) == 1
-    assert f"the tracking server {server.uri} does not answer" in proc.stderr and "run the same command again" in proc.stderr
+    assert (
+        f"the tracking server {server.uri} does not answer" in proc.stderr
+        and "run the same command again" in proc.stderr
+    )
     assert not any(work.iterdir())  # no data prepared, no result written

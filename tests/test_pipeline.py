@@ -46,8 +46,12 @@ def snapshot(*dirs: Path) -> dict[str, tuple[int, bytes]]:
 
 def statistics(stats: dict) -> list[tuple[str, str | None]]:
     """(measure, normalization) of every statistic of the per-sample measures params.yaml asks for."""
-    return [(m, n) for m in stats["metric"] if MEASURES[m].kind == "sample"
-            for n in (stats["normalization"] if "normalization" in MEASURES[m].options else [None])]
+    return [
+        (m, n)
+        for m in stats["metric"]
+        if MEASURES[m].kind == "sample"
+        for n in (stats["normalization"] if "normalization" in MEASURES[m].options else [None])
+    ]
 
 
 def expected_sample_files(stats: dict) -> set[str]:
@@ -55,9 +59,12 @@ def expected_sample_files(stats: dict) -> set[str]:
     the split and on each probe set; per network measure."""
     per_network = [m for m in stats["metric"] if MEASURES[m].kind == "network"]
     ordinals = range(len(CHECKPOINT_EPOCHS))
-    return {names.result_file(m, n, False, stats["dataset_split"], c, probe=p) for m, n in statistics(stats)
-            for c in ordinals for p in (None, *stats["probes"])} | {
-        names.result_file(m, None, False, None, c) for m in per_network for c in ordinals}
+    return {
+        names.result_file(m, n, False, stats["dataset_split"], c, probe=p)
+        for m, n in statistics(stats)
+        for c in ordinals
+        for p in (None, *stats["probes"])
+    } | {names.result_file(m, None, False, None, c) for m in per_network for c in ordinals}
 
 
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -128,16 +135,27 @@ def test_repro_logs_one_complete_run(repo, first_run):
     assert sorted(m.step for m in per_epoch) == list(range(1, PATCH["epochs"] + 1))
     losses, per = {m.step: m.value for m in history}, n_steps // PATCH["epochs"]
     for m in per_epoch:
-        assert m.value == pytest.approx(sum(losses[s] for s in range((m.step - 1) * per + 1, m.step * per + 1)) / per)
+        assert m.value == pytest.approx(
+            sum(losses[s] for s in range((m.step - 1) * per + 1, m.step * per + 1)) / per
+        )
 
     # Where it comes from: MLflow's own source tags, the DVC experiment and its commit, the dataset.
     head, tags = repo.run("git", "rev-parse", "HEAD").stdout.strip(), run.data.tags
     assert tags["mlflow.source.git.commit"] == tags["dvc_exp_baseline_rev"] == head
-    assert (tags["mlflow.source.name"], tags["dvc_exp_name"], tags["params_differ_from_commit"]) == (
-        "lipdd train", "workspace", "false")
+    assert (
+        tags["mlflow.source.name"],
+        tags["dvc_exp_name"],
+        tags["params_differ_from_commit"],
+    ) == ("lipdd train", "workspace", "false")
     (dataset,) = run.inputs.dataset_inputs
-    assert (dataset.dataset.name, dataset.dataset.digest) == ("digits-noise0.2", tags["dataset_hash"][:12])
-    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (dataset.dataset.name, dataset.dataset.digest) == (
+        "digits-noise0.2",
+        tags["dataset_hash"][:12],
+    )
+    assert (
+        client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
 
     # Evaluations at epoch 0 (initial network) and every eval_every epochs.
     for key in EVAL_METRICS:
@@ -155,7 +173,10 @@ def test_repro_logs_one_complete_run(repo, first_run):
         assert state["global_step"] == epoch * n_steps // PATCH["epochs"]
 
     # The stats stage logged its per-checkpoint summaries back to the training run.
-    for key in ("train_jacobian_operator_norm_none_mean", "train_jacobian_operator_norm_softmax_mean"):
+    for key in (
+        "train_jacobian_operator_norm_none_mean",
+        "train_jacobian_operator_norm_softmax_mean",
+    ):
         history = client.get_metric_history(first_run, key)
         assert sorted(m.step for m in history) == CHECKPOINT_EPOCHS, key
         assert all(m.value > 0 for m in history), key
@@ -176,7 +197,9 @@ def test_repro_logs_one_complete_run(repo, first_run):
         result = json.loads(path.read_text())
         assert SAMPLE_FIELDS <= set(result), path.name
         n = STATS_PATCH["num_samples"]
-        assert len(result["stats"]) == len(result["sample_ids"]) == len(result["targets"]) == n, path.name
+        assert len(result["stats"]) == len(result["sample_ids"]) == len(result["targets"]) == n, (
+            path.name
+        )
         assert len(result["ground_truths"]) == n, path.name
         assert result["metadata"]["run_id"] == first_run
 
@@ -188,26 +211,42 @@ def test_the_run_holds_what_people_chart_and_the_plots_read_what_was_written(rep
     training points and per network, 9 per probe set), among them every summary the report draws;
     every column dvc.yaml's plots name is in its file."""
     metrics = repo.client().get_run(first_run).data.metrics
-    metrics = {k: v for k, v in metrics.items() if not k.startswith("system/")}  # MLflow's own, in a tab of their own
+    metrics = {
+        k: v for k, v in metrics.items() if not k.startswith("system/")
+    }  # MLflow's own, in a tab of their own
     assert len(metrics) <= 80, sorted(metrics)
     stats = repo.params()["stats"]
     for measure, normalization in statistics(stats):
         for summary in names.logged_summaries(measure):
-            assert names.summary_key(stats["dataset_split"], names.stat(measure, normalization), summary) in metrics
+            assert (
+                names.summary_key(
+                    stats["dataset_split"], names.stat(measure, normalization), summary
+                )
+                in metrics
+            )
     by_width = (repo.path / "results/report/by_width.csv").read_text().splitlines()[0].split(",")
     drawn = [c for c in by_width if c.startswith("opnorm_")]
-    assert drawn and all(c.replace("opnorm_", "train_jacobian_operator_norm_") in metrics for c in drawn)
+    assert drawn and all(
+        c.replace("opnorm_", "train_jacobian_operator_norm_") in metrics for c in drawn
+    )
 
     dvc_yaml = yaml.safe_load((repo.path / "dvc.yaml").read_text())
     results_dir = repo.params()["results_dir"]
     for plot in dvc_yaml["plots"]:
         if isinstance(plot, str):  # an image: one of the report's figures
-            assert (repo.path / plot.replace("${results_dir}", results_dir)).stat().st_size > 10_000, plot
+            assert (
+                repo.path / plot.replace("${results_dir}", results_dir)
+            ).stat().st_size > 10_000, plot
             continue
         (spec,) = plot.values()
         assert {"title", "x_label", "y_label"} <= set(spec), plot
         for path, columns in spec["y"].items():
-            header = (repo.path / path.replace("${results_dir}", results_dir)).read_text().splitlines()[0].split(",")
+            header = (
+                (repo.path / path.replace("${results_dir}", results_dir))
+                .read_text()
+                .splitlines()[0]
+                .split(",")
+            )
             assert {spec["x"], *columns} <= set(header), (path, header)
     # No stage output is drawn column by column: every plot is one of those above.
     assert not any("plots" in stage for stage in dvc_yaml["stages"].values())
@@ -254,9 +293,13 @@ def test_exp_run_label_noise_makes_a_second_run(repo, first_run, experiment):
 
 def test_stats_cli_on_first_run(repo, first_run, experiment):
     out = repo.path.parent / "by-hand"
-    proc = repo.run("lipdd", "stats", "--run-id", first_run, "--params", "params.yaml", "--output-dir", str(out))
+    proc = repo.run(
+        "lipdd", "stats", "--run-id", first_run, "--params", "params.yaml", "--output-dir", str(out)
+    )
     params = repo.params()
-    written = {p.name for p in out.glob("*.json")} - {"metrics.json"}  # the summary sits beside them
+    written = {p.name for p in out.glob("*.json")} - {
+        "metrics.json"
+    }  # the summary sits beside them
     assert written == expected_sample_files(params["stats"])
     for name in written:
         assert str(out / name) in proc.stdout
@@ -276,7 +319,9 @@ def test_stats_by_hand_leaves_the_pipeline_and_the_run_alone(repo, first_run, ex
     before = steps(repo.client(), first_run, key)
     tracked = snapshot(repo.path / "results", repo.path / "data" / "prepared" / "digits")
     out = repo.path.parent / "by-hand-again"
-    repo.run("lipdd", "stats", "--run-id", first_run, "--params", "params.yaml", "--output-dir", str(out))
+    repo.run(
+        "lipdd", "stats", "--run-id", first_run, "--params", "params.yaml", "--output-dir", str(out)
+    )
     assert (out / "metrics.json").exists()
     assert snapshot(repo.path / "results", repo.path / "data" / "prepared" / "digits") == tracked
     assert "modified" not in repo.run("dvc", "status").stdout
@@ -292,7 +337,9 @@ def test_invalid_label_noise_is_refused_before_any_work(repo, first_run):
     watched = [repo.path / params["results_dir"], repo.path / params["prepared_dir"]]
     before_files = snapshot(*watched)
 
-    proc = repo.run("lipdd", "train", "--params", "params.yaml", "--label-noise", "1.5", check=False)
+    proc = repo.run(
+        "lipdd", "train", "--params", "params.yaml", "--label-noise", "1.5", check=False
+    )
 
     assert proc.returncode == 2, proc
     lines = proc.stderr.strip().splitlines()

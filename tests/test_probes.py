@@ -29,19 +29,31 @@ def options(**overrides):
 @pytest.fixture(scope="module")
 def images():
     """20 uint8 CIFAR-shaped images (NCHW), half of them with corrupted labels."""
-    return torch.from_numpy(np.random.default_rng(0).integers(0, 256, (20, 3, 12, 12), dtype=np.uint8))
+    return torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (20, 3, 12, 12), dtype=np.uint8)
+    )
 
 
 @pytest.fixture(scope="module")
 def points(images):
     targets = torch.tensor([0, 1, 2, 0, 1] * 4)
-    return Points(normalize(images, MEAN, STD), targets, np.arange(100, 120), np.arange(20) % 2 == 1, MEAN, STD, 3)
+    return Points(
+        normalize(images, MEAN, STD),
+        targets,
+        np.arange(100, 120),
+        np.arange(20) % 2 == 1,
+        MEAN,
+        STD,
+        3,
+    )
 
 
 def test_between_points_are_the_convex_combinations_they_name(points):
     probe = PROBES["between"](points, options(probe_lambdas=[0.25, 0.5, 1.0], probe_seed=3))
     prov = probe.provenance
-    assert len(prov["lambda"]) == 20 * 2 * 3  # a partner within the class and one across, 3 lambdas each
+    assert (
+        len(prov["lambda"]) == 20 * 2 * 3
+    )  # a partner within the class and one across, 3 lambdas each
     labels = points.targets.numpy()
     for p in range(0, len(prov["lambda"]), 7):
         i, j, lam = prov["sample_i"][p] - 100, prov["sample_j"][p] - 100, prov["lambda"][p]
@@ -51,13 +63,22 @@ def test_between_points_are_the_convex_combinations_they_name(points):
         assert prov["corrupted_endpoints"][p] == int(points.corrupted[i]) + int(points.corrupted[j])
     at_one = np.array(prov["lambda"]) == 1.0
     firsts = np.array(prov["sample_i"])[at_one] - 100
-    assert torch.equal(probe.x[torch.from_numpy(at_one)], points.x[firsts])  # lambda = 1: the training point itself
-    assert probe.groups["clean"].sum() + probe.groups["mixed"].sum() + probe.groups["corrupted"].sum() == 120
+    assert torch.equal(
+        probe.x[torch.from_numpy(at_one)], points.x[firsts]
+    )  # lambda = 1: the training point itself
+    assert (
+        probe.groups["clean"].sum() + probe.groups["mixed"].sum() + probe.groups["corrupted"].sum()
+        == 120
+    )
     # Deterministic for its seed, another seed draws other partners.
     again = PROBES["between"](points, options(probe_lambdas=[0.25, 0.5, 1.0], probe_seed=3))
     assert torch.equal(again.x, probe.x) and again.provenance == prov
-    assert PROBES["between"](points, options(probe_lambdas=[0.5], probe_seed=4)).provenance["sample_j"] != \
-        PROBES["between"](points, options(probe_lambdas=[0.5], probe_seed=3)).provenance["sample_j"]
+    assert (
+        PROBES["between"](points, options(probe_lambdas=[0.5], probe_seed=4)).provenance["sample_j"]
+        != PROBES["between"](points, options(probe_lambdas=[0.5], probe_seed=3)).provenance[
+            "sample_j"
+        ]
+    )
 
 
 def study_shift(image_u8: torch.Tensor, radius: int, angle: float) -> torch.Tensor:
@@ -65,9 +86,16 @@ def study_shift(image_u8: torch.Tensor, radius: int, angle: float) -> torch.Tens
     image (edge padding, affine translation, centre crop)."""
     pil = Image.fromarray(image_u8.permute(1, 2, 0).numpy())
     padded = TF.pad(pil, padding=2 * radius, padding_mode="edge")
-    moved = TF.affine(padded, angle=0, translate=(radius * math.cos(angle), radius * math.sin(angle)), scale=1,
-                      shear=0)
-    return torch.from_numpy(np.array(TF.center_crop(moved, list(image_u8.shape[1:])))).permute(2, 0, 1)
+    moved = TF.affine(
+        padded,
+        angle=0,
+        translate=(radius * math.cos(angle), radius * math.sin(angle)),
+        scale=1,
+        shear=0,
+    )
+    return torch.from_numpy(np.array(TF.center_crop(moved, list(image_u8.shape[1:])))).permute(
+        2, 0, 1
+    )
 
 
 @pytest.mark.parametrize("name, radius, directions", [("shift1", 1, 6), ("shift4", 4, 12)])
@@ -85,8 +113,10 @@ def test_shifts_are_the_studys_translations(images, points, name, radius, direct
     values = np.random.default_rng(1).random(20 * (directions + 1))
     v = values.reshape(20, directions + 1)
     (reduced,) = probe.reduce(values).values()
-    assert reduced == pytest.approx([np.mean([(v[n, 0] + v[n, k]) / 2 for k in range(1, directions + 1)])
-                                     for n in range(20)], rel=1e-12)
+    assert reduced == pytest.approx(
+        [np.mean([(v[n, 0] + v[n, k]) / 2 for k in range(1, directions + 1)]) for n in range(20)],
+        rel=1e-12,
+    )
 
 
 def test_shift_paths_integrate_along_the_path(images, points):
@@ -102,8 +132,13 @@ def test_shift_paths_integrate_along_the_path(images, points):
     for n in (0, 11):
         integrals = []
         for k in range(3):
-            d = [torch.linalg.vector_norm(x[n, k, a + 1].double() - x[n, k, a].double()).item() for a in range(4)]
-            integrals.append(sum((f[n, k, a] + f[n, k, a + 1]) / 2 * d[a] for a in range(4)) / sum(d))
+            d = [
+                torch.linalg.vector_norm(x[n, k, a + 1].double() - x[n, k, a].double()).item()
+                for a in range(4)
+            ]
+            integrals.append(
+                sum((f[n, k, a] + f[n, k, a + 1]) / 2 * d[a] for a in range(4)) / sum(d)
+            )
         assert reduced[""][n] == pytest.approx(np.mean(integrals), rel=1e-6)
         assert reduced["plain"][n] == pytest.approx(f[n].mean(), rel=1e-12)
 
@@ -112,7 +147,9 @@ def test_shift_paths_integrate_along_the_path(images, points):
 def test_random_inputs_are_drawn_like_the_seeds_random_datasets(points, kind):
     probe = PROBES[f"random_{kind}"](points, options(probe_seed=7))
     rng = np.random.default_rng(7)
-    pixels = random_pixels("hypersphere" if kind == "ball" else kind, 20, (12, 12, 3), MEAN, STD, rng)
+    pixels = random_pixels(
+        "hypersphere" if kind == "ball" else kind, 20, (12, 12, 3), MEAN, STD, rng
+    )
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(probe.x, (torch.from_numpy(pixels).float() - mean) / std, atol=1e-5)
     assert probe.targets.tolist() == rng.integers(0, 3, 20).tolist()
@@ -132,8 +169,12 @@ def test_probe_points_operator_norm_is_the_float64_svd_of_the_jacobian(points):
     double = build_model("cnn5", 2, 3, 3).double().eval()
     double.load_state_dict(model.state_dict())
     for p in (0, 13, 59):
-        jac = input_jacobian(double, probe.x[p:p + 1].double(), probe.targets[p:p + 1])[0].flatten(1)
-        assert values["jacobian_operator_norm", "none"][p] == pytest.approx(torch.linalg.svdvals(jac)[0].item(), rel=1e-5)
+        jac = input_jacobian(double, probe.x[p : p + 1].double(), probe.targets[p : p + 1])[
+            0
+        ].flatten(1)
+        assert values["jacobian_operator_norm", "none"][p] == pytest.approx(
+            torch.linalg.svdvals(jac)[0].item(), rel=1e-5
+        )
 
 
 # --- through lipdd stats: files, MLflow, the worst input found ------------------------------------
@@ -143,8 +184,20 @@ STATS = ["--num-samples=100", "--batch-size=50", "--output-dir=out", "--device=c
 
 @pytest.fixture
 def run_id(workdir):
-    return train.train(config.build(dict(width=2, label_seed=0, epochs=2, batch_size=256, eval_every=1,
-                                         save_checkpoint=[0], device="cpu"), environ={}))
+    return train.train(
+        config.build(
+            dict(
+                width=2,
+                label_seed=0,
+                epochs=2,
+                batch_size=256,
+                eval_every=1,
+                save_checkpoint=[0],
+                device="cpu",
+            ),
+            environ={},
+        )
+    )
 
 
 def read(workdir, name):
@@ -152,47 +205,120 @@ def read(workdir, name):
 
 
 def test_probes_through_stats(workdir, run_id):
-    args = ["--metric", "jacobian_operator_norm", "accuracy", "lipschitz_upper_bound", "--normalization", "none",
-            "--probes", "between", "worst", "shift1", "--probe-lambdas", "1", "0.5", "--probe-samples", "30",
-            "--curvature-samples", "30", "--worst-steps", "4", "--num-directions", "4"]
+    args = [
+        "--metric",
+        "jacobian_operator_norm",
+        "accuracy",
+        "lipschitz_upper_bound",
+        "--normalization",
+        "none",
+        "--probes",
+        "between",
+        "worst",
+        "shift1",
+        "--probe-lambdas",
+        "1",
+        "0.5",
+        "--probe-samples",
+        "30",
+        "--curvature-samples",
+        "30",
+        "--worst-steps",
+        "4",
+        "--num-directions",
+        "4",
+    ]
     # every training point (the probes' 30 are drawn from the whole split)
-    assert cli.main(["stats", "--run-id", run_id, *args, "--batch-size=250", "--output-dir=out", "--device=cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "stats",
+                "--run-id",
+                run_id,
+                *args,
+                "--batch-size=250",
+                "--output-dir=out",
+                "--device=cpu",
+            ]
+        )
+        == 0
+    )
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
     metrics = client.get_run(run_id).data.metrics
     for checkpoint, epoch in ((0, 0), (1, 2)):
         # lambda = 1 reproduces the training points' own values: each first endpoint's.
         train_file = read(workdir, f"jacobian_operator_norm-train-checkpoint-{checkpoint}.json")
         on_train = dict(zip(train_file["sample_ids"], (v for (v,) in train_file["stats"])))
-        between = read(workdir, f"jacobian_operator_norm-train-probe_between-checkpoint-{checkpoint}.json")
+        between = read(
+            workdir, f"jacobian_operator_norm-train-probe_between-checkpoint-{checkpoint}.json"
+        )
         prov = between["provenance"]
-        at_one = [(i, v) for i, lam, (v,) in zip(prov["sample_i"], prov["lambda"], between["stats"]) if lam == 1]
+        at_one = [
+            (i, v)
+            for i, lam, (v,) in zip(prov["sample_i"], prov["lambda"], between["stats"])
+            if lam == 1
+        ]
         assert len(at_one) == 60 and all(i in on_train for i, _ in at_one)
         assert [v for _, v in at_one] == [on_train[i] for i, _ in at_one]  # bitwise
         assert between["metadata"]["sampling-strategy"] == "between"
         accuracy = read(workdir, f"accuracy-train-probe_between-checkpoint-{checkpoint}.json")
         assert len(accuracy["stats"]) == len(between["stats"]) == 120
         # The worst input found: never below its training point's norm, never above the upper bound.
-        worst = read(workdir, f"jacobian_operator_norm-train-probe_worst-checkpoint-{checkpoint}.json")
-        bound = read(workdir, f"lipschitz_upper_bound-checkpoint-{checkpoint}.json")["summary"]["lipschitz_upper_bound"]
+        worst = read(
+            workdir, f"jacobian_operator_norm-train-probe_worst-checkpoint-{checkpoint}.json"
+        )
+        bound = read(workdir, f"lipschitz_upper_bound-checkpoint-{checkpoint}.json")["summary"][
+            "lipschitz_upper_bound"
+        ]
         start = dict(at_one)
-        for i, (v,), d in zip(worst["provenance"]["sample"], worst["stats"], worst["provenance"]["distance"]):
+        for i, (v,), d in zip(
+            worst["provenance"]["sample"], worst["stats"], worst["provenance"]["distance"]
+        ):
             assert start[i] <= v <= bound and d <= 1.0 + 1e-5
-        shift = read(workdir, f"jacobian_operator_norm-train-probe_shift1-checkpoint-{checkpoint}.json")
+        shift = read(
+            workdir, f"jacobian_operator_norm-train-probe_shift1-checkpoint-{checkpoint}.json"
+        )
         assert len(shift["stats"]) == 30 * 5 and len(shift["per_training_point"]) == 30
         summary = shift["summary"]
         assert summary["mean"] == pytest.approx(np.mean(shift["per_training_point"]), rel=1e-12)
-        history = {m.step: m.value for m in
-                   client.get_metric_history(run_id, "probe_shift1_jacobian_operator_norm_none_mean")}
+        history = {
+            m.step: m.value
+            for m in client.get_metric_history(
+                run_id, "probe_shift1_jacobian_operator_norm_none_mean"
+            )
+        }
         assert history[epoch] == pytest.approx(summary["mean"])
-    assert worst["summary"]["mean"] > read(workdir, "jacobian_operator_norm-train-probe_between-checkpoint-1.json")[
-        "summary"]["lambda100_mean"]  # the ascent found larger norms than the training points'
-    assert {"probe_worst_jacobian_operator_norm_none_max", "probe_between_accuracy_mean",
-            "probe_between_jacobian_operator_norm_none_clean_mean"} <= set(metrics)
+    assert (
+        worst["summary"]["mean"]
+        > read(workdir, "jacobian_operator_norm-train-probe_between-checkpoint-1.json")["summary"][
+            "lambda100_mean"
+        ]
+    )  # the ascent found larger norms than the training points'
+    assert {
+        "probe_worst_jacobian_operator_norm_none_max",
+        "probe_between_accuracy_mean",
+        "probe_between_jacobian_operator_norm_none_clean_mean",
+    } <= set(metrics)
 
 
 def test_probes_need_a_per_sample_measure(workdir, run_id, capsys):
-    assert cli.main(["stats", "--run-id", run_id, "--metric", "distance_from_init", "--probes", "between",
-                     *STATS]) == 2
+    assert (
+        cli.main(
+            [
+                "stats",
+                "--run-id",
+                run_id,
+                "--metric",
+                "distance_from_init",
+                "--probes",
+                "between",
+                *STATS,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert "stats.probes: between are measured with the per-sample measures" in err and "\n" not in err
+    assert (
+        "stats.probes: between are measured with the per-sample measures" in err and "\n" not in err
+    )
     assert not (workdir / "out").exists()

@@ -9,21 +9,37 @@ import time
 import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
+from scipy.stats import spearmanr
 
 from lipdd import config, tracking
 from lipdd.config import ConfigError
 from lipdd.report import correlations, interpolation_threshold, report
-from scipy.stats import spearmanr
 
 EPOCHS = 4
 CHECKPOINTS = (0, 2, 4)
-OPNORM = [f"train_jacobian_operator_norm_{n}_{s}" for n in ("none", "softmax")
-          for s in ("mean", "median", "std", "clean_mean", "corrupted_mean")]
+OPNORM = [
+    f"train_jacobian_operator_norm_{n}_{s}"
+    for n in ("none", "softmax")
+    for s in ("mean", "median", "std", "clean_mean", "corrupted_mean")
+]
 # Logged by stats too, but not what the report reads: per-batch means and another split.
-IGNORED = ["train_jacobian_operator_norm_none_batch_mean_epoch0004", "test_jacobian_operator_norm_none_mean"]
-FILES = {"by_width.csv", "by_epoch.csv", "error_vs_width.png", "lipschitz_vs_width.png", "lipschitz_vs_epoch.png",
-         "measures_by_width.csv", "measures_by_epoch.csv", "correlation.csv", "measures_vs_width.png",
-         "measures_vs_epoch.png", "correlation.png"}
+IGNORED = [
+    "train_jacobian_operator_norm_none_batch_mean_epoch0004",
+    "test_jacobian_operator_norm_none_mean",
+]
+FILES = {
+    "by_width.csv",
+    "by_epoch.csv",
+    "error_vs_width.png",
+    "lipschitz_vs_width.png",
+    "lipschitz_vs_epoch.png",
+    "measures_by_width.csv",
+    "measures_by_epoch.csv",
+    "correlation.csv",
+    "measures_vs_width.png",
+    "measures_vs_epoch.png",
+    "correlation.png",
+}
 NETWORK = ["hessian_top_eigenvalue", "lipschitz_upper_bound"]
 
 
@@ -50,15 +66,26 @@ def make_run(client, exp_id, status="FINISHED", stats=True, **overrides):
             keys += OPNORM + IGNORED + NETWORK
         for key in keys:
             logged.setdefault(key, {})[epoch] = rng.random()
-    metrics = [Metric(k, v, now, step) for k, series in logged.items() for step, v in series.items()]
-    client.log_batch(run_id, metrics=metrics[::-1])  # highest step first: "final" is not "last logged"
+    metrics = [
+        Metric(k, v, now, step) for k, series in logged.items() for step, v in series.items()
+    ]
+    client.log_batch(
+        run_id, metrics=metrics[::-1]
+    )  # highest step first: "final" is not "last logged"
     client.set_terminated(run_id, status)
     return run_id, logged
 
 
 def report_config(uri, tmp_path, **overrides):
-    return config.build({"tracking_uri": uri, "results_dir": str(tmp_path / "results"), "label_noise": 0.2,
-                         **overrides}, environ={})
+    return config.build(
+        {
+            "tracking_uri": uri,
+            "results_dir": str(tmp_path / "results"),
+            "label_noise": 0.2,
+            **overrides,
+        },
+        environ={},
+    )
 
 
 def read_csv(path):
@@ -68,14 +95,18 @@ def read_csv(path):
 
 def test_report(store, tmp_path, capsys):
     uri, client, exp_id = store
-    runs = {1: [make_run(client, exp_id, width=1, label_noise=0.2)],
-            2: [make_run(client, exp_id, width=2, seed=s, label_noise=0.2) for s in (1, 2)],
-            4: [make_run(client, exp_id, width=4, label_noise=0.2)]}
+    runs = {
+        1: [make_run(client, exp_id, width=1, label_noise=0.2)],
+        2: [make_run(client, exp_id, width=2, seed=s, label_noise=0.2) for s in (1, 2)],
+        4: [make_run(client, exp_id, width=4, label_noise=0.2)],
+    }
     make_run(client, exp_id, width=8, label_noise=0.4)  # other noise level
     make_run(client, exp_id, width=8, label_noise=0.2, status="RUNNING")  # unfinished
     make_run(client, exp_id, width=8, label_noise=0.2, model="resnet18")  # other family
     empty = client.create_run(exp_id).info.run_id  # finished, but neither errors nor stats
-    tracking.log_params(client, empty, config.build({"width": 8, "label_noise": 0.2}, environ={}).flat())
+    tracking.log_params(
+        client, empty, config.build({"width": 8, "label_noise": 0.2}, environ={}).flat()
+    )
     client.set_terminated(empty, "FINISHED")
 
     # `lipdd stats` rerun on the width-4 run: at each step the newer (here smaller) value wins, as in MLflow.
@@ -84,7 +115,9 @@ def test_report(store, tmp_path, capsys):
     for key in OPNORM:
         for epoch in CHECKPOINTS:
             logged[key][epoch] -= 1
-    client.log_batch(run_id, metrics=[Metric(k, logged[k][e], later, e) for k in OPNORM for e in CHECKPOINTS])
+    client.log_batch(
+        run_id, metrics=[Metric(k, logged[k][e], later, e) for k in OPNORM for e in CHECKPOINTS]
+    )
 
     cfg = report_config(uri, tmp_path)
     written = report(cfg)
@@ -101,8 +134,19 @@ def test_report(store, tmp_path, capsys):
 
     rows = read_csv(out / "by_width.csv")
     assert [int(r["width"]) for r in rows] == [1, 2, 4]
-    norm_columns = [f"opnorm_{n}_{s}" for n in ("none", "softmax") for s in ("mean", "clean_mean", "corrupted_mean")]
-    assert list(rows[0]) == ["width", "n_runs", "train_error", "test_error", *norm_columns, "run_ids"]
+    norm_columns = [
+        f"opnorm_{n}_{s}"
+        for n in ("none", "softmax")
+        for s in ("mean", "clean_mean", "corrupted_mean")
+    ]
+    assert list(rows[0]) == [
+        "width",
+        "n_runs",
+        "train_error",
+        "test_error",
+        *norm_columns,
+        "run_ids",
+    ]
     for row in rows:
         group = runs[int(row["width"])]
         assert int(row["n_runs"]) == len(group)
@@ -110,10 +154,14 @@ def test_report(store, tmp_path, capsys):
         for key in ("train_error", "test_error"):
             assert float(row[key]) == expected(group, key)
         for column in norm_columns:
-            assert float(row[column]) == expected(group, column.replace("opnorm", "train_jacobian_operator_norm"))
+            assert float(row[column]) == expected(
+                group, column.replace("opnorm", "train_jacobian_operator_norm")
+            )
 
     rows = read_csv(out / "by_epoch.csv")
-    assert [(int(r["width"]), int(r["epoch"])) for r in rows] == [(w, e) for w in (1, 2, 4) for e in CHECKPOINTS]
+    assert [(int(r["width"]), int(r["epoch"])) for r in rows] == [
+        (w, e) for w in (1, 2, 4) for e in CHECKPOINTS
+    ]
     assert list(rows[0]) == ["width", "epoch", *norm_columns]
     for row in rows:
         group, epoch = runs[int(row["width"])], int(row["epoch"])
@@ -132,23 +180,34 @@ def test_report(store, tmp_path, capsys):
     assert sorted(correlation) == measures
     for key in measures:
         means = [(expected(runs[w], key), expected(runs[w], "test_error")) for w in (1, 2, 4)]
-        assert float(correlation[key]["spearman_rho"]) == pytest.approx(spearmanr(*zip(*means)).statistic)
-        assert -1 <= float(correlation[key]["ci_low"]) <= float(correlation[key]["ci_high"]) <= 1  # width 2: 2 runs
+        assert float(correlation[key]["spearman_rho"]) == pytest.approx(
+            spearmanr(*zip(*means)).statistic
+        )
+        assert (
+            -1 <= float(correlation[key]["ci_low"]) <= float(correlation[key]["ci_high"]) <= 1
+        )  # width 2: 2 runs
         assert (correlation[key]["n_widths"], correlation[key]["n_runs"]) == ("3", "4")
 
     # The report run: in an experiment of its own, named apart from the next one.
     reports = client.get_experiment_by_name("lipdd-reports")
     assert reports.tags["mlflow.experimentKind"] == "custom_model_development"
     (run,) = client.search_runs([reports.experiment_id], "tags.`lipdd.kind` = 'report'")
-    assert run.info.status == "FINISHED" and re.fullmatch(r"report-cnn5-digits-noise0.2-\d{8}-\d{6}", run.info.run_name)
+    assert run.info.status == "FINISHED" and re.fullmatch(
+        r"report-cnn5-digits-noise0.2-\d{8}-\d{6}", run.info.run_name
+    )
     assert run.data.params["n_runs"] == "4" and run.data.params["label_noise"] == "0.2"
     assert run.data.tags["lipdd.training_experiment"] == "lipdd"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == FILES
     assert not client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")
     err = capsys.readouterr().err
     drawn = [run_id for group in runs.values() for run_id, _ in group]
-    assert "report: drawing 4 runs of experiment 'lipdd': width 1: " in err and all(r in err for r in drawn)
-    assert f"report: leaving out run {empty} " in err and "it has neither test_error nor Jacobian stats" in err
+    assert "report: drawing 4 runs of experiment 'lipdd': width 1: " in err and all(
+        r in err for r in drawn
+    )
+    assert (
+        f"report: leaving out run {empty} " in err
+        and "it has neither test_error nor Jacobian stats" in err
+    )
     assert "it is RUNNING" in err
 
     # A second report is a second run.
@@ -165,8 +224,13 @@ def test_report_without_stats(store, tmp_path):
     run_id, logged = make_run(client, exp_id, stats=False, width=3, label_noise=0.2)
     report(report_config(uri, tmp_path))
     (row,) = read_csv(tmp_path / "results" / "report" / "by_width.csv")
-    assert row == {"width": "3", "n_runs": "1", "train_error": str(logged["train_error"][EPOCHS]),
-                   "test_error": str(logged["test_error"][EPOCHS]), "run_ids": run_id}
+    assert row == {
+        "width": "3",
+        "n_runs": "1",
+        "train_error": str(logged["train_error"][EPOCHS]),
+        "test_error": str(logged["test_error"][EPOCHS]),
+        "run_ids": run_id,
+    }
     assert (tmp_path / "results" / "report" / "lipschitz_vs_epoch.png").stat().st_size > 0
 
 
@@ -190,22 +254,31 @@ def test_another_sweep_at_the_same_noise_is_left_out(store, tmp_path, capsys):
     """Adam and SGD sweeps at one noise level: the report draws the one its parameters name;
     a parameter every run shares (epochs=7 here, against the default 100) need not be given."""
     uri, client, exp_id = store
-    adam = {w: make_run(client, exp_id, width=w, label_noise=0.2, optimizer="adam", epochs=7) for w in (1, 2)}
+    adam = {
+        w: make_run(client, exp_id, width=w, label_noise=0.2, optimizer="adam", epochs=7)
+        for w in (1, 2)
+    }
     for w in (1, 2, 4):
         make_run(client, exp_id, width=w, label_noise=0.2, optimizer="sgd", epochs=7)
     report(report_config(uri, tmp_path, optimizer="adam"))
     rows = read_csv(tmp_path / "results" / "report" / "by_width.csv")
     assert [(int(r["width"]), r["run_ids"]) for r in rows] == [(w, adam[w][0]) for w in (1, 2)]
     err = capsys.readouterr().err
-    assert "the runs differ in optimizer (adam: 2 runs, sgd: 3 runs); keeping the 2 with optimizer=adam" in err
+    assert (
+        "the runs differ in optimizer (adam: 2 runs, sgd: 3 runs); keeping the 2 with optimizer=adam"
+        in err
+    )
 
     for lr in (0.01, 0.001):
         make_run(client, exp_id, width=8, label_noise=0.4, learning_rate=lr)
     out = tmp_path / "results" / "report"
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(ConfigError, match=r"^report: the runs of cnn5 on digits at label noise 0.4 differ in "
-                       r"learning_rate \(0.001: 1 runs, 0.01: 1 runs\) and none has learning_rate=0.1; pass "
-                       r"--learning-rate with one of those values$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^report: the runs of cnn5 on digits at label noise 0.4 differ in "
+        r"learning_rate \(0.001: 1 runs, 0.01: 1 runs\) and none has learning_rate=0.1; pass "
+        r"--learning-rate with one of those values$",
+    ):
         report(report_config(uri, tmp_path, label_noise=0.4, learning_rate=0.1))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     reports = client.get_experiment_by_name("lipdd-reports")
@@ -217,9 +290,14 @@ def test_interpolation_threshold_and_correlation_by_hand():
     assert interpolation_threshold(rows) == 4
     assert interpolation_threshold(rows[:2]) is None
     # test error 0.3, 0.2, 0.4, 0.1 (ranks 3, 2, 4, 1) against a measure 1, 2, 3, 4 (ranks 1, 2, 3, 4)
-    by_width = {w: [("r", {"test_error": t, "m": m}, {})] for w, t, m in ((1, .3, 1), (2, .2, 2), (4, .4, 3), (8, .1, 4))}
+    by_width = {
+        w: [("r", {"test_error": t, "m": m}, {})]
+        for w, t, m in ((1, 0.3, 1), (2, 0.2, 2), (4, 0.4, 3), (8, 0.1, 4))
+    }
     (row,) = correlations(by_width, ["m"])
-    assert row["spearman_rho"] == pytest.approx(1 - 6 * (4 + 0 + 1 + 9) / (4 * 15))  # 1 - 6 sum d^2 / (n (n^2 - 1))
+    assert row["spearman_rho"] == pytest.approx(
+        1 - 6 * (4 + 0 + 1 + 9) / (4 * 15)
+    )  # 1 - 6 sum d^2 / (n (n^2 - 1))
     assert row["ci_low"] is None and row["ci_high"] is None  # one run a width: nothing to resample
 
 
@@ -230,7 +308,12 @@ def test_bootstrap_interval_over_the_runs_of_a_width():
     def runs(*pairs):
         return [("r", {"m": m, "test_error": e}, {}) for m, e in pairs]
 
-    by_width = {1: runs((10, 0.1), (0, 0.0)), 2: runs((2, 0.2)), 4: runs((4, 0.4)), 8: runs((6, 0.6))}
+    by_width = {
+        1: runs((10, 0.1), (0, 0.0)),
+        2: runs((2, 0.2)),
+        4: runs((4, 0.4)),
+        8: runs((6, 0.6)),
+    }
     (row,) = correlations(by_width, ["m"])
     assert row["spearman_rho"] == pytest.approx(0.4) and row["n_runs"] == 5 and row["n_widths"] == 4
     assert (row["ci_low"], row["ci_high"]) == pytest.approx((-0.2, 1.0))
@@ -238,4 +321,6 @@ def test_bootstrap_interval_over_the_runs_of_a_width():
     # Runs that agree leave nothing to resample: the interval is the point.
     by_width[1] = runs((5, 0.05), (5, 0.05))
     (row,) = correlations(by_width, ["m"])
-    assert row["ci_low"] == row["ci_high"] == pytest.approx(row["spearman_rho"]) == pytest.approx(0.4)
+    assert (
+        row["ci_low"] == row["ci_high"] == pytest.approx(row["spearman_rho"]) == pytest.approx(0.4)
+    )

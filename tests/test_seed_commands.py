@@ -22,9 +22,22 @@ from lipdd.data import load_prepared
 from lipdd.tracking import get_client
 from seed_reference import seed_corrupt, seed_model, seed_sample_positions, seed_split
 
-SEED_METADATA = ("model", "dataset", "split", "seed", "label-noise", "augmentation", "checkpoint", "nsamples",
-                 "label-noise-seed", "data-split-seed", "mc-sample-seed", "metric", "normalization",
-                 "sampling-strategy")
+SEED_METADATA = (
+    "model",
+    "dataset",
+    "split",
+    "seed",
+    "label-noise",
+    "augmentation",
+    "checkpoint",
+    "nsamples",
+    "label-noise-seed",
+    "data-split-seed",
+    "mc-sample-seed",
+    "metric",
+    "normalization",
+    "sampling-strategy",
+)
 
 # Seed values kept, except: --epochs, --train-split, --val-split, width and --num-samples
 # (smaller), and --no-verify-checksums (the fixture's bytes are not the real files').
@@ -70,7 +83,11 @@ def test_seed_train_command(trained, workdir):
     assert run.data.params["model"] == "resnet18" and run.data.params["width"] == "2"
     assert run.data.params["augmentation"] == "True" and run.data.params["train_split"] == "80"
     prepared = load_prepared(workdir / "data/prepared/cifar10")
-    assert {k: len(v.labels) for k, v in prepared.splits.items()} == {"train": 80, "val": 20, "test": 30}
+    assert {k: len(v.labels) for k, v in prepared.splits.items()} == {
+        "train": 80,
+        "val": 20,
+        "test": 30,
+    }
     assert prepared.splits["train"].corrupted.sum() == 16
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 2]
     # The seed's warmup: epoch 1 at lr_warmup_initial, then linear towards learning_rate.
@@ -92,15 +109,35 @@ def seed_facts(workdir, run):
 def test_seed_stats_command(trained, workdir):
     client, run = trained
     assert cli.main(shlex.split(STATS)) == 0
-    result = json.loads((workdir / SEED_DIR / "jacobian_operator_norm-train-checkpoint-1.json").read_text())
-    assert set(result) == {"stats", "batch_means", "sample_ids", "targets", "ground_truths", "metadata"}
+    result = json.loads(
+        (workdir / SEED_DIR / "jacobian_operator_norm-train-checkpoint-1.json").read_text()
+    )
+    assert set(result) == {
+        "stats",
+        "batch_means",
+        "sample_ids",
+        "targets",
+        "ground_truths",
+        "metadata",
+    }
     assert len(result["stats"]) == 40 and all(len(v) == 1 and v[0] > 0 for v in result["stats"])
     meta = result["metadata"]
     assert {k: meta[k] for k in SEED_METADATA} == {
-        "model": "resnet18_2", "dataset": "cifar10", "split": "train", "seed": 42, "label-noise": 0.2,
-        "augmentation": True, "checkpoint": 1, "nsamples": 40, "label-noise-seed": int(run.data.params["label_seed"]),
-        "data-split-seed": 42, "mc-sample-seed": 4321, "metric": "jacobian_operator_norm", "normalization": None,
-        "sampling-strategy": "none"}
+        "model": "resnet18_2",
+        "dataset": "cifar10",
+        "split": "train",
+        "seed": 42,
+        "label-noise": 0.2,
+        "augmentation": True,
+        "checkpoint": 1,
+        "nsamples": 40,
+        "label-noise-seed": int(run.data.params["label_seed"]),
+        "data-split-seed": 42,
+        "mc-sample-seed": 4321,
+        "metric": "jacobian_operator_norm",
+        "normalization": None,
+        "sampling-strategy": "none",
+    }
     assert (meta["run_id"], meta["checkpoint_epoch"]) == (run.info.run_id, 2)
     # The seed's sampler: the split in order, the first --num-samples; targets noisy, ground truths clean.
     train = seed_facts(workdir, run)
@@ -109,54 +146,88 @@ def test_seed_stats_command(trained, workdir):
     assert result["targets"] == train.labels[positions].tolist()
     assert result["ground_truths"] == train.clean_labels[positions].tolist()
     assert (workdir / SEED_DIR / "stats-0.log").read_text().count("(epoch 2)") == 1
-    assert [m.step for m in client.get_metric_history(
-        run.info.run_id, "train_jacobian_operator_norm_none_mean")] == [2]
+    assert [
+        m.step
+        for m in client.get_metric_history(
+            run.info.run_id, "train_jacobian_operator_norm_none_mean"
+        )
+    ] == [2]
 
 
 def test_skip_then_num_samples_counts(trained, workdir):
     client, run = trained
     assert cli.main(shlex.split(STATS.replace("--checkpoint=1", "--checkpoint=0 --skip=20"))) == 0
-    shard = json.loads((workdir / SEED_DIR / "jacobian_operator_norm-train-checkpoint-0-id-1.json").read_text())
+    shard = json.loads(
+        (workdir / SEED_DIR / "jacobian_operator_norm-train-checkpoint-0-id-1.json").read_text()
+    )
     positions = seed_sample_positions(80, 20, 40, skip=20)
     assert positions == list(range(20, 60))
     assert shard["sample_ids"] == seed_facts(workdir, run).index[positions].tolist()
 
 
 def test_outname_and_normalizations_over_several_checkpoints_never_share_a_file(trained, workdir):
-    argv = shlex.split(STATS.replace("--checkpoint=1", "--checkpoint 0 1 --outname=foo --normalization none softmax"))
+    argv = shlex.split(
+        STATS.replace(
+            "--checkpoint=1", "--checkpoint 0 1 --outname=foo --normalization none softmax"
+        )
+    )
     assert cli.main(argv) == 0
     assert {p.name for p in (workdir / SEED_DIR).glob("foo-*.json")} == {
-        f"foo-jacobian_operator_norm{n}-train-checkpoint-{c}.json" for c in (0, 1) for n in ("", "-softmax")}
+        f"foo-jacobian_operator_norm{n}-train-checkpoint-{c}.json"
+        for c in (0, 1)
+        for n in ("", "-softmax")
+    }
 
 
 def test_runs_differing_only_in_label_noise_never_share_a_directory(trained, workdir):
     assert cli.main(shlex.split(TRAIN.replace("--label-noise=0.2", "--label-noise=0.1"))) == 0
     for noise in ("0.2", "0.1"):
-        assert cli.main(shlex.split(STATS.replace("--label-noise=0.2", f"--label-noise={noise}"))) == 0
-    files = {noise: json.loads((workdir / f"checkpoints/test/resnet18_2/cifar10/augmentation/noise-{noise}000-seed-42"
-                                / "jacobian_operator_norm-train-checkpoint-1.json").read_text())
-             for noise in ("0.2", "0.1")}
+        assert (
+            cli.main(shlex.split(STATS.replace("--label-noise=0.2", f"--label-noise={noise}"))) == 0
+        )
+    files = {
+        noise: json.loads(
+            (
+                workdir
+                / f"checkpoints/test/resnet18_2/cifar10/augmentation/noise-{noise}000-seed-42"
+                / "jacobian_operator_norm-train-checkpoint-1.json"
+            ).read_text()
+        )
+        for noise in ("0.2", "0.1")
+    }
     assert [files[n]["metadata"]["label-noise"] for n in ("0.2", "0.1")] == [0.2, 0.1]
     assert files["0.2"]["metadata"]["run_id"] != files["0.1"]["metadata"]["run_id"]
 
 
 def export(workdir, *extra):
-    keep = [a for a in shlex.split(STATS)[1:] if not a.startswith(("--checkpoint", "--num-samples", "--batch-size",
-                                                                   "--metric", "--dataset-split"))]
+    keep = [
+        a
+        for a in shlex.split(STATS)[1:]
+        if not a.startswith(
+            ("--checkpoint", "--num-samples", "--batch-size", "--metric", "--dataset-split")
+        )
+    ]
     assert cli.main(["export-checkpoints", *keep, *extra]) == 0
 
 
 def test_exported_checkpoints_load_into_the_seeds_network(trained, workdir):
     export(workdir)
     with zipfile.ZipFile(workdir / SEED_DIR / "checkpoints.zip") as z:
-        assert sorted(z.namelist()) == ["checkpoint_0.pt", "checkpoint_2.pt"]  # global steps: one step an epoch
+        assert sorted(z.namelist()) == [
+            "checkpoint_0.pt",
+            "checkpoint_2.pt",
+        ]  # global steps: one step an epoch
         for name in z.namelist():
             saved = torch.load(io.BytesIO(z.read(name)), weights_only=True)
-            seed_model("resnet18", 2).load_state_dict(saved["model"])  # strict, as compute_stats.py loads it
+            seed_model("resnet18", 2).load_state_dict(
+                saved["model"]
+            )  # strict, as compute_stats.py loads it
             assert saved["trainer"]["iteration"] == int(name[11:-3])
     export(workdir, "--raw-checkpoints=1")
-    assert sorted(p.name for p in (workdir / SEED_DIR / "checkpoints").iterdir()) == ["checkpoint_0.pt",
-                                                                                        "checkpoint_2.pt"]
+    assert sorted(p.name for p in (workdir / SEED_DIR / "checkpoints").iterdir()) == [
+        "checkpoint_0.pt",
+        "checkpoint_2.pt",
+    ]
 
 
 def test_export_then_import_gives_the_same_stats(trained, workdir):
@@ -165,15 +236,25 @@ def test_export_then_import_gives_the_same_stats(trained, workdir):
     theirs = workdir / "checkpoints/imported" / SEED_DIR.removeprefix("checkpoints/test/")
     theirs.mkdir(parents=True)
     shutil.copy(workdir / SEED_DIR / "checkpoints.zip", theirs)
-    seed_train = TRAIN.replace("--name='test'", "--name=imported") + f" --label-seed={run.data.params['label_seed']}"
+    seed_train = (
+        TRAIN.replace("--name='test'", "--name=imported")
+        + f" --label-seed={run.data.params['label_seed']}"
+    )
     assert cli.main(["import-checkpoints", *shlex.split(seed_train)[1:]]) == 0
     imported = client.search_runs([client.get_experiment_by_name("imported").experiment_id])
-    assert [r.info.status for r in imported] == ["FINISHED"] and "imported_from" in imported[0].data.tags
-    assert [m.step for m in client.get_metric_history(imported[0].info.run_id, "test_error")] == [0, 2]
+    assert [r.info.status for r in imported] == ["FINISHED"] and "imported_from" in imported[
+        0
+    ].data.tags
+    assert [m.step for m in client.get_metric_history(imported[0].info.run_id, "test_error")] == [
+        0,
+        2,
+    ]
     assert cli.main(shlex.split(STATS)) == 0
     assert cli.main(shlex.split(STATS.replace("--name=test", "--name=imported"))) == 0
-    ours, again = (json.loads((workdir / d / "jacobian_operator_norm-train-checkpoint-1.json").read_text())
-                   for d in (SEED_DIR, theirs))
+    ours, again = (
+        json.loads((workdir / d / "jacobian_operator_norm-train-checkpoint-1.json").read_text())
+        for d in (SEED_DIR, theirs)
+    )
     assert again["sample_ids"] == ours["sample_ids"] and again["targets"] == ours["targets"]
     assert np.allclose(again["stats"], ours["stats"], rtol=1e-6, atol=0)
 
@@ -181,20 +262,36 @@ def test_export_then_import_gives_the_same_stats(trained, workdir):
 def test_checkpoint_flag_without_value_lists_them(trained, capsys):
     argv = [a for a in shlex.split(STATS) if not a.startswith("--checkpoint")] + ["--checkpoint"]
     assert cli.main(argv) == 0
-    assert capsys.readouterr().out.splitlines() == ["0\tstep 0\tepoch 0\tcheckpoints/epoch_0000.pt",
-                                                    "1\tstep 2\tepoch 2\tcheckpoints/epoch_0002.pt"]
+    assert capsys.readouterr().out.splitlines() == [
+        "0\tstep 0\tepoch 0\tcheckpoints/epoch_0000.pt",
+        "1\tstep 2\tepoch 2\tcheckpoints/epoch_0002.pt",
+    ]
 
 
 def test_ordinal_out_of_range_is_refused(trained, capsys):
     assert cli.main(shlex.split(STATS.replace("--checkpoint=1", "--checkpoint=5"))) == 2
-    assert "stats.checkpoint: ordinal 5 is no checkpoint of this run; it has ordinals [0, 1]" in capsys.readouterr().err
+    assert (
+        "stats.checkpoint: ordinal 5 is no checkpoint of this run; it has ordinals [0, 1]"
+        in capsys.readouterr().err
+    )
 
 
-@pytest.mark.parametrize("flags, keys, epochs", [
-    (["--checkpoint-by-step", "--checkpoint", "2"], [2], [2]),  # 80 samples, batch 128: one step an epoch
-    (["--checkpoint-by-step", "--nsteps-per-epoch", "2", "--checkpoint", "0", "1"], [0, 1], [0, 2]),  # step // 2
-    (["--checkpoint", "1", "0"], [1, 0], [2, 0]),
-])
+@pytest.mark.parametrize(
+    "flags, keys, epochs",
+    [
+        (
+            ["--checkpoint-by-step", "--checkpoint", "2"],
+            [2],
+            [2],
+        ),  # 80 samples, batch 128: one step an epoch
+        (
+            ["--checkpoint-by-step", "--nsteps-per-epoch", "2", "--checkpoint", "0", "1"],
+            [0, 1],
+            [0, 2],
+        ),  # step // 2
+        (["--checkpoint", "1", "0"], [1, 0], [2, 0]),
+    ],
+)
 def test_checkpoints_by_ordinal_and_by_step(trained, workdir, flags, keys, epochs):
     argv = [a for a in shlex.split(STATS) if not a.startswith("--checkpoint")] + flags
     assert cli.main(argv) == 0
@@ -226,10 +323,20 @@ def test_narrow_resnets_train_under_onednn_avx2(trained_once, tmp_path):
     under ONEDNN_MAX_CPU_ISA=AVX2, as it would on an AVX2 CPU, until training left channels-last there."""
     shutil.copytree(trained_once, tmp_path / "project")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(ONEDNN_MAX_CPU_ISA="AVX2", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
-    argv = shlex.split(TRAIN.replace("--name='test'", "--name=avx2").replace("--workers=4", "--workers=1"))
-    proc = subprocess.run(["lipdd", *argv], cwd=tmp_path / "project", env=env, capture_output=True, text=True,
-                          timeout=300)
+    env.update(
+        ONEDNN_MAX_CPU_ISA="AVX2", PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    )
+    argv = shlex.split(
+        TRAIN.replace("--name='test'", "--name=avx2").replace("--workers=4", "--workers=1")
+    )
+    proc = subprocess.run(
+        ["lipdd", *argv],
+        cwd=tmp_path / "project",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -245,19 +352,38 @@ def restored_logging():
 
 
 def test_logfile_and_the_seeds_jacobian_normalization(trained, workdir, restored_logging):
-    argv = shlex.split(STATS) + ["--normalization", "none", "jacobian", "--logfile=output.log", "--log-level=info"]
+    argv = shlex.split(STATS) + [
+        "--normalization",
+        "none",
+        "jacobian",
+        "--logfile=output.log",
+        "--log-level=info",
+    ]
     assert cli.main(argv) == 0
-    none, jacobian = (json.loads((workdir / SEED_DIR / f"jacobian_operator_norm{n}-train-checkpoint-1.json").read_text())
-                      for n in ("", "-jacobian"))
+    none, jacobian = (
+        json.loads(
+            (workdir / SEED_DIR / f"jacobian_operator_norm{n}-train-checkpoint-1.json").read_text()
+        )
+        for n in ("", "-jacobian")
+    )
     assert jacobian["stats"] == none["stats"]  # the seed parses it and normalises nothing
-    assert (none["metadata"]["normalization"], jacobian["metadata"]["normalization"]) == (None, "jacobian")
+    assert (none["metadata"]["normalization"], jacobian["metadata"]["normalization"]) == (
+        None,
+        "jacobian",
+    )
     assert "checkpoint 1 (epoch 2)" in (workdir / SEED_DIR / "output.log").read_text()
 
 
 def test_a_random_dataset_trains_and_names_its_results(trained, workdir):
-    random = TRAIN.replace("--name='test'", "--name=random") + " --random-dataset=jitter --label-seed=1"
+    random = (
+        TRAIN.replace("--name='test'", "--name=random") + " --random-dataset=jitter --label-seed=1"
+    )
     assert cli.main(shlex.split(random)) == 0
     stats = STATS.replace("--name=test", "--name=random") + " --random-dataset=jitter"
     assert cli.main(shlex.split(stats)) == 0
-    result = workdir / SEED_DIR.replace("/test/", "/random/") / "jacobian_operator_norm-random_jitter-train-checkpoint-1.json"
+    result = (
+        workdir
+        / SEED_DIR.replace("/test/", "/random/")
+        / "jacobian_operator_norm-random_jitter-train-checkpoint-1.json"
+    )
     assert json.loads(result.read_text())["metadata"]["run_id"] != trained[1].info.run_id

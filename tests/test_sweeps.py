@@ -28,8 +28,13 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
     names = {r.data.tags["dvc_exp_name"] for r in runs}
     assert len(names) == 3 and "workspace" not in names
     head = repo.run("git", "rev-parse", "HEAD").stdout.strip()
-    for r in runs:  # each experiment's own change of width: its params differ from the commit it is based on
-        assert (r.data.tags["dvc_exp_baseline_rev"], r.data.tags["params_differ_from_commit"]) == (head, "true")
+    for r in (
+        runs
+    ):  # each experiment's own change of width: its params differ from the commit it is based on
+        assert (r.data.tags["dvc_exp_baseline_rev"], r.data.tags["params_differ_from_commit"]) == (
+            head,
+            "true",
+        )
     assert not list((repo.path / ".dvc" / "tmp" / "exps").glob("**/mlflow.db"))
     assert not list((repo.path / ".dvc" / "tmp" / "exps").glob("**/mlruns"))
     for r in runs:  # artifacts under the workspace, not a deleted temporary copy
@@ -47,22 +52,38 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
         assert test_error == repo.client().get_run(r.info.run_id).data.metrics["test_error"]
 
     # The README's `dvc exp show` fits 120 columns and shows each experiment's run id and test error.
-    command = next(line.split("#")[0].split() for line in (ROOT / "README.md").read_text().splitlines()
-                   if line.startswith("dvc exp show --drop"))
-    table = repo.run(*(arg.strip("'") for arg in command), env={**repo.env, "COLUMNS": "120"}).stdout.splitlines()
+    command = next(
+        line.split("#")[0].split()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("dvc exp show --drop")
+    )
+    table = repo.run(
+        *(arg.strip("'") for arg in command), env={**repo.env, "COLUMNS": "120"}
+    ).stdout.splitlines()
     assert table and max(map(len, table)) <= 120, table
     for r in runs:
         (line,) = [row for row in table if r.info.run_id in row]
-        assert f"{r.data.metrics['test_error']:.5g}" in line.split(), (line, r.data.metrics["test_error"])
+        assert f"{r.data.metrics['test_error']:.5g}" in line.split(), (
+            line,
+            r.data.metrics["test_error"],
+        )
 
     # The report of the sweep: every measure against width, and its correlation with test error.
     repo.run("lipdd", "report", "--params", "params.yaml")
     with open(repo.path / "results/report/correlation.csv") as f:
         correlation = {row["measure"]: row for row in csv.DictReader(f)}
-    for measure in ("train_jacobian_operator_norm_none_mean", "train_jacobian_operator_norm_none_max",
-                    "distance_from_init", "lipschitz_upper_bound", "lipschitz_upper_bound_over_max",
-                    "hessian_top_eigenvalue", "hessian_trace", "gradient_norm",
-                    "probe_between_jacobian_operator_norm_none_mean", "probe_worst_jacobian_operator_norm_none_max"):
+    for measure in (
+        "train_jacobian_operator_norm_none_mean",
+        "train_jacobian_operator_norm_none_max",
+        "distance_from_init",
+        "lipschitz_upper_bound",
+        "lipschitz_upper_bound_over_max",
+        "hessian_top_eigenvalue",
+        "hessian_trace",
+        "gradient_norm",
+        "probe_between_jacobian_operator_norm_none_mean",
+        "probe_worst_jacobian_operator_norm_none_max",
+    ):
         assert correlation[measure]["n_widths"] == "3", measure
         assert correlation[measure]["spearman_rho"] != "", measure
     for figure in ("measures_vs_width.png", "smoothness_vs_width.png"):

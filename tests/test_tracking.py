@@ -51,7 +51,9 @@ def test_a_failed_write_is_raised_by_the_next_flush(run):
     client, run_id = run
     logger = BackgroundLogger(client, run_id)
     logger.log("../outside", 1.0, 0)  # MLflow refuses a metric name that climbs out of the run
-    with pytest.raises(MlflowException, match=rf"writing metrics to run {run_id} failed: MlflowException: .*name"):
+    with pytest.raises(
+        MlflowException, match=rf"writing metrics to run {run_id} failed: MlflowException: .*name"
+    ):
         logger.flush()
     with pytest.raises(MlflowException, match="exited with status 0"):
         logger.close()
@@ -88,12 +90,18 @@ def test_the_sender_runs_the_trainers_own_lipdd(run, tmp_path, monkeypatch):
     assert history(client, run_id, "batch_loss") == [(1, 0.5)]
 
 
-@pytest.mark.parametrize("url, tagged", [
-    ("https://user:s3cret@github.com/o/r.git", "https://github.com/o/r.git"),
-    ("https://s3cret@host.example:8443/r", "https://host.example:8443/r"),
-    ("git@github.com:o/r.git", "git@github.com:o/r.git"),  # scp-like: the user is an ssh login, no secret
-    ("/srv/git/r", "/srv/git/r"),
-])
+@pytest.mark.parametrize(
+    "url, tagged",
+    [
+        ("https://user:s3cret@github.com/o/r.git", "https://github.com/o/r.git"),
+        ("https://s3cret@host.example:8443/r", "https://host.example:8443/r"),
+        (
+            "git@github.com:o/r.git",
+            "git@github.com:o/r.git",
+        ),  # scp-like: the user is an ssh login, no secret
+        ("/srv/git/r", "/srv/git/r"),
+    ],
+)
 def test_the_remote_url_a_run_is_tagged_with_carries_no_credentials(url, tagged):
     assert tracking.without_credentials(url) == tagged
 
@@ -114,7 +122,9 @@ def test_runs_of_the_same_data_share_one_mlflow_dataset(workdir):
 def test_the_sender_keeps_a_bounded_backlog_in_memory_and_the_rest_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking.Outbox, "MEMORY_ROWS", 250)
     outbox = tracking.Outbox(tmp_path)
-    batches = [[("batch_loss", float(s), 0, s) for s in range(i, i + 100)] for i in range(0, 500, 100)]
+    batches = [
+        [("batch_loss", float(s), 0, s) for s in range(i, i + 100)] for i in range(0, 500, 100)
+    ]
     for rows in batches:
         outbox.put(rows)
     assert outbox.rows_in_memory == 200 and len(list(tmp_path.glob("rows-*.pkl"))) == 3
@@ -123,15 +133,21 @@ def test_the_sender_keeps_a_bounded_backlog_in_memory_and_the_rest_on_disk(tmp_p
     assert [pickle.loads(Path(path).read_bytes()) for kind, path in taken[2:]] == batches[2:]
 
 
-@pytest.mark.parametrize("error, retried", [
-    (MlflowException("no answer", error_code=databricks_pb2.INTERNAL_ERROR), True),  # what the client raises with no server
-    (MlflowException("busy", error_code=databricks_pb2.TEMPORARILY_UNAVAILABLE), True),
-    (MlflowException("slow down", error_code=databricks_pb2.RESOURCE_EXHAUSTED), True),
-    (MlflowException("bad metric", error_code=databricks_pb2.INVALID_PARAMETER_VALUE), False),
-    (MlflowException("who are you", error_code=databricks_pb2.UNAUTHENTICATED), False),
-    (MlflowException("deleted run", error_code=databricks_pb2.RESOURCE_DOES_NOT_EXIST), False),
-    (ConnectionRefusedError(), True),
-    (ValueError("a bug"), False),
-])
+@pytest.mark.parametrize(
+    "error, retried",
+    [
+        (
+            MlflowException("no answer", error_code=databricks_pb2.INTERNAL_ERROR),
+            True,
+        ),  # what the client raises with no server
+        (MlflowException("busy", error_code=databricks_pb2.TEMPORARILY_UNAVAILABLE), True),
+        (MlflowException("slow down", error_code=databricks_pb2.RESOURCE_EXHAUSTED), True),
+        (MlflowException("bad metric", error_code=databricks_pb2.INVALID_PARAMETER_VALUE), False),
+        (MlflowException("who are you", error_code=databricks_pb2.UNAUTHENTICATED), False),
+        (MlflowException("deleted run", error_code=databricks_pb2.RESOURCE_DOES_NOT_EXIST), False),
+        (ConnectionRefusedError(), True),
+        (ValueError("a bug"), False),
+    ],
+)
 def test_only_failures_that_may_pass_are_retried(error, retried):
     assert tracking.transient(error) is retried

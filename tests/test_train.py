@@ -9,8 +9,17 @@ import torch
 from lipdd import config, train
 from lipdd.tracking import get_client, list_checkpoints
 
-FAST = dict(width=2, label_seed=0, epochs=6, batch_size=256, eval_every=2, save_checkpoint=[3], device="cpu",
-            optimizer="sgd", learning_rate=0.05)
+FAST = dict(
+    width=2,
+    label_seed=0,
+    epochs=6,
+    batch_size=256,
+    eval_every=2,
+    save_checkpoint=[3],
+    device="cpu",
+    optimizer="sgd",
+    learning_rate=0.05,
+)
 
 
 def make(**overrides):
@@ -26,8 +35,17 @@ def final_weights(run_id):
 
 
 def test_learning_rate_warmup_then_step_decay():
-    cfg = config.build(dict(learning_rate=0.1, lr_warmup_epochs=4, lr_warmup_initial=0.02, lr_step=3,
-                            lr_decay_rate=0.5, epochs=12), environ={})
+    cfg = config.build(
+        dict(
+            learning_rate=0.1,
+            lr_warmup_epochs=4,
+            lr_warmup_initial=0.02,
+            lr_step=3,
+            lr_decay_rate=0.5,
+            epochs=12,
+        ),
+        environ={},
+    )
     got = [train.learning_rate(cfg, e) for e in range(1, 13)]
     want = [0.02, 0.04, 0.06, 0.08, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025]
     assert got == pytest.approx(want, rel=1e-12)
@@ -38,11 +56,14 @@ def test_learning_rate_constant_without_schedule():
     assert {train.learning_rate(cfg, e) for e in range(1, 50)} == {0.3}
 
 
-@pytest.mark.parametrize("save, epochs, want", [
-    ([0], 10, {0, 10}),
-    ([5], 12, {0, 5, 10, 12}),
-    ([1, 3, 7], 10, {1, 3, 7}),
-])
+@pytest.mark.parametrize(
+    "save, epochs, want",
+    [
+        ([0], 10, {0, 10}),
+        ([5], 12, {0, 5, 10, 12}),
+        ([1, 3, 7], 10, {1, 3, 7}),
+    ],
+)
 def test_checkpoint_epochs(save, epochs, want):
     assert train.checkpoint_epochs(save, epochs) == want
 
@@ -55,8 +76,15 @@ def test_checkpoints_saved_in_the_run(workdir, save, want):
 
 
 def test_early_exit_stops_at_first_evaluation_past_threshold(workdir):
-    cfg = make(epochs=40, eval_every=2, early_exit_loss=True, stop_by_loss_threshold=2.0,
-               optimizer="adam", learning_rate=0.01, width=4)
+    cfg = make(
+        epochs=40,
+        eval_every=2,
+        early_exit_loss=True,
+        stop_by_loss_threshold=2.0,
+        optimizer="adam",
+        learning_rate=0.01,
+        width=4,
+    )
     run_id = train.train(cfg)
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
     losses = client.get_metric_history(run_id, "train_loss")
@@ -99,8 +127,21 @@ def test_resume_after_interruption_is_bitwise_identical(workdir, monkeypatch):
     assert len(broken) == 1
     run_id = broken[0].info.run_id
 
-    assert train.train(config.build({**FAST, "augmentation": True, "optimizer": "adam",
-                                     "learning_rate": 0.01, "resume_from": run_id}, environ={})) == run_id
+    assert (
+        train.train(
+            config.build(
+                {
+                    **FAST,
+                    "augmentation": True,
+                    "optimizer": "adam",
+                    "learning_rate": 0.01,
+                    "resume_from": run_id,
+                },
+                environ={},
+            )
+        )
+        == run_id
+    )
     (e1, ref), (e2, resumed) = final_weights(reference), final_weights(run_id)
     assert e1 == e2 == 6
     assert all(torch.equal(ref["model"][k], resumed["model"][k]) for k in ref["model"])
@@ -120,8 +161,11 @@ def test_resume_refuses_different_parameters(workdir):
 def test_a_killed_run_is_continued_by_the_same_command(workdir, monkeypatch):
     """Started again with the same parameters, training continues the interrupted run."""
     real_lr = train.learning_rate
-    monkeypatch.setattr(train, "learning_rate", lambda c, e: (_ for _ in ()).throw(KeyboardInterrupt)
-                        if e == 5 else real_lr(c, e))
+    monkeypatch.setattr(
+        train,
+        "learning_rate",
+        lambda c, e: (_ for _ in ()).throw(KeyboardInterrupt) if e == 5 else real_lr(c, e),
+    )
     with pytest.raises(KeyboardInterrupt):
         train.train(make())
     monkeypatch.setattr(train, "learning_rate", real_lr)
@@ -136,8 +180,23 @@ def test_a_killed_run_is_continued_by_the_same_command(workdir, monkeypatch):
 def test_divergence_fails_the_run_and_keeps_the_last_good_checkpoint(workdir, capsys):
     from lipdd import cli
 
-    argv = ["train", "--width", "2", "--epochs", "6", "--save-checkpoint", "1", "--device", "cpu",
-            "--optimizer", "sgd", "--learning-rate", "1e12", "--batch-size", "256"]
+    argv = [
+        "train",
+        "--width",
+        "2",
+        "--epochs",
+        "6",
+        "--save-checkpoint",
+        "1",
+        "--device",
+        "cpu",
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        "1e12",
+        "--batch-size",
+        "256",
+    ]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "training diverged: loss" in err[0] and "at epoch 1, step" in err[0]
@@ -182,9 +241,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(workdir, tmp_path):
 def test_compiled_training_is_the_same_training(workdir):
     """torch.compile fuses kernels, so rounding differs, but every step (the short last batch of
     each epoch included, which compiles a second graph) follows the eager trajectory."""
-    eager, compiled = (train.train(make(epochs=2, augmentation=True, compile=c)) for c in (False, True))
+    eager, compiled = (
+        train.train(make(epochs=2, augmentation=True, compile=c)) for c in (False, True)
+    )
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
-    losses = [[m.value for m in client.get_metric_history(r, "batch_loss")] for r in (eager, compiled)]
+    losses = [
+        [m.value for m in client.get_metric_history(r, "batch_loss")] for r in (eager, compiled)
+    ]
     assert len(losses[0]) == len(losses[1]) == 2 * 6  # 1,437 training images in batches of 256
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
@@ -196,7 +259,10 @@ def test_compile_without_a_cpp_compiler_is_refused(workdir, monkeypatch, capsys)
     monkeypatch.delenv("CXX", raising=False)
     assert cli.main(["train", "--compile", "--device", "cpu", "--epochs", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("lipdd train: error: compile: torch.compile on the CPU needs a C++ compiler") and "\n" not in err
+    assert (
+        err.startswith("lipdd train: error: compile: torch.compile on the CPU needs a C++ compiler")
+        and "\n" not in err
+    )
     assert get_client(f"sqlite:///{workdir}/mlflow.db").search_runs(["0"]) == []
 
 

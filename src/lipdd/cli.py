@@ -27,11 +27,11 @@ GROUPS = {
 }
 DESCRIPTIONS = {
     "report": "Figures and tables across the finished runs of one data / model / label-noise setting, "
-              "by width and by epoch; logged to a report run.",
+    "by width and by epoch; logged to a report run.",
     "export-checkpoints": "Write a run's checkpoints as the seed's train.py does, to SAVE_DIR/NAME/MODEL/DATA/SETTING/"
-                          "[noise-N-]seed-S/checkpoints.zip (checkpoints/ with --raw-checkpoints).",
+    "[noise-N-]seed-S/checkpoints.zip (checkpoints/ with --raw-checkpoints).",
     "import-checkpoints": "Turn the seed run these flags name (its checkpoints.zip or checkpoints/) into a finished "
-                          "MLflow run with its params, checkpoints and an evaluation per checkpoint.",
+    "MLflow run with its params, checkpoints and an evaluation per checkpoint.",
     "prepare": "Turn a dataset into the prepared format: uint8 arrays, clean and noisy labels, splits, meta.json.",
     "train": "Train one network; log params, per-batch loss, evaluations and checkpoints to one MLflow run.",
     "stats": "Compute per-sample statistics (Jacobian operator norm, ...) of a run's checkpoints.",
@@ -61,15 +61,25 @@ def add_field(parser, f, dest: str) -> None:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="lipdd", description="Lipschitz estimates of trained networks and double descent.")
+    parser = Parser(
+        prog="lipdd", description="Lipschitz estimates of trained networks and double descent."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command, groups in GROUPS.items():
         p = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command])
-        p.add_argument("--params", metavar="FILE", help="params.yaml to start from (flags override it)")
+        p.add_argument(
+            "--params", metavar="FILE", help="params.yaml to start from (flags override it)"
+        )
         taken = set()
         if command == "export-checkpoints":  # the run is found as `lipdd stats` finds it
-            add_field(p, next(f for f in config.field_specs(StatsConfig) if f.name == "run_id"), "stats.run_id")
-        if "stats" in groups:  # stats flags win: --batch-size is the stats batch size here, as in the seed
+            add_field(
+                p,
+                next(f for f in config.field_specs(StatsConfig) if f.name == "run_id"),
+                "stats.run_id",
+            )
+        if (
+            "stats" in groups
+        ):  # stats flags win: --batch-size is the stats batch size here, as in the seed
             g = p.add_argument_group("statistics")
             for f in config.field_specs(StatsConfig):
                 add_field(g, f, f"stats.{f.name}")
@@ -122,8 +132,12 @@ def setup_logging(cfg: Config) -> None:
         path = Path(cfg.save_dir) / cfg.name / cfg.seed_run_dir / cfg.logfile
         path.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path))
-    logging.basicConfig(level=(cfg.log_level or "info").upper(), handlers=handlers, force=True,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=(cfg.log_level or "info").upper(),
+        handlers=handlers,
+        force=True,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
 
 
 def cmd_prepare(cfg: Config) -> None:
@@ -132,8 +146,10 @@ def cmd_prepare(cfg: Config) -> None:
     if cfg.label_seed is None:
         cfg.label_seed = config.draw_label_seed()
     meta = prepare_for(cfg)
-    print(f"prepared {cfg.data} in {cfg.prepared_path}: {meta['splits']}, "
-          f"{meta['n_corrupted']} corrupted training labels")
+    print(
+        f"prepared {cfg.data} in {cfg.prepared_path}: {meta['splits']}, "
+        f"{meta['n_corrupted']} corrupted training labels"
+    )
 
 
 def cmd_train(cfg: Config) -> None:
@@ -170,9 +186,14 @@ def cmd_report(cfg: Config) -> None:
         print(path)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "stats": cmd_stats,
-            "export-checkpoints": cmd_export_checkpoints, "import-checkpoints": cmd_import_checkpoints,
-            "report": cmd_report}
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "train": cmd_train,
+    "stats": cmd_stats,
+    "export-checkpoints": cmd_export_checkpoints,
+    "import-checkpoints": cmd_import_checkpoints,
+    "report": cmd_report,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,8 +28,13 @@ MODEL_FAMILIES = ("cnn5", "resnet18", "resnet34")
 OPTIMIZERS = ("sgd", "adam")
 MODEL_ADDITIONS = ("batch_norm", "dropout")
 WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
-ENV_VARS = {"SAVE_DIR": "save_dir", "NAME": "name", "DATA_DIR": "data_dir", "DEVICE": "device",
-            "WORKERS": "workers"}
+ENV_VARS = {
+    "SAVE_DIR": "save_dir",
+    "NAME": "name",
+    "DATA_DIR": "data_dir",
+    "DEVICE": "device",
+    "WORKERS": "workers",
+}
 
 
 def measure_names() -> tuple[str, ...]:
@@ -91,150 +96,360 @@ def opt(default, help, group, choices=None, kind=None, role="training", alias=No
 @dataclass
 class StatsConfig:
     # Built-in defaults are the seed's (one metric, raw logits); params.yaml asks for more.
-    metric: list[str] = opt(["jacobian_operator_norm"], "measures to compute (lipdd.measures.MEASURES)", "stats",
-                            choices=measure_names, kind=str)
-    normalization: list[str] = opt(["none"], "output normalisation(s) for the Jacobian metrics", "stats",
-                                   choices=NORMALIZATIONS, kind=str)
+    metric: list[str] = opt(
+        ["jacobian_operator_norm"],
+        "measures to compute (lipdd.measures.MEASURES)",
+        "stats",
+        choices=measure_names,
+        kind=str,
+    )
+    normalization: list[str] = opt(
+        ["none"],
+        "output normalisation(s) for the Jacobian metrics",
+        "stats",
+        choices=NORMALIZATIONS,
+        kind=str,
+    )
     target_logit_only: bool = opt(False, "Jacobian of the labelled output only", "stats")
     dataset_split: str = opt("train", "split the samples come from", "stats", choices=SPLITS)
-    num_samples: int | None = opt(None, "how many samples, from position SKIP on, a multiple of batch_size "
-                                  "(default: the rest of the split)", "stats", kind=int)
+    num_samples: int | None = opt(
+        None,
+        "how many samples, from position SKIP on, a multiple of batch_size "
+        "(default: the rest of the split)",
+        "stats",
+        kind=int,
+    )
     batch_size: int = opt(100, "samples per batch (one result file per shard)", "stats")
-    skip: int | None = opt(None, "start at sample SKIP of the split, a multiple of batch_size (manual data "
-                           "parallelism); given, the result files are named -id-SKIP/BATCH_SIZE", "stats", kind=int)
-    mc_sample_seed: int = opt(4321, "recorded only, as in the seed, whose stats loader never shuffles: the "
-                              "samples are the split's, in order", "stats")
+    skip: int | None = opt(
+        None,
+        "start at sample SKIP of the split, a multiple of batch_size (manual data "
+        "parallelism); given, the result files are named -id-SKIP/BATCH_SIZE",
+        "stats",
+        kind=int,
+    )
+    mc_sample_seed: int = opt(
+        4321,
+        "recorded only, as in the seed, whose stats loader never shuffles: the "
+        "samples are the split's, in order",
+        "stats",
+    )
     checkpoint: list[int] | None = opt(
-        None, "checkpoint ordinals (0 = initial); default all; the flag with no value lists them",
-        "stats", kind=int)
-    checkpoint_by_step: bool = opt(False, "read --checkpoint as global steps, not ordinals", "stats")
-    nsteps_per_epoch: int | None = opt(None, "steps per epoch for --checkpoint-by-step (default: from the run)",
-                                       "stats", kind=int)
-    gen_strategy: str = opt("none", "the seed's sampling strategy; it has one, none: the split's samples as they are",
-                            "stats", choices=("none",))
-    curvature_samples: int = opt(1000, "loss_curvature: training points the loss is averaged over (a fixed "
-                                 "seeded subset)", "stats")
-    curvature_seed: int = opt(0, "loss_curvature: seed of that subset and of Hutchinson's probes", "stats")
-    curvature_top_k: int = opt(1, "loss_curvature: how many of the largest Hessian eigenvalues", "stats")
-    curvature_tolerance: float = opt(1e-3, "loss_curvature: relative tolerance of those eigenvalues (Lanczos)",
-                                     "stats")
-    hutchinson_probes: int = opt(100, "loss_curvature: Rademacher probes of the Hessian trace estimate", "stats")
-    probes: list[str] = opt([], "probe sets the per-sample measures are also evaluated on, off the training points "
-                            "(lipdd.probes.PROBES)", "stats", choices=probe_names, kind=str)
-    probe_samples: int = opt(100, "probes: training points they start from (a fixed seeded subset)", "stats")
-    probe_seed: int = opt(0, "probes: seed of that subset, of the pairs and of the random inputs", "stats")
-    probe_lambdas: list[float] = opt([0.25, 0.5, 0.75], "between: interpolation coefficients lambda in [0, 1]",
-                                     "stats", kind=float)
-    probe_directions: int = opt(8, "shift1, shift4, shift_path: directions per training point", "stats",
-                                alias="--num-directions")
-    worst_radius: float = opt(1.0, "worst: radius of the l2 ball around each training point (normalised inputs)",
-                              "stats")
+        None,
+        "checkpoint ordinals (0 = initial); default all; the flag with no value lists them",
+        "stats",
+        kind=int,
+    )
+    checkpoint_by_step: bool = opt(
+        False, "read --checkpoint as global steps, not ordinals", "stats"
+    )
+    nsteps_per_epoch: int | None = opt(
+        None, "steps per epoch for --checkpoint-by-step (default: from the run)", "stats", kind=int
+    )
+    gen_strategy: str = opt(
+        "none",
+        "the seed's sampling strategy; it has one, none: the split's samples as they are",
+        "stats",
+        choices=("none",),
+    )
+    curvature_samples: int = opt(
+        1000,
+        "loss_curvature: training points the loss is averaged over (a fixed seeded subset)",
+        "stats",
+    )
+    curvature_seed: int = opt(
+        0, "loss_curvature: seed of that subset and of Hutchinson's probes", "stats"
+    )
+    curvature_top_k: int = opt(
+        1, "loss_curvature: how many of the largest Hessian eigenvalues", "stats"
+    )
+    curvature_tolerance: float = opt(
+        1e-3, "loss_curvature: relative tolerance of those eigenvalues (Lanczos)", "stats"
+    )
+    hutchinson_probes: int = opt(
+        100, "loss_curvature: Rademacher probes of the Hessian trace estimate", "stats"
+    )
+    probes: list[str] = opt(
+        [],
+        "probe sets the per-sample measures are also evaluated on, off the training points "
+        "(lipdd.probes.PROBES)",
+        "stats",
+        choices=probe_names,
+        kind=str,
+    )
+    probe_samples: int = opt(
+        100, "probes: training points they start from (a fixed seeded subset)", "stats"
+    )
+    probe_seed: int = opt(
+        0, "probes: seed of that subset, of the pairs and of the random inputs", "stats"
+    )
+    probe_lambdas: list[float] = opt(
+        [0.25, 0.5, 0.75],
+        "between: interpolation coefficients lambda in [0, 1]",
+        "stats",
+        kind=float,
+    )
+    probe_directions: int = opt(
+        8,
+        "shift1, shift4, shift_path: directions per training point",
+        "stats",
+        alias="--num-directions",
+    )
+    worst_radius: float = opt(
+        1.0, "worst: radius of the l2 ball around each training point (normalised inputs)", "stats"
+    )
     worst_steps: int = opt(10, "worst: projected gradient ascent steps", "stats")
-    bigmem: bool = opt(False, "all K output gradients in one pass (memory x K) instead of bounded chunks",
-                       "stats")
-    num_power_iters: int = opt(0, "kept for seed compatibility; the operator norm is always exact", "stats")
-    outname: str | None = opt(None, "result file prefix (default: METRIC_NORMALIZATION_SPLIT_epochNNNN)",
-                              "stats", kind=str)
-    output_dir: str | None = opt(None, "directory of the per-sample results (default: the seed layout "
-                                 "SAVE_DIR/NAME/MODEL/DATA/SETTING/seed-SEED)", "stats", kind=str)
-    run_id: str | None = opt(None, "MLflow run to analyse (default: results/train/run.json, else the "
-                             "latest finished run matching the identifying flags)", "stats", kind=str)
-    merge: bool = opt(False, "compute nothing; join the shard files of --skip runs in the output directory "
-                      "into the file one run would have written", "stats")
+    bigmem: bool = opt(
+        False, "all K output gradients in one pass (memory x K) instead of bounded chunks", "stats"
+    )
+    num_power_iters: int = opt(
+        0, "kept for seed compatibility; the operator norm is always exact", "stats"
+    )
+    outname: str | None = opt(
+        None,
+        "result file prefix (default: METRIC_NORMALIZATION_SPLIT_epochNNNN)",
+        "stats",
+        kind=str,
+    )
+    output_dir: str | None = opt(
+        None,
+        "directory of the per-sample results (default: the seed layout "
+        "SAVE_DIR/NAME/MODEL/DATA/SETTING/seed-SEED)",
+        "stats",
+        kind=str,
+    )
+    run_id: str | None = opt(
+        None,
+        "MLflow run to analyse (default: results/train/run.json, else the "
+        "latest finished run matching the identifying flags)",
+        "stats",
+        kind=str,
+    )
+    merge: bool = opt(
+        False,
+        "compute nothing; join the shard files of --skip runs in the output directory "
+        "into the file one run would have written",
+        "stats",
+    )
 
 
 @dataclass
 class Config:
     # data
     data: str = opt("digits", "dataset", "data", choices=SOURCES, role="identity")
-    data_dir: str = opt("data/raw", "where raw datasets are read from / downloaded to (env DATA_DIR)", "data", role="place")
-    verify_checksums: bool = opt(True, "check CIFAR files against torchvision's md5 sums", "data", role="place")
-    prepared_dir: str = opt("data/prepared", "where prepared arrays are written (one folder per dataset)",
-                            "data", role="place")
-    label_noise: float = opt(0.2, "fraction of training labels replaced by another class", "data", role="identity")
-    label_seed: int | None = opt(None, "seed of the label corruption (unset: train draws one and logs it; "
-                                 "stats takes the run's)", "data", kind=int, role="identity")
-    train_split: int = opt(0, "training samples drawn from the training set (0 = all, no validation)", "data", role="identity")
-    val_split: int = opt(0, "validation samples drawn from the training set (with train_split)", "data", role="identity")
+    data_dir: str = opt(
+        "data/raw",
+        "where raw datasets are read from / downloaded to (env DATA_DIR)",
+        "data",
+        role="place",
+    )
+    verify_checksums: bool = opt(
+        True, "check CIFAR files against torchvision's md5 sums", "data", role="place"
+    )
+    prepared_dir: str = opt(
+        "data/prepared",
+        "where prepared arrays are written (one folder per dataset)",
+        "data",
+        role="place",
+    )
+    label_noise: float = opt(
+        0.2, "fraction of training labels replaced by another class", "data", role="identity"
+    )
+    label_seed: int | None = opt(
+        None,
+        "seed of the label corruption (unset: train draws one and logs it; stats takes the run's)",
+        "data",
+        kind=int,
+        role="identity",
+    )
+    train_split: int = opt(
+        0,
+        "training samples drawn from the training set (0 = all, no validation)",
+        "data",
+        role="identity",
+    )
+    val_split: int = opt(
+        0,
+        "validation samples drawn from the training set (with train_split)",
+        "data",
+        role="identity",
+    )
     data_split_seed: int = opt(42, "seed of the train/validation split", "data", role="identity")
-    random_dataset: str | None = opt(None, "the seed's random data in place of the images: uniform (within the "
-                                     "per-channel mean +- std) / normal (that mean and std) / hypersphere (each "
-                                     "channel in the unit ball) images with random labels, drawn with seed 1234; "
-                                     "jitter: the real images, thresholded after normalisation", "data",
-                                     choices=RANDOM_DATASETS, kind=str, role="identity")
-    input_stats: str = opt("fixed", "per-channel mean/std inputs are normalised with: fixed (the seed's CIFAR "
-                           "constants; digits: its whole training set's) or split (the prepared training split's)",
-                           "data", choices=INPUT_STATS)
+    random_dataset: str | None = opt(
+        None,
+        "the seed's random data in place of the images: uniform (within the "
+        "per-channel mean +- std) / normal (that mean and std) / hypersphere (each "
+        "channel in the unit ball) images with random labels, drawn with seed 1234; "
+        "jitter: the real images, thresholded after normalisation",
+        "data",
+        choices=RANDOM_DATASETS,
+        kind=str,
+        role="identity",
+    )
+    input_stats: str = opt(
+        "fixed",
+        "per-channel mean/std inputs are normalised with: fixed (the seed's CIFAR "
+        "constants; digits: its whole training set's) or split (the prepared training split's)",
+        "data",
+        choices=INPUT_STATS,
+    )
     # model
-    model: str = opt("cnn5", "cnn5 | resnet18 | resnet34, or a combined name such as cnn5_16", "model", role="identity")
-    width: int | None = opt(None, "width k (default: from the model name, else 64)", "model", kind=int, role="identity")
-    model_additions: list[str] = opt([], "extra layers: batch_norm after every convolution; dropout (rate "
-                                     "--dropout) on the pooled features before the last linear layer", "model",
-                                     choices=MODEL_ADDITIONS, kind=str)
-    dropout: float = opt(0.0, "dropout rate of the dropout addition (without it, no effect, as in the seed)",
-                         "model")
+    model: str = opt(
+        "cnn5",
+        "cnn5 | resnet18 | resnet34, or a combined name such as cnn5_16",
+        "model",
+        role="identity",
+    )
+    width: int | None = opt(
+        None, "width k (default: from the model name, else 64)", "model", kind=int, role="identity"
+    )
+    model_additions: list[str] = opt(
+        [],
+        "extra layers: batch_norm after every convolution; dropout (rate "
+        "--dropout) on the pooled features before the last linear layer",
+        "model",
+        choices=MODEL_ADDITIONS,
+        kind=str,
+    )
+    dropout: float = opt(
+        0.0, "dropout rate of the dropout addition (without it, no effect, as in the seed)", "model"
+    )
     weight_init: str = opt("pytorch", "weight initialisation", "model", choices=WEIGHT_INITS)
     # training
     optimizer: str = opt("sgd", "optimizer", "train", choices=OPTIMIZERS)
     learning_rate: float = opt(0.01, "learning rate after warmup", "train")
     momentum: float = opt(0.9, "SGD momentum", "train")
     weight_decay: float = opt(0.0, "optimizer weight decay", "train")
-    l1_regularization: float = opt(0.0, "coefficient of the L1 norm of the weights added to the loss", "train")
-    l2_regularization: float = opt(0.0, "coefficient of the squared L2 norm of the weights added to the loss",
-                                   "train")
+    l1_regularization: float = opt(
+        0.0, "coefficient of the L1 norm of the weights added to the loss", "train"
+    )
+    l2_regularization: float = opt(
+        0.0, "coefficient of the squared L2 norm of the weights added to the loss", "train"
+    )
     lr_warmup_epochs: int = opt(0, "epochs of linear warmup from lr_warmup_initial", "train")
     lr_warmup_initial: float = opt(0.001, "learning rate of the first warmup epoch", "train")
-    lr_step: int = opt(0, "decay the learning rate every LR_STEP epochs after warmup (0 = never)", "train",
-                       alias="--learning-rate-step")
+    lr_step: int = opt(
+        0,
+        "decay the learning rate every LR_STEP epochs after warmup (0 = never)",
+        "train",
+        alias="--learning-rate-step",
+    )
     lr_decay_rate: float = opt(0.1, "factor of each step decay", "train")
     batch_size: int = opt(128, "training batch size", "train")
     epochs: int = opt(100, "training epochs", "train")
-    augmentation: bool = opt(False, "random crop (4-pixel zero padding) and horizontal flip", "train", role="identity")
-    eval_every: int = opt(10, "evaluate train/val/test loss and accuracy every N epochs (and at the end)",
-                          "train")
-    accuracy_threshold: float = opt(1.0, "deprecated and unused in the seed; accepted so its commands run",
-                                    "train", role="place")
-    early_exit_accuracy: bool = opt(False, "stop once training accuracy reaches the threshold", "train")
+    augmentation: bool = opt(
+        False, "random crop (4-pixel zero padding) and horizontal flip", "train", role="identity"
+    )
+    eval_every: int = opt(
+        10, "evaluate train/val/test loss and accuracy every N epochs (and at the end)", "train"
+    )
+    accuracy_threshold: float = opt(
+        1.0,
+        "deprecated and unused in the seed; accepted so its commands run",
+        "train",
+        role="place",
+    )
+    early_exit_accuracy: bool = opt(
+        False, "stop once training accuracy reaches the threshold", "train"
+    )
     stop_by_accuracy_threshold: float = opt(1.0, "training accuracy that stops early", "train")
     early_exit_loss: bool = opt(False, "stop once training loss falls to the threshold", "train")
     stop_by_loss_threshold: float = opt(0.001, "training loss that stops early", "train")
-    save_checkpoint: list[int] = opt([0], "0: initial and final; N: every N epochs too; several: those epochs",
-                                     "train", kind=int)
+    save_checkpoint: list[int] = opt(
+        [0], "0: initial and final; N: every N epochs too; several: those epochs", "train", kind=int
+    )
     loss_checkpoint: int = opt(1, "log the training loss every N batches", "train")
-    resume_from: str | None = opt(None, "MLflow run id whose last checkpoint training continues from; a number "
-                                  "is the seed's global step of the last checkpoint of this training's interrupted run",
-                                  "train", kind=str, role="place")
-    seed: int = opt(42, "seed of initialisation, batch order and augmentation", "train", role="identity")
+    resume_from: str | None = opt(
+        None,
+        "MLflow run id whose last checkpoint training continues from; a number "
+        "is the seed's global step of the last checkpoint of this training's interrupted run",
+        "train",
+        kind=str,
+        role="place",
+    )
+    seed: int = opt(
+        42, "seed of initialisation, batch order and augmentation", "train", role="identity"
+    )
     # where things run and land
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (env DEVICE)", "run", role="place")
-    runs_per_gpu: int = opt(1, "processes that share one GPU: each `cuda` (or `auto`) training or stats process "
-                            "leases a GPU slot for its life, waiting while all are taken", "run", role="place")
-    workers: int = opt(1, "CPU threads for the math (env WORKERS): training splits each op over them, stats "
-                       "runs that many 32-sample chunks at once; data is device-resident, so no loader workers",
-                       "run", role="place")
-    compile: bool = opt(False, "torch.compile the network for training: a one-off compile (needs a C++ "
-                        "compiler on CPU), then fused kernels; measure it on a short run first (README, Performance)",
-                        "run", role="place")
+    runs_per_gpu: int = opt(
+        1,
+        "processes that share one GPU: each `cuda` (or `auto`) training or stats process "
+        "leases a GPU slot for its life, waiting while all are taken",
+        "run",
+        role="place",
+    )
+    workers: int = opt(
+        1,
+        "CPU threads for the math (env WORKERS): training splits each op over them, stats "
+        "runs that many 32-sample chunks at once; data is device-resident, so no loader workers",
+        "run",
+        role="place",
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile the network for training: a one-off compile (needs a C++ "
+        "compiler on CPU), then fused kernels; measure it on a short run first (README, Performance)",
+        "run",
+        role="place",
+    )
     name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run", role="place")
-    log_level: str | None = opt(None, "level of Python's logging (lipdd, MLflow, torch): debug | info | warning | "
-                                "error | critical (default: each library's own)", "run", choices=LOG_LEVELS, kind=str,
-                                role="place")
-    logfile: str | None = opt(None, "also log to this file in the seed layout directory of the run "
-                              "(SAVE_DIR/NAME/MODEL/DATA/SETTING/[noise-N-]seed-S/LOGFILE)", "run", kind=str, role="place")
-    save_dir: str = opt("results/runs", "root of the seed layout for stats files and exported "
-                        "checkpoints (env SAVE_DIR)", "run", role="place")
-    raw_checkpoints: bool = opt(False, "export-checkpoints writes a checkpoints/ folder, not checkpoints.zip "
-                                "(the seed's flag takes a value: --raw-checkpoints=1)", "run", role="place")
-    results_dir: str = opt("results", "pipeline outputs: train/run.json, metrics, histories", "run", role="place")
-    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else "
-                                   "sqlite:///<project root>/mlflow.db)", "run", kind=str, role="place")
-    tracking_outage_limit: float = opt(86400.0, "seconds a training goes on while the tracking server is "
-                                       "unreachable, its metrics and checkpoints kept on disk and written once the "
-                                       "server is back; past it the training stops, to be resumed", "run",
-                                       role="place")
-    system_metrics: bool = opt(True, "log the training's CPU, memory, disk and network use (GPU with nvidia-ml-py) "
-                               "as MLflow's system/ metrics, sampled every 10 s (env "
-                               "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)", "run", role="place")
+    log_level: str | None = opt(
+        None,
+        "level of Python's logging (lipdd, MLflow, torch): debug | info | warning | "
+        "error | critical (default: each library's own)",
+        "run",
+        choices=LOG_LEVELS,
+        kind=str,
+        role="place",
+    )
+    logfile: str | None = opt(
+        None,
+        "also log to this file in the seed layout directory of the run "
+        "(SAVE_DIR/NAME/MODEL/DATA/SETTING/[noise-N-]seed-S/LOGFILE)",
+        "run",
+        kind=str,
+        role="place",
+    )
+    save_dir: str = opt(
+        "results/runs",
+        "root of the seed layout for stats files and exported checkpoints (env SAVE_DIR)",
+        "run",
+        role="place",
+    )
+    raw_checkpoints: bool = opt(
+        False,
+        "export-checkpoints writes a checkpoints/ folder, not checkpoints.zip "
+        "(the seed's flag takes a value: --raw-checkpoints=1)",
+        "run",
+        role="place",
+    )
+    results_dir: str = opt(
+        "results", "pipeline outputs: train/run.json, metrics, histories", "run", role="place"
+    )
+    tracking_uri: str | None = opt(
+        None,
+        "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else "
+        "sqlite:///<project root>/mlflow.db)",
+        "run",
+        kind=str,
+        role="place",
+    )
+    tracking_outage_limit: float = opt(
+        86400.0,
+        "seconds a training goes on while the tracking server is "
+        "unreachable, its metrics and checkpoints kept on disk and written once the "
+        "server is back; past it the training stops, to be resumed",
+        "run",
+        role="place",
+    )
+    system_metrics: bool = opt(
+        True,
+        "log the training's CPU, memory, disk and network use (GPU with nvidia-ml-py) "
+        "as MLflow's system/ metrics, sampled every 10 s (env "
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)",
+        "run",
+        role="place",
+    )
     stats: StatsConfig = field(default_factory=StatsConfig, metadata=dict(group=None))
 
     # --- derived -------------------------------------------------------------------
@@ -250,7 +465,10 @@ class Config:
     def seed_setting(self) -> str:
         """The seed layout's SETTING directory (its core/utils.py log_additions): the model additions
         (dropout with its rate), -l1-/-l2- coefficients, augmentation, wd_ weight decay; else default."""
-        parts = [f"dropout_{self.dropout}" if a == "dropout" and self.dropout else a for a in self.model_additions]
+        parts = [
+            f"dropout_{self.dropout}" if a == "dropout" and self.dropout else a
+            for a in self.model_additions
+        ]
         name = "-".join(parts)
         if self.l1_regularization:
             name += f"-l1-{self.l1_regularization:0.5f}"
@@ -291,7 +509,9 @@ def parse_model_name(name: str, width: int | None = None) -> tuple[str, int]:
     if sep:
         # isascii+isdigit rejects '+8', ' 8', '1_6' and non-ASCII digits, all of which int() would accept
         if not (suffix.isascii() and suffix.isdigit()):
-            raise ConfigError(f"model: {name!r} has unparsable width {suffix!r}; expected <family>_<width>, {allowed}")
+            raise ConfigError(
+                f"model: {name!r} has unparsable width {suffix!r}; expected <family>_<width>, {allowed}"
+            )
         named = int(suffix)
         if width is not None and width != named:
             raise ConfigError(f"model: {name!r} says width {named} but width is {width}")
@@ -299,11 +519,14 @@ def parse_model_name(name: str, width: int | None = None) -> tuple[str, int]:
     elif width is None:
         width = 64
     if width < 1:
-        raise ConfigError(f"width: model {name!r} with width {width}; the width must be a positive integer")
+        raise ConfigError(
+            f"width: model {name!r} with width {width}; the width must be a positive integer"
+        )
     return family, width
 
 
 # --- building ---------------------------------------------------------------------------
+
 
 def field_specs(cls=Config):
     return [f for f in fields(cls) if f.name != "stats"]
@@ -325,8 +548,13 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
             return []
         raise ConfigError(f"{name}: null is not allowed; expected a {type(default).__name__}")
     if is_list:
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",") if isinstance(value, str) \
+        items = (
+            value
+            if isinstance(value, (list, tuple))
+            else str(value).split(",")
+            if isinstance(value, str)
             else [value]
+        )
         return [_scalar(kind, x, name) for x in items]
     return _scalar(kind or type(default), value, name)
 
@@ -361,7 +589,9 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"--params: file {str(path)!r} does not exist") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"--params: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(
+            f"--params: {path} is not valid YAML ({str(e).splitlines()[0]})"
+        ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"--params: {path} must hold a mapping of parameter names to values")
     flat = {k: v for k, v in raw.items() if k != "stats"}
@@ -376,8 +606,11 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
     return flat
 
 
-def build(overrides: dict[str, Any] | None = None, params_file: str | None = None,
-          environ: dict[str, str] | None = None) -> Config:
+def build(
+    overrides: dict[str, Any] | None = None,
+    params_file: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
     """Resolve a Config from the four layers and validate it. `overrides` are flat keys
     (`label_noise`, `stats.batch_size`) from the command line."""
     layers: dict[str, Any] = {}
@@ -397,7 +630,9 @@ def build(overrides: dict[str, Any] | None = None, params_file: str | None = Non
             setattr(cfg, key, _coerce(specs[key], value, ""))
     cfg.stats = stats
     validate(cfg)
-    cfg.model, cfg.width = parse_model_name(cfg.model, cfg.width)  # 'cnn5_16' -> 'cnn5', 16: one spelling per run
+    cfg.model, cfg.width = parse_model_name(
+        cfg.model, cfg.width
+    )  # 'cnn5_16' -> 'cnn5', 16: one spelling per run
     return cfg
 
 
@@ -420,6 +655,7 @@ def _from_param_string(f: dataclasses.Field, text: str) -> Any:
 
 # --- validation ---------------------------------------------------------------------------
 
+
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{name}: {value!r} is not allowed; expected {allowed}")
@@ -437,73 +673,174 @@ def validate(cfg: Config) -> None:
                     _check(v in choices, prefix + f.name, v, "one of " + ", ".join(choices))
     family, _ = parse_model_name(cfg.model, cfg.width)
     _check(0.0 <= cfg.label_noise <= 1.0, "label_noise", cfg.label_noise, "a fraction in [0, 1]")
-    _check(cfg.label_seed is None or cfg.label_seed >= 0, "label_seed", cfg.label_seed,
-           "an integer >= 0 (numpy's default_rng takes no negative seed), or unset for a fresh one")
+    _check(
+        cfg.label_seed is None or cfg.label_seed >= 0,
+        "label_seed",
+        cfg.label_seed,
+        "an integer >= 0 (numpy's default_rng takes no negative seed), or unset for a fresh one",
+    )
     _check(cfg.train_split >= 0, "train_split", cfg.train_split, "an integer >= 0")
     _check(cfg.val_split >= 0, "val_split", cfg.val_split, "an integer >= 0")
-    _check((cfg.train_split > 0) == (cfg.val_split > 0), "val_split", cfg.val_split,
-           f"a positive value together with train_split={cfg.train_split} (both or neither)")
+    _check(
+        (cfg.train_split > 0) == (cfg.val_split > 0),
+        "val_split",
+        cfg.val_split,
+        f"a positive value together with train_split={cfg.train_split} (both or neither)",
+    )
     if cfg.weight_init in ("fixup", "mfixup"):
-        _check(family != "cnn5", "weight_init", cfg.weight_init, "pytorch or nkaiming for cnn5 "
-               "(fixup needs residual blocks)")
-        _check("batch_norm" not in cfg.model_additions, "weight_init", cfg.weight_init,
-               "pytorch or nkaiming with batch_norm (fixup replaces normalisation)")
-    positive = dict(learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
-                    loss_checkpoint=cfg.loss_checkpoint, lr_decay_rate=cfg.lr_decay_rate)
+        _check(
+            family != "cnn5",
+            "weight_init",
+            cfg.weight_init,
+            "pytorch or nkaiming for cnn5 (fixup needs residual blocks)",
+        )
+        _check(
+            "batch_norm" not in cfg.model_additions,
+            "weight_init",
+            cfg.weight_init,
+            "pytorch or nkaiming with batch_norm (fixup replaces normalisation)",
+        )
+    positive = dict(
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        eval_every=cfg.eval_every,
+        loss_checkpoint=cfg.loss_checkpoint,
+        lr_decay_rate=cfg.lr_decay_rate,
+    )
     for name, value in positive.items():
         _check(value > 0 and math.isfinite(value), name, value, "a positive number")
-    non_negative = dict(momentum=cfg.momentum, weight_decay=cfg.weight_decay, epochs=cfg.epochs,
-                        l1_regularization=cfg.l1_regularization, l2_regularization=cfg.l2_regularization,
-                        lr_warmup_epochs=cfg.lr_warmup_epochs, lr_warmup_initial=cfg.lr_warmup_initial,
-                        lr_step=cfg.lr_step)
+    non_negative = dict(
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        epochs=cfg.epochs,
+        l1_regularization=cfg.l1_regularization,
+        l2_regularization=cfg.l2_regularization,
+        lr_warmup_epochs=cfg.lr_warmup_epochs,
+        lr_warmup_initial=cfg.lr_warmup_initial,
+        lr_step=cfg.lr_step,
+    )
     for name, value in non_negative.items():
         _check(value >= 0 and math.isfinite(value), name, value, "a number >= 0")
-    _check(cfg.workers >= 0, "workers", cfg.workers, "an integer >= 0 (0, the seed's no loader processes, "
-           "computes on one thread like 1)")
+    _check(
+        cfg.workers >= 0,
+        "workers",
+        cfg.workers,
+        "an integer >= 0 (0, the seed's no loader processes, computes on one thread like 1)",
+    )
     _check(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "a rate in [0, 1)")
     _check(cfg.momentum < 1, "momentum", cfg.momentum, "a number in [0, 1)")
-    _check(0 <= cfg.stop_by_accuracy_threshold <= 1, "stop_by_accuracy_threshold",
-           cfg.stop_by_accuracy_threshold, "a fraction in [0, 1]")
-    _check(cfg.stop_by_loss_threshold >= 0, "stop_by_loss_threshold", cfg.stop_by_loss_threshold, ">= 0")
+    _check(
+        0 <= cfg.stop_by_accuracy_threshold <= 1,
+        "stop_by_accuracy_threshold",
+        cfg.stop_by_accuracy_threshold,
+        "a fraction in [0, 1]",
+    )
+    _check(
+        cfg.stop_by_loss_threshold >= 0,
+        "stop_by_loss_threshold",
+        cfg.stop_by_loss_threshold,
+        ">= 0",
+    )
     ckpt = cfg.save_checkpoint
-    _check(len(ckpt) > 0 and all(e >= 0 for e in ckpt), "save_checkpoint", ckpt,
-           "0, a period N > 0, or a list of epochs >= 0")
+    _check(
+        len(ckpt) > 0 and all(e >= 0 for e in ckpt),
+        "save_checkpoint",
+        ckpt,
+        "0, a period N > 0, or a list of epochs >= 0",
+    )
     if len(ckpt) > 1:
         _check(max(ckpt) <= cfg.epochs, "save_checkpoint", ckpt, f"epochs within 0..{cfg.epochs}")
     _check(cfg.runs_per_gpu >= 1, "runs_per_gpu", cfg.runs_per_gpu, "a positive integer")
-    _check(cfg.tracking_outage_limit >= 0, "tracking_outage_limit", cfg.tracking_outage_limit, "seconds >= 0")
-    if cfg.tracking_uri and urlsplit(cfg.tracking_uri).password is not None:  # never echoed: it holds the password
-        raise ConfigError("tracking_uri: holds a password, which params.yaml and dvc.lock would carry into git; set "
-                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or put the URI in "
-                          "MLFLOW_TRACKING_URI) instead")
-    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda"
-           or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
-           "device", cfg.device, "cpu, cuda, cuda:N or auto")
+    _check(
+        cfg.tracking_outage_limit >= 0,
+        "tracking_outage_limit",
+        cfg.tracking_outage_limit,
+        "seconds >= 0",
+    )
+    if (
+        cfg.tracking_uri and urlsplit(cfg.tracking_uri).password is not None
+    ):  # never echoed: it holds the password
+        raise ConfigError(
+            "tracking_uri: holds a password, which params.yaml and dvc.lock would carry into git; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or put the URI in "
+            "MLFLOW_TRACKING_URI) instead"
+        )
+    _check(
+        cfg.device == "auto"
+        or cfg.device == "cpu"
+        or cfg.device == "cuda"
+        or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
+        "device",
+        cfg.device,
+        "cpu, cuda, cuda:N or auto",
+    )
 
     s = cfg.stats
     _check(s.batch_size > 0, "stats.batch_size", s.batch_size, "a positive integer")
     if s.skip is not None:
-        _check(s.skip >= 0 and s.skip % s.batch_size == 0, "stats.skip", s.skip,
-               f"a multiple of stats.batch_size={s.batch_size} (the result file's id is skip / batch_size)")
+        _check(
+            s.skip >= 0 and s.skip % s.batch_size == 0,
+            "stats.skip",
+            s.skip,
+            f"a multiple of stats.batch_size={s.batch_size} (the result file's id is skip / batch_size)",
+        )
     if s.num_samples is not None:
-        _check(s.num_samples > 0 and s.num_samples % s.batch_size == 0, "stats.num_samples", s.num_samples,
-               f"a positive multiple of stats.batch_size={s.batch_size}")
+        _check(
+            s.num_samples > 0 and s.num_samples % s.batch_size == 0,
+            "stats.num_samples",
+            s.num_samples,
+            f"a positive multiple of stats.batch_size={s.batch_size}",
+        )
     _check(len(s.metric) > 0, "stats.metric", s.metric, "at least one metric")
-    _check(len(s.normalization) > 0, "stats.normalization", s.normalization, "at least one normalization")
+    _check(
+        len(s.normalization) > 0,
+        "stats.normalization",
+        s.normalization,
+        "at least one normalization",
+    )
     for name in ("curvature_samples", "curvature_top_k"):
         _check(getattr(s, name) >= 1, f"stats.{name}", getattr(s, name), "a positive integer")
-    _check(s.hutchinson_probes >= 2, "stats.hutchinson_probes", s.hutchinson_probes,
-           "an integer >= 2 (the standard error needs two)")
-    _check(0 < s.curvature_tolerance < 1, "stats.curvature_tolerance", s.curvature_tolerance, "a number in (0, 1)")
-    _check(s.probe_samples >= 2, "stats.probe_samples", s.probe_samples, "an integer >= 2 (pairs need two)")
-    _check(len(s.probe_lambdas) > 0 and all(0 <= v <= 1 for v in s.probe_lambdas), "stats.probe_lambdas",
-           s.probe_lambdas, "one or more numbers in [0, 1]")
-    _check(s.probe_directions >= 1, "stats.probe_directions", s.probe_directions, "a positive integer")
-    _check(s.worst_radius > 0 and math.isfinite(s.worst_radius), "stats.worst_radius", s.worst_radius,
-           "a positive number")
+    _check(
+        s.hutchinson_probes >= 2,
+        "stats.hutchinson_probes",
+        s.hutchinson_probes,
+        "an integer >= 2 (the standard error needs two)",
+    )
+    _check(
+        0 < s.curvature_tolerance < 1,
+        "stats.curvature_tolerance",
+        s.curvature_tolerance,
+        "a number in (0, 1)",
+    )
+    _check(
+        s.probe_samples >= 2,
+        "stats.probe_samples",
+        s.probe_samples,
+        "an integer >= 2 (pairs need two)",
+    )
+    _check(
+        len(s.probe_lambdas) > 0 and all(0 <= v <= 1 for v in s.probe_lambdas),
+        "stats.probe_lambdas",
+        s.probe_lambdas,
+        "one or more numbers in [0, 1]",
+    )
+    _check(
+        s.probe_directions >= 1, "stats.probe_directions", s.probe_directions, "a positive integer"
+    )
+    _check(
+        s.worst_radius > 0 and math.isfinite(s.worst_radius),
+        "stats.worst_radius",
+        s.worst_radius,
+        "a positive number",
+    )
     _check(s.worst_steps >= 0, "stats.worst_steps", s.worst_steps, "an integer >= 0")
     _check(s.num_power_iters >= 0, "stats.num_power_iters", s.num_power_iters, "an integer >= 0")
     if s.checkpoint is not None:
         _check(all(c >= 0 for c in s.checkpoint), "stats.checkpoint", s.checkpoint, "ordinals >= 0")
     if s.nsteps_per_epoch is not None:
-        _check(s.nsteps_per_epoch > 0, "stats.nsteps_per_epoch", s.nsteps_per_epoch, "a positive integer")
+        _check(
+            s.nsteps_per_epoch > 0,
+            "stats.nsteps_per_epoch",
+            s.nsteps_per_epoch,
+            "a positive integer",
+        )

@@ -26,9 +26,15 @@ class Hessian:
         self.samples = len(y)
         self.grads = []  # each chunk's share of the gradient, with its graph
         for i in range(0, self.samples, CHUNK):
-            loss = F.cross_entropy(model(x[i:i + CHUNK]), y[i:i + CHUNK], reduction="sum") / self.samples
-            self.grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, self.params,
-                                                                                create_graph=True)]))
+            loss = (
+                F.cross_entropy(model(x[i : i + CHUNK]), y[i : i + CHUNK], reduction="sum")
+                / self.samples
+            )
+            self.grads.append(
+                torch.cat(
+                    [g.flatten() for g in torch.autograd.grad(loss, self.params, create_graph=True)]
+                )
+            )
         self.gradient = sum(g.detach() for g in self.grads).double()
         self.gradient_norm = float(torch.linalg.vector_norm(self.gradient))
 
@@ -37,19 +43,25 @@ class Hessian:
         v = v.to(self.params[0].dtype)
         total = 0
         for g in self.grads:
-            total = total + torch.cat([h.flatten() for h in torch.autograd.grad(g @ v, self.params,
-                                                                                 retain_graph=True)])
+            total = total + torch.cat(
+                [h.flatten() for h in torch.autograd.grad(g @ v, self.params, retain_graph=True)]
+            )
         return total.double()
 
     def top_eigenvalues(self, k: int, tol: float, seed: int) -> tuple[list[float], int]:
         """(the k largest eigenvalues, the products taken) by lipdd.lanczos, started from the
         gradient as well as a seeded Gaussian: the gradient lies mostly in the top eigenspace (Gur-Ari
         et al. 2018, "Gradient descent happens in a tiny subspace"), which saves steps."""
-        return top_eigenvalues(self.matvec, self.size, k, tol, device=self.device, seed=seed, start=self.gradient)
+        return top_eigenvalues(
+            self.matvec, self.size, k, tol, device=self.device, seed=seed, start=self.gradient
+        )
 
     def hutchinson(self, probes: int, seed: int) -> np.ndarray:
         """v^T H v for `probes` Rademacher vectors v drawn with `seed`: each an unbiased estimate of
         the trace."""
         rng = np.random.default_rng(seed)
-        vectors = (torch.from_numpy(rng.integers(0, 2, self.size) * 2.0 - 1).to(self.device) for _ in range(probes))
+        vectors = (
+            torch.from_numpy(rng.integers(0, 2, self.size) * 2.0 - 1).to(self.device)
+            for _ in range(probes)
+        )
         return np.array([float(v @ self.matvec(v)) for v in vectors])

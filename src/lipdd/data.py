@@ -98,14 +98,14 @@ def _ensure_cifar_verified(cls, name: str, data_dir: Path, folder: Path, files: 
     """Make sure the original files are in `folder` with the right md5, downloading if any is missing."""
     from torchvision.datasets.utils import check_integrity
 
-    without_check = (
-        "or pass --no-verify-checksums (verify_checksums: false) to read derived files without the md5 check"
-    )
+    without_check = "or pass --no-verify-checksums (verify_checksums: false) to read derived files without the md5 check"
     names = ", ".join(f for f, _ in files)
     if any(not (folder / f).is_file() for f, _ in files):
         try:
             cls(root=str(data_dir), train=True, download=True)
-        except Exception as e:  # any failure (no network, disk, bad archive) ends in the same manual fix
+        except (
+            Exception
+        ) as e:  # any failure (no network, disk, bad archive) ends in the same manual fix
             raise DataError(
                 f"{name} files are missing in {folder} and could not be downloaded ({type(e).__name__}): "
                 f"extract {cls.url} into {data_dir} so that {folder} holds {names}; {without_check}"
@@ -133,7 +133,9 @@ def _load_cifar(data: str, data_dir: Path, verify_checksums: bool) -> tuple[Spli
         missing = [folder / f for f, _ in files if not (folder / f).is_file()]
         if missing:
             names = ", ".join(f for f, _ in files)
-            raise DataError(f"{name} file {missing[0]} not found; put the python-format files {names} in {folder}")
+            raise DataError(
+                f"{name} file {missing[0]} not found; put the python-format files {names} in {folder}"
+            )
     out = []
     for files in (cls.train_list, cls.test_list):
         images, labels = _read_cifar([folder / f for f, _ in files], label_key)
@@ -153,18 +155,24 @@ def _load_source(data: str, data_dir, verify_checksums: bool) -> tuple[Split, Sp
     raise DataError(f"unknown data {data!r}; expected one of digits, cifar10, cifar100")
 
 
-def _random_images(dist: str, n: int, shape: tuple, mean, std, num_classes: int, seed: int = 1234) -> Split:
+def _random_images(
+    dist: str, n: int, shape: tuple, mean, std, num_classes: int, seed: int = 1234
+) -> Split:
     """The seed's random datasets (core/random_dataset.py), drawn as it draws them with
     numpy.random.default_rng(seed): random_pixels, then labels uniform over the classes, drawn after
     the pixels; stored as the seed's PIL images hold them, uint8(x * 255)."""
     rng = np.random.default_rng(seed)
     x = random_pixels(dist, n, shape, mean, std, rng)
     labels = rng.integers(0, num_classes, n).astype(np.int64)
-    images = (x.transpose(0, 2, 3, 1) * 255).astype(np.uint8)  # numpy's cast, wrapping as the seed's does
+    images = (x.transpose(0, 2, 3, 1) * 255).astype(
+        np.uint8
+    )  # numpy's cast, wrapping as the seed's does
     return _split(images, labels, np.arange(n))
 
 
-def random_pixels(dist: str, n: int, shape: tuple, mean, std, rng: np.random.Generator) -> np.ndarray:
+def random_pixels(
+    dist: str, n: int, shape: tuple, mean, std, rng: np.random.Generator
+) -> np.ndarray:
     """n random images (n, C, H, W) in pixel space, as the seed's random datasets draw them: every
     pixel uniform in [mean - std, mean + std] or normal(mean, std) per channel, or standard normal and
     then, per sample and channel, rescaled to a point uniform in the unit ball ("hypersphere")."""
@@ -180,15 +188,21 @@ def random_pixels(dist: str, n: int, shape: tuple, mean, std, rng: np.random.Gen
         x = rng.standard_normal(size=(n * h * w, c))
     else:
         raise ValueError(f"unknown random distribution {dist!r}")
-    x = x.T.reshape(c, n, h, w).transpose(1, 0, 2, 3)  # channel-major, as the seed stacks its columns
+    x = x.T.reshape(c, n, h, w).transpose(
+        1, 0, 2, 3
+    )  # channel-major, as the seed stacks its columns
     if dist == "hypersphere":
         flat = x.reshape(n * c, h * w)
         ssq = np.square(flat).sum(axis=1)
-        x = (flat * (gammainc(h * w / 2, ssq / 2) ** (1 / (h * w)) / np.sqrt(ssq))[:, None]).reshape(n, c, h, w)
+        x = (
+            flat * (gammainc(h * w / 2, ssq / 2) ** (1 / (h * w)) / np.sqrt(ssq))[:, None]
+        ).reshape(n, c, h, w)
     return x
 
 
-def jitter(x: torch.Tensor, probability: float = 0.66, lower: float = 0.02, upper: float = 0.98) -> torch.Tensor:
+def jitter(
+    x: torch.Tensor, probability: float = 0.66, lower: float = 0.02, upper: float = 0.98
+) -> torch.Tensor:
     """The seed's "jitter" random dataset as its JitterTransform runs on a normalised image: values
     >= 0.66 become 0.98, then values <= 0.34 become 0.02 (the noise it draws is never used)."""
     x = torch.where(x >= probability, torch.full_like(x, upper), x)
@@ -198,7 +212,9 @@ def jitter(x: torch.Tensor, probability: float = 0.66, lower: float = 0.02, uppe
 # ----------------------------------------------------------------------------- preparation
 
 
-def corrupt_labels(labels: np.ndarray, num_classes: int, label_noise: float, seed: int | None) -> np.ndarray:
+def corrupt_labels(
+    labels: np.ndarray, num_classes: int, label_noise: float, seed: int | None
+) -> np.ndarray:
     """The seed's `corrupt_labels`: with numpy.random.default_rng(seed), draw round(n * label_noise)
     offsets in 1..K-1, give them the first positions of an all-zero offset vector, shuffle that vector by
     a permutation from the same generator, and add it to the labels modulo K. (With K = 2 the offsets
@@ -246,11 +262,15 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 
 
 # The seed's fixed normalisation constants (core/data.py), per channel of images / 255.
-SEED_STATS = {"cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
-              "cifar100": ([0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023])}
+SEED_STATS = {
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023]),
+}
 
 
-def input_stats(kind: str, data: str, source_train: Split, train: Split) -> tuple[list[float], list[float]]:
+def input_stats(
+    kind: str, data: str, source_train: Split, train: Split
+) -> tuple[list[float], list[float]]:
     """Per-channel (mean, std) the inputs are normalised with. "fixed": constants of the dataset,
     the same for every split and noise level (the seed's for CIFAR; for digits, which the seed never
     had, those of its whole training set); "split": those of the training split as prepared."""
@@ -290,8 +310,10 @@ def prepare(
         # drawn around the dataset's fixed statistics; the seed does not normalise the hypersphere
         mean, std = input_stats("fixed", data, train, train)
         shape = train.images.shape[1:]
-        train, test = (_random_images(random_dataset, len(s.labels), shape, mean, std, num_classes)
-                       for s in (train, test))
+        train, test = (
+            _random_images(random_dataset, len(s.labels), shape, mean, std, num_classes)
+            for s in (train, test)
+        )
     splits = _validation_split(train, train_split, val_split, data_split_seed)
     tr = splits["train"]
     tr.labels = corrupt_labels(tr.clean_labels, num_classes, label_noise, label_seed)
@@ -340,9 +362,19 @@ def prepare(
 
 def prepare_for(cfg: Config, path=None) -> dict:
     """`prepare` with the data parameters of `cfg` (into cfg.prepared_path by default)."""
-    return prepare(path or cfg.prepared_path, cfg.data, cfg.data_dir, cfg.verify_checksums, cfg.label_noise,
-                   cfg.label_seed, cfg.train_split, cfg.val_split, cfg.data_split_seed, cfg.input_stats,
-                   cfg.random_dataset)
+    return prepare(
+        path or cfg.prepared_path,
+        cfg.data,
+        cfg.data_dir,
+        cfg.verify_checksums,
+        cfg.label_noise,
+        cfg.label_seed,
+        cfg.train_split,
+        cfg.val_split,
+        cfg.data_split_seed,
+        cfg.input_stats,
+        cfg.random_dataset,
+    )
 
 
 def load_prepared(path, verify: bool = True) -> Prepared:
@@ -358,10 +390,14 @@ def load_prepared(path, verify: bool = True) -> Prepared:
         try:
             with np.load(f) as z:
                 splits[name] = Split(*(z[a] for a in ARRAYS))
-        except Exception as e:  # missing, truncated, bad CRC, missing array: all fixed by re-preparing
+        except (
+            Exception
+        ) as e:  # missing, truncated, bad CRC, missing array: all fixed by re-preparing
             raise DataError(f"cannot read {f} ({type(e).__name__}: {e}); {PREPARE_HINT}") from e
     if verify and content_hash(splits, meta.get("mean"), meta.get("std")) != meta["content_hash"]:
-        raise DataError(f"prepared data in {path} does not match its meta.json content hash; re-run `lipdd prepare`")
+        raise DataError(
+            f"prepared data in {path} does not match its meta.json content hash; re-run `lipdd prepare`"
+        )
     return Prepared(meta, splits)
 
 
@@ -373,9 +409,16 @@ def ensure_prepared(cfg: Config, expected_hash: str | None = None) -> Prepared:
     match, created when missing, never overwritten here. Other parameters get a folder of
     their own beside it, so analysing an older run by hand leaves the pipeline's data alone.
     `expected_hash` (a run's dataset_hash) must match what is used."""
-    wanted = dict(dataset=cfg.data, label_noise=float(cfg.label_noise), label_seed=cfg.label_seed,
-                  train_split=cfg.train_split, val_split=cfg.val_split, data_split_seed=cfg.data_split_seed,
-                  input_stats=cfg.input_stats, random_dataset=cfg.random_dataset)
+    wanted = dict(
+        dataset=cfg.data,
+        label_noise=float(cfg.label_noise),
+        label_seed=cfg.label_seed,
+        train_split=cfg.train_split,
+        val_split=cfg.val_split,
+        data_split_seed=cfg.data_split_seed,
+        input_stats=cfg.input_stats,
+        random_dataset=cfg.random_dataset,
+    )
     path = cfg.prepared_path
     if path.exists() and not _matches(path, wanted):
         key = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:12]
@@ -385,9 +428,11 @@ def ensure_prepared(cfg: Config, expected_hash: str | None = None) -> Prepared:
         prepare_for(cfg, path)
     prepared = load_prepared(path)
     if expected_hash and prepared.meta["content_hash"] != expected_hash:
-        raise DataError(f"data: the prepared data in {path} (hash {prepared.meta['content_hash'][:12]}) is not "
-                        f"the data the run was trained on (hash {expected_hash[:12]}); the source files in "
-                        f"{cfg.data_dir} or the code that prepares them changed")
+        raise DataError(
+            f"data: the prepared data in {path} (hash {prepared.meta['content_hash'][:12]}) is not "
+            f"the data the run was trained on (hash {expected_hash[:12]}); the source files in "
+            f"{cfg.data_dir} or the code that prepares them changed"
+        )
     return prepared
 
 
@@ -418,7 +463,9 @@ def normalize(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
     return (images_u8.float() / 255 - mean) / std
 
 
-def random_crop_flip(images_u8: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def random_crop_flip(
+    images_u8: torch.Tensor, generator: torch.Generator, pad: int = 4
+) -> torch.Tensor:
     """Random HxW crop of the zero-padded batch and a random horizontal flip, per sample, as one
     gather over the flattened padded pixels (faster than 4-way advanced indexing)."""
     n, c, h, w = images_u8.shape
@@ -428,7 +475,9 @@ def random_crop_flip(images_u8: torch.Tensor, generator: torch.Generator, pad: i
     dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator, device=dev)
     flip = torch.rand(n, 1, 1, generator=generator, device=dev) < 0.5
     cols = torch.arange(w, device=dev).view(1, 1, w)
-    cols = torch.where(flip, cols.flip(2), cols) + dx  # flipping the crop = reading its columns backwards
+    cols = (
+        torch.where(flip, cols.flip(2), cols) + dx
+    )  # flipping the crop = reading its columns backwards
     rows = torch.arange(h, device=dev).view(1, h, 1) + dy
     index = (rows * (w + 2 * pad) + cols).view(n, 1, h * w).expand(n, c, h * w)
     return padded.gather(2, index).view(n, c, h, w)
@@ -463,9 +512,14 @@ class Loader:
 
     def __post_init__(self):
         assert self.shard in (None, "batch", "blocks"), self.shard
-        self.generators = {} if self.seed is None else {
-            "batches": torch.Generator().manual_seed(self.seed),
-            "augment": torch.Generator(self.images.device).manual_seed(self.seed + 1)}
+        self.generators = (
+            {}
+            if self.seed is None
+            else {
+                "batches": torch.Generator().manual_seed(self.seed),
+                "augment": torch.Generator(self.images.device).manual_seed(self.seed + 1),
+            }
+        )
 
     @classmethod
     def of(cls, split: Split, meta: dict, device, batch_size: int, **options) -> "Loader":
@@ -491,9 +545,9 @@ class Loader:
             order = torch.randperm(n, generator=self.generators["batches"]).to(self.images.device)
         for i in starts:
             if order is None:
-                x, y = self.images[i:i + b], self.labels[i:i + b]
+                x, y = self.images[i : i + b], self.labels[i : i + b]
             else:
-                idx = order[i:i + b]
+                idx = order[i : i + b]
                 x, y = self.images[idx], self.labels[idx]
             if self.augment:
                 x = random_crop_flip(x, self.generators["augment"])

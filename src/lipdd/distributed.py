@@ -160,7 +160,9 @@ def failing_together():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise PeerFailed(store.get(FAILED).decode()) from None
     except Exception as e:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's teardown must not cut the report short
+        signal.signal(
+            signal.SIGTERM, signal.SIG_IGN
+        )  # torchrun's teardown must not cut the report short
         if not store.check([FAILED]):
             store.set(FAILED, f"rank {rank()}: {type(e).__name__}: {e}")
         raise

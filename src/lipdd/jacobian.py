@@ -37,7 +37,9 @@ def _logit_map(logits, targets, normalization, target_logit_only):
     if normalization in ("none", "jacobian"):
         A = eye
     elif normalization == "softmax":
-        A = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # d p_i / dz_j = p_i (delta_ij - p_j)
+        A = (
+            torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        )  # d p_i / dz_j = p_i (delta_ij - p_j)
     else:  # logsoftmax
         A = eye - p[:, None, :]  # d log p_i / dz_j = delta_ij - p_j
     if target_logit_only:
@@ -55,7 +57,9 @@ def _arithmetic(device, precision):
         raise ValueError(f"unknown precision {precision!r}, expected one of {PRECISIONS}")
     if device.type != "cuda":
         if precision != "fp32":
-            raise ValueError(f"precision {precision!r} is for CUDA devices; on {device.type} it is fp32")
+            raise ValueError(
+                f"precision {precision!r} is for CUDA devices; on {device.type} it is fp32"
+            )
         yield
         return
     conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
@@ -104,7 +108,9 @@ def _backward_rows(logits, x, rows, bigmem):
     return out.flatten(2)
 
 
-def jacobians(model, x, targets, normalizations, target_logit_only=False, bigmem=False, precision="fp32"):
+def jacobians(
+    model, x, targets, normalizations, target_logit_only=False, bigmem=False, precision="fp32"
+):
     """logits (B, K) and {normalization: (B, K', D) Jacobian}: per chunk of samples, one forward pass and
     K' or K backward rows, whichever is fewer.
 
@@ -123,7 +129,9 @@ def jacobians(model, x, targets, normalizations, target_logit_only=False, bigmem
         frozen = _frozen_copy(model, channels_last)
 
         def chunk(xc, tc):
-            return _chunk_jacobians(frozen, xc, tc, normalizations, target_logit_only, bigmem, channels_last)
+            return _chunk_jacobians(
+                frozen, xc, tc, normalizations, target_logit_only, bigmem, channels_last
+            )
 
         if threads > 1 and len(chunks) > 1:
             parts = _concurrently(chunk, chunks, targets, workers=min(threads, len(chunks)))
@@ -131,7 +139,9 @@ def jacobians(model, x, targets, normalizations, target_logit_only=False, bigmem
             parts = [chunk(xc, tc) for xc, tc in zip(chunks, targets)]
     if len(parts) == 1:
         return parts[0]
-    return torch.cat([p[0] for p in parts]), {n: torch.cat([p[1][n] for p in parts]) for n in normalizations}
+    return torch.cat([p[0] for p in parts]), {
+        n: torch.cat([p[1][n] for p in parts]) for n in normalizations
+    }
 
 
 def _concurrently(fn, *iterables, workers):
@@ -152,7 +162,9 @@ def _concurrently(fn, *iterables, workers):
 
 def _chunk_jacobians(model, x, targets, normalizations, target_logit_only, bigmem, channels_last):
     # A detached alias: autograd tracks it, the caller's tensor is untouched
-    x = x.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x = x.detach().contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
     x.requires_grad_(True)
     logits = model(x).to(x.dtype)  # float32 under bf16 autocast too
     with torch.no_grad():
@@ -178,9 +190,14 @@ def operator_norm(J):
     return torch.linalg.eigvalsh(gram.double())[:, -1].clamp_min(0).sqrt().to(J.dtype)
 
 
-def input_jacobian(model, x, targets, normalization="none", target_logit_only=False, bigmem=False,
-                   precision="fp32"):
+def input_jacobian(
+    model, x, targets, normalization="none", target_logit_only=False, bigmem=False, precision="fp32"
+):
     """(B, K', D) Jacobian of each sample's (normalised) output w.r.t. its own input, D = C*H*W."""
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}, expected one of {NORMALIZATIONS}")
-    return jacobians(model, x, targets, (normalization,), target_logit_only, bigmem, precision)[1][normalization]
+        raise ValueError(
+            f"unknown normalization {normalization!r}, expected one of {NORMALIZATIONS}"
+        )
+    return jacobians(model, x, targets, (normalization,), target_logit_only, bigmem, precision)[1][
+        normalization
+    ]

@@ -26,20 +26,31 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 
-def top_eigenvalues(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int = 1, tol: float = 1e-3,
-                    max_steps: int = 1000, device="cpu", seed: int = 0,
-                    start: torch.Tensor | None = None) -> tuple[list[float], int]:
+def top_eigenvalues(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    k: int = 1,
+    tol: float = 1e-3,
+    max_steps: int = 1000,
+    device="cpu",
+    seed: int = 0,
+    start: torch.Tensor | None = None,
+) -> tuple[list[float], int]:
     """(the k largest eigenvalues, largest first; the number of products taken) of the symmetric
     n x n operator `matvec`, which takes and returns float64 vectors on `device`. The start vector
     is Gaussian, drawn on the CPU from `seed`, so the result is reproducible; a `start` guessed near
     the wanted eigenvectors is added to it with equal weight: it saves steps when the guess is good
     and, with the Gaussian half, still reaches every eigenvector when it is not."""
     k = min(k, n)
-    q = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)
+    q = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(
+        device
+    )
     q /= torch.linalg.vector_norm(q)
     if start is not None and float(torch.linalg.vector_norm(start)) > 0:
         q += start.to(device, torch.float64) / torch.linalg.vector_norm(start)
-    basis = torch.empty(min(n, max_steps, 16), n, dtype=torch.float64, device=device)  # grows by doubling
+    basis = torch.empty(
+        min(n, max_steps, 16), n, dtype=torch.float64, device=device
+    )  # grows by doubling
     basis[0] = q / torch.linalg.vector_norm(q)
     alphas, betas = [], []
     for step in range(1, min(n, max_steps) + 1):
@@ -58,20 +69,33 @@ def top_eigenvalues(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: i
             coefficients = basis[:step] @ w
             w -= basis[:step].T @ coefficients
             norm = torch.linalg.vector_norm(w)
-            alpha_value, along_q, before_value, beta = torch.stack([alpha, coefficients[-1], before, norm]).tolist()
+            alpha_value, along_q, before_value, beta = torch.stack(
+                [alpha, coefficients[-1], before, norm]
+            ).tolist()
             correction += along_q
             if beta > 0.5 * before_value:
                 break
             before = norm
         alphas.append(alpha_value + correction)
-        ritz, vectors = eigh_tridiagonal(np.array(alphas), np.array(betas), select="i",
-                                         select_range=(step - min(k, step), step - 1), check_finite=False)
+        ritz, vectors = eigh_tridiagonal(
+            np.array(alphas),
+            np.array(betas),
+            select="i",
+            select_range=(step - min(k, step), step - 1),
+            check_finite=False,
+        )
         ritz, residuals = ritz[::-1], beta * np.abs(vectors[-1, ::-1])  # largest first
-        if beta <= 1e-12 * np.abs(ritz).max() or step == n or np.all(residuals <= tol * np.abs(ritz)):
+        if (
+            beta <= 1e-12 * np.abs(ritz).max()
+            or step == n
+            or np.all(residuals <= tol * np.abs(ritz))
+        ):
             return ritz.tolist(), step
         betas.append(beta)
         if step == len(basis):
             basis = torch.cat([basis, torch.empty_like(basis)])
         basis[step] = w / beta
-    raise RuntimeError(f"Lanczos did not reach relative tolerance {tol:g} in {max_steps} steps "
-                       f"(largest Ritz values {ritz.tolist()})")
+    raise RuntimeError(
+        f"Lanczos did not reach relative tolerance {tol:g} in {max_steps} steps "
+        f"(largest Ritz values {ritz.tolist()})"
+    )

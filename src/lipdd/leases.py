@@ -15,13 +15,17 @@ from pathlib import Path
 
 
 def lease_directory() -> Path:
-    return Path(os.environ.get("LIPDD_GPU_LEASES") or Path(tempfile.gettempdir()) / "lipdd-gpu-leases")
+    return Path(
+        os.environ.get("LIPDD_GPU_LEASES") or Path(tempfile.gettempdir()) / "lipdd-gpu-leases"
+    )
 
 
 _LEASES: list[int] = []  # file descriptors of the slots this process holds, open until it exits
 
 
-def lease_gpu(gpus: list[str], runs_per_gpu: int, directory: Path | None = None, poll: float = 1.0) -> int:
+def lease_gpu(
+    gpus: list[str], runs_per_gpu: int, directory: Path | None = None, poll: float = 1.0
+) -> int:
     """Index in `gpus` of a GPU this process now holds one of `runs_per_gpu` slots of, for the rest of
     its life; waits while every slot is taken. A slot is an flock on a file named after the GPU in a
     directory every process of the host shares (lease_directory): the kernel releases it when its
@@ -48,7 +52,10 @@ def lease_gpu(gpus: list[str], runs_per_gpu: int, directory: Path | None = None,
                     print(f"leased GPU {gpu}", file=sys.stderr)
                 return index
         if not waiting:
-            print(f"waiting for a GPU: all {len(gpus)} visible hold runs_per_gpu={runs_per_gpu} processes "
-                  f"(leases in {directory})", file=sys.stderr)
+            print(
+                f"waiting for a GPU: all {len(gpus)} visible hold runs_per_gpu={runs_per_gpu} processes "
+                f"(leases in {directory})",
+                file=sys.stderr,
+            )
             waiting = True
         time.sleep(poll)

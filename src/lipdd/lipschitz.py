@@ -23,8 +23,16 @@ from .models import CNN5, BasicBlock, ResNet
 
 TOLERANCE = 1e-10  # relative tolerance on the top eigenvalue of A^T A
 # in eval mode, where the bound is taken, dropout is the identity
-LINEAR = (nn.Conv2d, nn.BatchNorm2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.Identity,
-          nn.Dropout)
+LINEAR = (
+    nn.Conv2d,
+    nn.BatchNorm2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Linear,
+    nn.Identity,
+    nn.Dropout,
+)
 
 
 def spectral_norm(affine, shape: tuple[int, ...], device="cpu") -> float:
@@ -68,7 +76,11 @@ class _Bound:
         norm = spectral_norm(affine, self.shape, self.device)
         self.maps.append({"map": name, "input_shape": list(self.shape), "norm": norm})
         with torch.no_grad():
-            self.shape = tuple(affine(torch.zeros(1, *self.shape, dtype=torch.float64, device=self.device)).shape[1:])
+            self.shape = tuple(
+                affine(torch.zeros(1, *self.shape, dtype=torch.float64, device=self.device)).shape[
+                    1:
+                ]
+            )
         return norm
 
     def stack(self, name: str, modules: list[nn.Module]) -> None:
@@ -77,7 +89,9 @@ class _Bound:
 
     def block(self, name: str, block: BasicBlock) -> None:
         shape = self.shape
-        shortcut = 1.0 if block.downsample is None else self.map(f"{name}.shortcut", block.downsample)
+        shortcut = (
+            1.0 if block.downsample is None else self.map(f"{name}.shortcut", block.downsample)
+        )
         self.shape = shape
         first = self.map(f"{name}.branch0", lambda x: block.bn1(block.conv1(x)))
         second = self.map(f"{name}.branch1", lambda x: block.bn2(block.conv2(x)))
@@ -98,9 +112,29 @@ def upper_bound(model: nn.Module, input_shape) -> tuple[float, list[dict]]:
             bound.stack("head", [net.avgpool, nn.Flatten(), net.dropout, net.fc])
         elif isinstance(net, CNN5):
             relu = nn.ReLU()
-            bound.stack("layers", [net.layer1.conv, net.layer1.bn, relu, net.layer2.conv, net.layer2.bn, relu,
-                                   net.pool, net.layer3.conv, net.layer3.bn, relu, net.pool, net.layer4.conv,
-                                   net.layer4.bn, relu, net.apool, nn.Flatten(), net.dropout, net.fc])
+            bound.stack(
+                "layers",
+                [
+                    net.layer1.conv,
+                    net.layer1.bn,
+                    relu,
+                    net.layer2.conv,
+                    net.layer2.bn,
+                    relu,
+                    net.pool,
+                    net.layer3.conv,
+                    net.layer3.bn,
+                    relu,
+                    net.pool,
+                    net.layer4.conv,
+                    net.layer4.bn,
+                    relu,
+                    net.apool,
+                    nn.Flatten(),
+                    net.dropout,
+                    net.fc,
+                ],
+            )
         else:
             raise TypeError(f"no Lipschitz bound for {type(model).__name__}")
     return bound.value, bound.maps

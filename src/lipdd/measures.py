@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-import numpy as np
 
 from . import curvature, jacobian, lipschitz
 from .names import NORMALIZATIONS, bound_ratio
@@ -42,8 +41,16 @@ class Batch:
     normalization is asked for, the input Jacobians of all of them are computed once, on first
     use, and shared by every measure: one forward pass and K backward rows (jacobian.jacobians)."""
 
-    def __init__(self, model, x, targets, normalizations=(), target_logit_only=False, bigmem=False,
-                 precision="fp32"):
+    def __init__(
+        self,
+        model,
+        x,
+        targets,
+        normalizations=(),
+        target_logit_only=False,
+        bigmem=False,
+        precision="fp32",
+    ):
         self.model, self.x, self.targets = model, x, targets
         self.normalizations = tuple(dict.fromkeys(normalizations))
         self.target_logit_only, self.bigmem, self.precision = target_logit_only, bigmem, precision
@@ -51,8 +58,15 @@ class Batch:
     @cached_property
     def _outputs(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.normalizations:  # the logits come from the Jacobians' own forward pass
-            return jacobian.jacobians(self.model, self.x, self.targets, self.normalizations, self.target_logit_only,
-                                      self.bigmem, self.precision)
+            return jacobian.jacobians(
+                self.model,
+                self.x,
+                self.targets,
+                self.normalizations,
+                self.target_logit_only,
+                self.bigmem,
+                self.precision,
+            )
         with torch.no_grad():
             return self.model(self.x), {}
 
@@ -81,6 +95,7 @@ class Network:
 
 # --- per sample ------------------------------------------------------------------------------------
 
+
 def jacobian_operator_norm(batch: Batch, normalization: str) -> torch.Tensor:
     """Largest singular value of the K' x D input Jacobian (exact)."""
     return jacobian.operator_norm(batch.jacobians[normalization])
@@ -108,6 +123,7 @@ def confidence(batch: Batch) -> torch.Tensor:
 
 # --- per network -----------------------------------------------------------------------------------
 
+
 def distance_from_init(network: Network) -> tuple[dict[str, float], dict]:
     """||theta_t - theta_0||_2 over all parameters, the same over ||theta_0||_2, and ||theta_t||_2
     (float64); per parameter tensor in the details."""
@@ -119,8 +135,11 @@ def distance_from_init(network: Network) -> tuple[dict[str, float], dict]:
         sums += squares
         per_layer[name] = dict(zip(("distance", "initial_norm", "norm"), squares.sqrt().tolist()))
     distance, initial_norm, norm = sums.sqrt().tolist()
-    summary = {"distance_from_init": distance, "distance_from_init_relative": distance / initial_norm,
-               "parameter_norm": norm}
+    summary = {
+        "distance_from_init": distance,
+        "distance_from_init_relative": distance / initial_norm,
+        "parameter_norm": norm,
+    }
     return summary, {"per_layer": per_layer}
 
 
@@ -130,7 +149,9 @@ def lipschitz_upper_bound(network: Network) -> tuple[dict[str, float], dict]:
     map's norm in the details. The softmax outputs' bound is half of it: softmax's Jacobian
     diag(p) - p p^T has spectral norm at most 1/2."""
     bound, maps = lipschitz.upper_bound(network.model, network.input_shape)
-    return {"lipschitz_upper_bound": bound, "lipschitz_upper_bound_softmax": bound / 2}, {"maps": maps}
+    return {"lipschitz_upper_bound": bound, "lipschitz_upper_bound_softmax": bound / 2}, {
+        "maps": maps
+    }
 
 
 def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
@@ -141,33 +162,74 @@ def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
     its standard error, and the gradient norm ||grad L||."""
     s = network.options
     hessian = curvature.Hessian(network.model, *network.training_points())
-    eigenvalues, steps = hessian.top_eigenvalues(s.curvature_top_k, s.curvature_tolerance, s.curvature_seed)
+    eigenvalues, steps = hessian.top_eigenvalues(
+        s.curvature_top_k, s.curvature_tolerance, s.curvature_seed
+    )
     quadratic = hessian.hutchinson(s.hutchinson_probes, s.curvature_seed)
-    summary = {"hessian_top_eigenvalue": eigenvalues[0], "hessian_trace": float(quadratic.mean()),
-               "hessian_trace_se": float(quadratic.std(ddof=1) / np.sqrt(len(quadratic))),
-               "gradient_norm": hessian.gradient_norm}
-    return summary, {"eigenvalues": eigenvalues, "lanczos_steps": steps, "trace_samples": quadratic.tolist(),
-                     "parameters": hessian.size, "training_points": hessian.samples,
-                     "tolerance": s.curvature_tolerance}
+    summary = {
+        "hessian_top_eigenvalue": eigenvalues[0],
+        "hessian_trace": float(quadratic.mean()),
+        "hessian_trace_se": float(quadratic.std(ddof=1) / np.sqrt(len(quadratic))),
+        "gradient_norm": hessian.gradient_norm,
+    }
+    return summary, {
+        "eigenvalues": eigenvalues,
+        "lanczos_steps": steps,
+        "trace_samples": quadratic.tolist(),
+        "parameters": hessian.size,
+        "training_points": hessian.samples,
+        "tolerance": s.curvature_tolerance,
+    }
 
 
-MEASURES = {m.name: m for m in (
-    Measure("jacobian_operator_norm", "sample", jacobian_operator_norm, ("normalization",)),
-    Measure("jacobian", "sample", jacobian_frobenius_norm, ("normalization",)),
-    Measure("accuracy", "sample", accuracy),
-    Measure("crossentropy", "sample", crossentropy),
-    Measure("confidence", "sample", confidence),
-    Measure("distance_from_init", "network", distance_from_init, ("initial",),
-            ("distance_from_init", "distance_from_init_relative", "parameter_norm")),
-    Measure("lipschitz_upper_bound", "network", lipschitz_upper_bound, (),
-            ("lipschitz_upper_bound", "lipschitz_upper_bound_softmax", bound_ratio("none"), bound_ratio("softmax"))),
-    Measure("loss_curvature", "network", loss_curvature, ("training_points",),
-            ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_se", "gradient_norm")),
-)}
+MEASURES = {
+    m.name: m
+    for m in (
+        Measure("jacobian_operator_norm", "sample", jacobian_operator_norm, ("normalization",)),
+        Measure("jacobian", "sample", jacobian_frobenius_norm, ("normalization",)),
+        Measure("accuracy", "sample", accuracy),
+        Measure("crossentropy", "sample", crossentropy),
+        Measure("confidence", "sample", confidence),
+        Measure(
+            "distance_from_init",
+            "network",
+            distance_from_init,
+            ("initial",),
+            ("distance_from_init", "distance_from_init_relative", "parameter_norm"),
+        ),
+        Measure(
+            "lipschitz_upper_bound",
+            "network",
+            lipschitz_upper_bound,
+            (),
+            (
+                "lipschitz_upper_bound",
+                "lipschitz_upper_bound_softmax",
+                bound_ratio("none"),
+                bound_ratio("softmax"),
+            ),
+        ),
+        Measure(
+            "loss_curvature",
+            "network",
+            loss_curvature,
+            ("training_points",),
+            ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_se", "gradient_norm"),
+        ),
+    )
+}
 
 
-def per_sample(model, x, targets, selected, normalizations, target_logit_only=False, bigmem=False,
-               precision="fp32") -> dict[tuple[str, str | None], torch.Tensor]:
+def per_sample(
+    model,
+    x,
+    targets,
+    selected,
+    normalizations,
+    target_logit_only=False,
+    bigmem=False,
+    precision="fp32",
+) -> dict[tuple[str, str | None], torch.Tensor]:
     """{(measure, normalization or None): (B,) values} of the selected per-sample measures."""
     for name in selected:
         if name not in MEASURES:
@@ -177,11 +239,13 @@ def per_sample(model, x, targets, selected, normalizations, target_logit_only=Fa
             raise ValueError(f"unknown normalization {n!r}, expected one of {NORMALIZATIONS}")
     chosen = [MEASURES[name] for name in selected if MEASURES[name].kind == "sample"]
     if any("normalization" in m.options for m in chosen) and not normalizations:
-        raise ValueError(f"{', '.join(m.name for m in chosen)}: Jacobian measures need at least one normalization")
+        raise ValueError(
+            f"{', '.join(m.name for m in chosen)}: Jacobian measures need at least one normalization"
+        )
     needed = normalizations if any("normalization" in m.options for m in chosen) else ()
     batch = Batch(model, x, targets, needed, target_logit_only, bigmem, precision)
     out = {}
     for m in chosen:
-        for n in (normalizations if "normalization" in m.options else (None,)):
+        for n in normalizations if "normalization" in m.options else (None,):
             out[m.name, n] = m.fn(batch, n) if n is not None else m.fn(batch)
     return out

@@ -68,8 +68,11 @@ class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride, batch_norm):
         super().__init__()
         # The shortcut is built first: its weights are drawn before the branch's, as in the seed.
-        downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False)) \
-            if stride != 1 or cin != cout else None
+        downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False))
+            if stride != 1 or cin != cout
+            else None
+        )
         self.conv1 = _conv3x3(cin, cout, stride, batch_norm)
         self.bn1 = _norm(cout, batch_norm)
         self.conv2 = _conv3x3(cout, cout, 1, batch_norm)
@@ -133,7 +136,9 @@ def _init_fixup(model, modified):
     for m in model.modules():
         if isinstance(m, BasicBlock):
             w = m.conv1.weight
-            nn.init.normal_(w, 0, math.sqrt(2.0 / (w.shape[0] * math.prod(w.shape[2:]))) * len(blocks) ** -0.5)
+            nn.init.normal_(
+                w, 0, math.sqrt(2.0 / (w.shape[0] * math.prod(w.shape[2:]))) * len(blocks) ** -0.5
+            )
             if modified:
                 nn.init.normal_(m.conv2.weight, 0, 1e-6)
             else:
@@ -159,11 +164,15 @@ def build_model(
     dropout: float = 0.0,
 ) -> nn.Module:
     if family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; families are {', '.join(MODEL_FAMILIES)}")
+        raise ValueError(
+            f"unknown model family {family!r}; families are {', '.join(MODEL_FAMILIES)}"
+        )
     if width < 1:
         raise ValueError(f"width must be positive, got {width}")
     if weight_init not in WEIGHT_INITS:
-        raise ValueError(f"unknown weight_init {weight_init!r}; choose from {', '.join(WEIGHT_INITS)}")
+        raise ValueError(
+            f"unknown weight_init {weight_init!r}; choose from {', '.join(WEIGHT_INITS)}"
+        )
     fixup = weight_init in ("fixup", "mfixup")
     if fixup and family not in RESNET_STAGES:
         raise ValueError(f"weight_init {weight_init!r} needs a residual network, not {family!r}")
@@ -184,6 +193,12 @@ def build_model(
 
 def model_for(cfg, meta: dict) -> nn.Module:
     """The network a run configured by `cfg` (a Config) trains, shaped for its prepared data."""
-    return build_model(cfg.model, cfg.width, in_channels=meta["image_shape"][2], num_classes=meta["num_classes"],
-                       batch_norm="batch_norm" in cfg.model_additions, weight_init=cfg.weight_init,
-                       dropout=cfg.dropout if "dropout" in cfg.model_additions else 0.0)
+    return build_model(
+        cfg.model,
+        cfg.width,
+        in_channels=meta["image_shape"][2],
+        num_classes=meta["num_classes"],
+        batch_norm="batch_norm" in cfg.model_additions,
+        weight_init=cfg.weight_init,
+        dropout=cfg.dropout if "dropout" in cfg.model_additions else 0.0,
+    )

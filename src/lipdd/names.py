@@ -24,7 +24,11 @@ def evaluation(split: str, quantity: str) -> str:
 
 def is_evaluation(key: str) -> bool:
     """Whether `key` is one of an evaluation's metrics (what results/train/history.csv holds)."""
-    return key in (LR, EPOCH_LOSS) or key in NOISE or any(key == evaluation(s, q) for s in SPLITS for q in EVALUATED)
+    return (
+        key in (LR, EPOCH_LOSS)
+        or key in NOISE
+        or any(key == evaluation(s, q) for s in SPLITS for q in EVALUATED)
+    )
 
 
 # --- stats: per checkpoint (step = epoch) -------------------------------------------------------
@@ -53,7 +57,11 @@ def logged_probe_summaries(measure: str) -> tuple[str, ...]:
 
 def bound_ratio(normalization: str) -> str:
     """The MLflow metric of the Lipschitz upper bound over the largest per-sample operator norm."""
-    return "lipschitz_upper_bound" + ("" if normalization == "none" else f"_{normalization}") + "_over_max"
+    return (
+        "lipschitz_upper_bound"
+        + ("" if normalization == "none" else f"_{normalization}")
+        + "_over_max"
+    )
 
 
 def stat(measure: str, normalization: str | None = None, target_logit_only: bool = False) -> str:
@@ -87,9 +95,17 @@ def parse_summary_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
-def result_file(measure: str, normalization: str | None, target_logit_only: bool, split: str | None,
-                checkpoint: int, uid: int | None = None, outname: str | None = None,
-                random_dataset: str | None = None, probe: str | None = None) -> str:
+def result_file(
+    measure: str,
+    normalization: str | None,
+    target_logit_only: bool,
+    split: str | None,
+    checkpoint: int,
+    uid: int | None = None,
+    outname: str | None = None,
+    random_dataset: str | None = None,
+    probe: str | None = None,
+) -> str:
     """The seed's result file name,
     [OUTNAME-]METRIC[-target_only][-random_KIND]-SPLIT-checkpoint-KEY[-id-UID].json
     (KEY: the checkpoint as --checkpoint named it; UID: skip / batch_size, when --skip was given),

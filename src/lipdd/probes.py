@@ -58,6 +58,7 @@ def origin_groups(points: Points) -> dict[str, np.ndarray]:
 
 # --- between training points ---------------------------------------------------------------------
 
+
 def between(points: Points, options, model=None) -> ProbeSet:
     """lambda x_i + (1 - lambda) x_j for every training point i, one partner j drawn among the
     points of its class (the label trained on) and one among the others, with
@@ -82,19 +83,33 @@ def between(points: Points, options, model=None) -> ProbeSet:
     first, second = torch.as_tensor(i_s[pair]), torch.as_tensor(j_s[pair])
     weight = torch.as_tensor(lam, dtype=points.x.dtype, device=points.x.device).view(-1, 1, 1, 1)
     x = weight * points.x[first] + (1 - weight) * points.x[second]
-    targets = torch.where(torch.as_tensor(lam >= 0.5, device=points.x.device), points.targets[first],
-                          points.targets[second])
+    targets = torch.where(
+        torch.as_tensor(lam >= 0.5, device=points.x.device),
+        points.targets[first],
+        points.targets[second],
+    )
     corrupted = points.corrupted[i_s[pair]].astype(int) + points.corrupted[j_s[pair]]
     kind = np.array(kinds)[pair]
-    groups = {"clean": corrupted == 0, "corrupted": corrupted == 2, "mixed": corrupted == 1,
-              "within_class": kind == "within", "across_classes": kind == "across"}
+    groups = {
+        "clean": corrupted == 0,
+        "corrupted": corrupted == 2,
+        "mixed": corrupted == 1,
+        "within_class": kind == "within",
+        "across_classes": kind == "across",
+    }
     groups.update({f"lambda{round(v * 100)}": lam == v for v in lambdas})
-    provenance = {"sample_i": points.index[i_s[pair]].tolist(), "sample_j": points.index[j_s[pair]].tolist(),
-                  "lambda": lam.tolist(), "pair": kind.tolist(), "corrupted_endpoints": corrupted.tolist()}
+    provenance = {
+        "sample_i": points.index[i_s[pair]].tolist(),
+        "sample_j": points.index[j_s[pair]].tolist(),
+        "lambda": lam.tolist(),
+        "pair": kind.tolist(),
+        "corrupted_endpoints": corrupted.tolist(),
+    }
     return ProbeSet(x, targets, provenance, groups)
 
 
 # --- around training points: the double_descent study's neighbourhoods -------------------------
+
 
 @lru_cache(maxsize=None)
 def seed_shift(height: int, width: int, radius: int, angle: float) -> np.ndarray:
@@ -109,8 +124,13 @@ def seed_shift(height: int, width: int, radius: int, angle: float) -> np.ndarray
 
     indices = Image.fromarray(np.arange(height * width, dtype=np.int32).reshape(height, width))
     padded = TF.pad(indices, padding=2 * radius, padding_mode="edge")
-    moved = TF.affine(padded, angle=0, translate=(radius * math.cos(angle), radius * math.sin(angle)), scale=1,
-                      shear=0)
+    moved = TF.affine(
+        padded,
+        angle=0,
+        translate=(radius * math.cos(angle), radius * math.sin(angle)),
+        scale=1,
+        shear=0,
+    )
     return np.asarray(TF.center_crop(moved, [height, width]), dtype=np.int64).ravel()
 
 
@@ -128,19 +148,30 @@ def angles(directions: int) -> np.ndarray:
 def shifts(radius: int) -> Callable:
     def probe(points: Points, options, model=None) -> ProbeSet:
         n, m = len(points.targets), options.probe_directions
-        x = torch.stack([points.x, *(shifted(points.x, radius, t) for t in angles(m))], 1).flatten(0, 1)
+        x = torch.stack([points.x, *(shifted(points.x, radius, t) for t in angles(m))], 1).flatten(
+            0, 1
+        )
 
-        def reduce(values):  # the study's Monte Carlo integral: mean over directions of (f(x) + f(x_k)) / 2
+        def reduce(
+            values,
+        ):  # the study's Monte Carlo integral: mean over directions of (f(x) + f(x_k)) / 2
             v = values.reshape(n, m + 1)
             return {"": (0.5 * (v[:, :1] + v[:, 1:])).mean(1)}
 
-        provenance = {"sample": np.repeat(points.index, m + 1).tolist(),
-                      "direction": np.tile(np.r_[-1, np.arange(m)], n).tolist(),
-                      "radius": np.tile(np.r_[0, np.full(m, radius)], n).tolist()}
-        return ProbeSet(x, points.targets.repeat_interleave(m + 1), provenance, origin_groups(points), reduce)
-    probe.__doc__ = (f"Each training point and its translations by {radius} pixel(s) along probe_directions evenly "
-                     f"spaced directions (the study's {radius}px-shifts); per training point, the mean over "
-                     "directions of (f(x) + f(x_k)) / 2, the study's integral.")
+        provenance = {
+            "sample": np.repeat(points.index, m + 1).tolist(),
+            "direction": np.tile(np.r_[-1, np.arange(m)], n).tolist(),
+            "radius": np.tile(np.r_[0, np.full(m, radius)], n).tolist(),
+        }
+        return ProbeSet(
+            x, points.targets.repeat_interleave(m + 1), provenance, origin_groups(points), reduce
+        )
+
+    probe.__doc__ = (
+        f"Each training point and its translations by {radius} pixel(s) along probe_directions evenly "
+        f"spaced directions (the study's {radius}px-shifts); per training point, the mean over "
+        "directions of (f(x) + f(x_k)) / 2, the study's integral."
+    )
     return probe
 
 
@@ -157,7 +188,12 @@ def shift_paths(points: Points, options, model=None) -> ProbeSet:
     n, m, a = len(points.targets), options.probe_directions, len(PATH_RADII) + 1
     paths = [[points.x, *(shifted(points.x, r, t) for r in PATH_RADII)] for t in angles(m)]
     x = torch.stack([torch.stack(p, 1) for p in paths], 1)  # (N, M, A, C, H, W)
-    segments = torch.linalg.vector_norm((x[:, :, 1:] - x[:, :, :-1]).flatten(3), dim=-1).double().cpu().numpy()
+    segments = (
+        torch.linalg.vector_norm((x[:, :, 1:] - x[:, :, :-1]).flatten(3), dim=-1)
+        .double()
+        .cpu()
+        .numpy()
+    )
 
     def reduce(values):
         f = values.reshape(n, m, a)
@@ -166,14 +202,22 @@ def shift_paths(points: Points, options, model=None) -> ProbeSet:
         integral = np.where(length > 0, area / np.where(length > 0, length, 1), f[:, :, 0])
         return {"": integral.mean(1), "plain": f.reshape(n, -1).mean(1)}
 
-    provenance = {"sample": np.repeat(points.index, m * a).tolist(),
-                  "direction": np.tile(np.repeat(np.arange(m), a), n).tolist(),
-                  "radius": np.tile(np.r_[0, PATH_RADII], n * m).tolist()}
-    return ProbeSet(x.flatten(0, 2), points.targets.repeat_interleave(m * a), provenance, origin_groups(points),
-                    reduce)
+    provenance = {
+        "sample": np.repeat(points.index, m * a).tolist(),
+        "direction": np.tile(np.repeat(np.arange(m), a), n).tolist(),
+        "radius": np.tile(np.r_[0, PATH_RADII], n * m).tolist(),
+    }
+    return ProbeSet(
+        x.flatten(0, 2),
+        points.targets.repeat_interleave(m * a),
+        provenance,
+        origin_groups(points),
+        reduce,
+    )
 
 
 # --- away from the data ----------------------------------------------------------------------------
+
 
 def random_inputs(kind: str) -> Callable:
     def probe(points: Points, options, model=None) -> ProbeSet:
@@ -185,9 +229,12 @@ def random_inputs(kind: str) -> Callable:
         x = ((torch.from_numpy(pixels) - mean) / std).to(points.x.device, points.x.dtype)
         targets = torch.from_numpy(rng.integers(0, points.num_classes, n)).to(points.targets.device)
         return ProbeSet(x, targets, {"draw": list(range(n))})
-    probe.__doc__ = (f"As many random inputs as training points, drawn as the seed's random dataset {kind!r} draws "
-                     "them (lipdd.data.random_pixels, in pixel space, with numpy.random.default_rng(probe_seed); "
-                     "not rounded to 8 bits), then normalised; labels uniform over the classes.")
+
+    probe.__doc__ = (
+        f"As many random inputs as training points, drawn as the seed's random dataset {kind!r} draws "
+        "them (lipdd.data.random_pixels, in pixel space, with numpy.random.default_rng(probe_seed); "
+        "not rounded to 8 bits), then normalised; labels uniform over the classes."
+    )
     return probe
 
 
@@ -212,8 +259,10 @@ class SmoothReLU(torch.overrides.TorchFunctionMode):
 def smooth_operator_norms(model, x: torch.Tensor) -> torch.Tensor:
     """Largest singular value of each sample's logits' input Jacobian through the smooth network,
     differentiable in x."""
+
     def logits(sample):
         return model(sample.unsqueeze(0)).squeeze(0)
+
     with SmoothReLU():
         jacobians = torch.func.vmap(torch.func.jacrev(logits))(x)  # (N, K, C, H, W)
         return torch.linalg.matrix_norm(jacobians.flatten(2), ord=2)
@@ -230,7 +279,10 @@ def worst(points: Points, options, model) -> ProbeSet:
     x0 = points.x.detach()
     radius, steps = options.worst_radius, options.worst_steps
     step = 2.5 * radius / steps
-    best, best_norm = x0.clone(), torch.full((len(x0),), -math.inf, device=x0.device, dtype=torch.float64)
+    best, best_norm = (
+        x0.clone(),
+        torch.full((len(x0),), -math.inf, device=x0.device, dtype=torch.float64),
+    )
     x, taken = x0.clone(), torch.zeros(len(x0), dtype=torch.int64, device=x0.device)
     for k in range(steps + 1):
         norms = per_sample(model, x, points.targets, ("jacobian_operator_norm",), ("none",))
@@ -242,12 +294,20 @@ def worst(points: Points, options, model) -> ProbeSet:
         x.requires_grad_(True)
         (grad,) = torch.autograd.grad(smooth_operator_norms(model, x).sum(), x)
         with torch.no_grad():
-            direction = grad / torch.linalg.vector_norm(grad.flatten(1), dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
+            direction = grad / torch.linalg.vector_norm(grad.flatten(1), dim=1).clamp_min(
+                1e-30
+            ).view(-1, 1, 1, 1)
             delta = x + step * direction - x0
-            scale = (radius / torch.linalg.vector_norm(delta.flatten(1), dim=1).clamp_min(1e-30)).clamp(max=1)
+            scale = (
+                radius / torch.linalg.vector_norm(delta.flatten(1), dim=1).clamp_min(1e-30)
+            ).clamp(max=1)
             x = x0 + delta * scale.view(-1, 1, 1, 1)
     distance = torch.linalg.vector_norm((best - x0).flatten(1), dim=1)
-    provenance = {"sample": points.index.tolist(), "step": taken.tolist(), "distance": distance.tolist()}
+    provenance = {
+        "sample": points.index.tolist(),
+        "step": taken.tolist(),
+        "distance": distance.tolist(),
+    }
     return ProbeSet(best, points.targets, provenance, origin_groups(points))
 
 

@@ -21,12 +21,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+from matplotlib.figure import Figure
 from scipy.stats import spearmanr
 from tqdm import tqdm
-
-import matplotlib
-from matplotlib.figure import Figure
 
 from . import files, names, runs, tracking
 from .config import Config
@@ -42,7 +41,11 @@ def opnorm(key: str) -> tuple[str, str] | None:
     if parsed is None or parsed[0] != "train" or parsed[2] not in SUMMARIES:
         return None
     norm = parsed[1].removeprefix(names.OPNORM + "_")
-    return (norm, parsed[2]) if norm != parsed[1] and norm.removesuffix("_target") in names.NORMALIZATIONS else None
+    return (
+        (norm, parsed[2])
+        if norm != parsed[1] and norm.removesuffix("_target") in names.NORMALIZATIONS
+        else None
+    )
 
 
 def probe_summary(key: str) -> tuple[str, str, str] | None:
@@ -53,8 +56,15 @@ def probe_summary(key: str) -> tuple[str, str, str] | None:
     for probe in sorted(PROBES, key=len, reverse=True):  # shift_path before shift...
         rest = key.removeprefix(f"probe_{probe}_")
         if rest != key:
-            summary = next((s for s in sorted(names.SUMMARIES, key=len, reverse=True) if rest.endswith("_" + s)), None)
-            return (probe, rest[:-len(summary) - 1], summary) if summary else None
+            summary = next(
+                (
+                    s
+                    for s in sorted(names.SUMMARIES, key=len, reverse=True)
+                    if rest.endswith("_" + s)
+                ),
+                None,
+            )
+            return (probe, rest[: -len(summary) - 1], summary) if summary else None
     return None
 
 
@@ -88,7 +98,10 @@ def collect(client, runs) -> tuple[dict[int, list], list[str]]:
             if not is_measure(key):
                 continue
             # Same tie-break as MLflow's latest value when a step was logged twice (stats rerun).
-            history = sorted(client.get_metric_history(r.info.run_id, key), key=lambda h: (h.step, h.timestamp, h.value))
+            history = sorted(
+                client.get_metric_history(r.info.run_id, key),
+                key=lambda h: (h.step, h.timestamp, h.value),
+            )
             final[key], series[key] = value, {h.step: h.value for h in history}
             if found := opnorm(key):
                 norms.add(found[0])
@@ -110,14 +123,28 @@ def tables(by_width: dict[int, list], columns: list[str]) -> tuple[list[dict], l
     width_rows, epoch_rows = [], []
     for width in sorted(by_width):
         group = by_width[width]
-        width_rows.append({"width": width, "n_runs": len(group),
-                           **{c: mean([final.get(c) for _, final, _ in group])
-                              for c in (*names.ERRORS, *columns)},
-                           "run_ids": ";".join(run_id for run_id, _, _ in group)})
+        width_rows.append(
+            {
+                "width": width,
+                "n_runs": len(group),
+                **{
+                    c: mean([final.get(c) for _, final, _ in group])
+                    for c in (*names.ERRORS, *columns)
+                },
+                "run_ids": ";".join(run_id for run_id, _, _ in group),
+            }
+        )
         for epoch in sorted({e for _, _, series in group for s in series.values() for e in s}):
-            epoch_rows.append({"width": width, "epoch": epoch,
-                               **{c: mean([series.get(c, {}).get(epoch) for _, _, series in group])
-                                  for c in columns}})
+            epoch_rows.append(
+                {
+                    "width": width,
+                    "epoch": epoch,
+                    **{
+                        c: mean([series.get(c, {}).get(epoch) for _, _, series in group])
+                        for c in columns
+                    },
+                }
+            )
     return width_rows, epoch_rows
 
 
@@ -131,35 +158,55 @@ def interpolation_threshold(width_rows: list[dict]) -> int | None:
     return next((row["width"] for row in width_rows if row["train_error"] == 0), None)
 
 
-def width_axis(ax, ylabel: str, title: str, threshold: int | None = None, legend: bool = True) -> None:
+def width_axis(
+    ax, ylabel: str, title: str, threshold: int | None = None, legend: bool = True
+) -> None:
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter("{x:g}")  # 1, 2, 4 ... 64 rather than 2^0 ... 2^6
     if threshold is not None:
-        ax.axvline(threshold, color="gray", linestyle="--", linewidth=1, label="interpolation threshold")
+        ax.axvline(
+            threshold, color="gray", linestyle="--", linewidth=1, label="interpolation threshold"
+        )
     ax.set(xlabel="width", ylabel=ylabel, title=title)
     if legend:
         ax.legend()
 
 
-def correlations(by_width: dict[int, list], keys: list[str], rounds: int = 1000, seed: int = 0) -> list[dict]:
+def correlations(
+    by_width: dict[int, list], keys: list[str], rounds: int = 1000, seed: int = 0
+) -> list[dict]:
     """Per measure, Spearman's rho between its final value and test error across widths (means
     over each width's runs) and, when some width has several runs, a 95% bootstrap interval:
     each round resamples every width's runs with replacement, measure and error together."""
     rng = np.random.default_rng(seed)
     rows = []
     for key in keys:
-        groups = [[(final.get(key), final.get("test_error")) for _, final, _ in by_width[w]] for w in sorted(by_width)]
+        groups = [
+            [(final.get(key), final.get("test_error")) for _, final, _ in by_width[w]]
+            for w in sorted(by_width)
+        ]
         groups = [[p for p in g if None not in p] for g in groups]
         groups = [np.array(g, dtype=np.float64) for g in groups if g]
         rho = _rho([g.mean(0) for g in groups])
         low = high = None
         if any(len(g) > 1 for g in groups):
-            boot = [_rho([g[rng.integers(0, len(g), len(g))].mean(0) for g in groups]) for _ in range(rounds)]
+            boot = [
+                _rho([g[rng.integers(0, len(g), len(g))].mean(0) for g in groups])
+                for _ in range(rounds)
+            ]
             boot = [b for b in boot if not math.isnan(b)]
             if boot:
                 low, high = (float(q) for q in np.percentile(boot, [2.5, 97.5]))
-        rows.append({"measure": key, "spearman_rho": rho, "ci_low": low, "ci_high": high, "n_widths": len(groups),
-                     "n_runs": sum(len(g) for g in groups)})
+        rows.append(
+            {
+                "measure": key,
+                "spearman_rho": rho,
+                "ci_low": low,
+                "ci_high": high,
+                "n_widths": len(groups),
+                "n_runs": sum(len(g) for g in groups),
+            }
+        )
     return rows
 
 
@@ -173,6 +220,7 @@ def _rho(pairs: list) -> float:
 def drawn_measures(keys: list[str]) -> list[str]:
     """The measures a figure gets a panel for: each statistic's mean (and the operator norm's
     max), each per-network measure but standard errors."""
+
     def wanted(key):
         parsed = names.parse_summary_key(key)
         if parsed is None and (probe := probe_summary(key)):
@@ -180,6 +228,7 @@ def drawn_measures(keys: list[str]) -> list[str]:
         if parsed is None:
             return not key.endswith("_se")
         return parsed[2] == "mean" or (parsed[2] == "max" and parsed[1].startswith(names.OPNORM))
+
     return [k for k in keys if wanted(k)]
 
 
@@ -197,7 +246,9 @@ def grid(n: int, title: str) -> tuple[Figure, list]:
     return fig, list(fig.subplots(rows, cols, squeeze=False).flat)
 
 
-def draw_measures(out: Path, title: str, keys: list[str], width_rows, epoch_rows, correlation) -> list[Path]:
+def draw_measures(
+    out: Path, title: str, keys: list[str], width_rows, epoch_rows, correlation
+) -> list[Path]:
     threshold = interpolation_threshold(width_rows)
     keys = drawn_measures(keys)
     fig, axes = grid(len(keys), f"{title}, last checkpoint")
@@ -212,7 +263,11 @@ def draw_measures(out: Path, title: str, keys: list[str], width_rows, epoch_rows
     for ax, key in zip(axes, keys):
         for i, width in enumerate(widths):
             rows = [row for row in epoch_rows if row["width"] == width]
-            ax.plot(*points(rows, "epoch", key), color=width_colour(i, len(widths)), label=f"width {width}")
+            ax.plot(
+                *points(rows, "epoch", key),
+                color=width_colour(i, len(widths)),
+                label=f"width {width}",
+            )
         ax.set(xlabel="epoch", title=key)
         ax.title.set_fontsize(9)
     if keys:
@@ -224,23 +279,32 @@ def draw_measures(out: Path, title: str, keys: list[str], width_rows, epoch_rows
     ax = fig.subplots()
     y = list(range(len(shown)))
     rho = [r["spearman_rho"] for r in shown]
-    err = [[r["spearman_rho"] - r["ci_low"] if r["ci_low"] is not None else 0 for r in shown],
-           [r["ci_high"] - r["spearman_rho"] if r["ci_high"] is not None else 0 for r in shown]]
+    err = [
+        [r["spearman_rho"] - r["ci_low"] if r["ci_low"] is not None else 0 for r in shown],
+        [r["ci_high"] - r["spearman_rho"] if r["ci_high"] is not None else 0 for r in shown],
+    ]
     ax.barh(y, rho, xerr=err, color=["C0" if v >= 0 else "C3" for v in rho])
     ax.set_yticks(y, [r["measure"] for r in shown], fontsize=7)
-    ax.set(xlim=(-1, 1), xlabel="Spearman's rho with test error across widths",
-           title=f"{title}\n(bars: 95% bootstrap interval over runs, where a width has several)")
+    ax.set(
+        xlim=(-1, 1),
+        xlabel="Spearman's rho with test error across widths",
+        title=f"{title}\n(bars: 95% bootstrap interval over runs, where a width has several)",
+    )
     written.append(save(fig, out / "correlation.png"))
     return written
 
 
-def draw_smoothness(out: Path, title: str, norms: list[str], keys: list[str], width_rows: list[dict]) -> list[Path]:
+def draw_smoothness(
+    out: Path, title: str, norms: list[str], keys: list[str], width_rows: list[dict]
+) -> list[Path]:
     """The Lipschitz estimate (mean operator norm) on the training points and on every probe set
     against width, one panel per normalization."""
     probes = sorted({p[0] for k in keys if (p := probe_summary(k))})
     if not probes:
         return []
-    fig, axes = panels(norms, f"{title}, last checkpoint", "on training points and off them (probe sets)")
+    fig, axes = panels(
+        norms, f"{title}, last checkpoint", "on training points and off them (probe sets)"
+    )
     for ax, norm in zip(axes, norms):
         stat = names.stat(names.OPNORM, norm)
         lines = [("training points", names.summary_key("train", stat, "mean"))]
@@ -248,7 +312,13 @@ def draw_smoothness(out: Path, title: str, norms: list[str], keys: list[str], wi
         for i, (label, key) in enumerate(lines):
             ax.plot(*points(width_rows, "width", key), marker="os^vD<>px"[i % 9], label=label)
         log_if_decades(ax, [v for _, key in lines for v in points(width_rows, "width", key)[1]])
-        width_axis(ax, "mean operator norm", f"normalization: {norm}", interpolation_threshold(width_rows), False)
+        width_axis(
+            ax,
+            "mean operator norm",
+            f"normalization: {norm}",
+            interpolation_threshold(width_rows),
+            False,
+        )
         ax.legend(fontsize=7)
     return [save(fig, out / "smoothness_vs_width.png")]
 
@@ -261,7 +331,11 @@ def log_if_decades(ax, values: list[float]) -> None:
         ax.set_yscale("log")
 
 
-STYLES = {"mean": "o-", "clean_mean": "s--", "corrupted_mean": "^:"}  # lines that stay visible when they coincide
+STYLES = {
+    "mean": "o-",
+    "clean_mean": "s--",
+    "corrupted_mean": "^:",
+}  # lines that stay visible when they coincide
 
 
 def panels(norms: list[str], title: str, where: str = "on training points") -> tuple[Figure, list]:
@@ -270,8 +344,13 @@ def panels(norms: list[str], title: str, where: str = "on training points") -> t
     axes = list(fig.subplots(1, max(1, len(norms)), squeeze=False)[0])
     fig.suptitle(f"{title}\nmean Jacobian operator norm {where}")
     if not norms:
-        axes[0].text(0.5, 0.5, "no Jacobian statistics yet:\nrun `lipdd stats`", ha="center",
-                     transform=axes[0].transAxes)
+        axes[0].text(
+            0.5,
+            0.5,
+            "no Jacobian statistics yet:\nrun `lipdd stats`",
+            ha="center",
+            transform=axes[0].transAxes,
+        )
     return fig, axes
 
 
@@ -281,7 +360,9 @@ def save(fig: Figure, path: Path) -> Path:
     return files.write_bytes(path, png.getvalue())
 
 
-def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_rows: list[dict]) -> list[Path]:
+def draw(
+    out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_rows: list[dict]
+) -> list[Path]:
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for key in names.ERRORS:
@@ -293,9 +374,15 @@ def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_
     fig, axes = panels(norms, f"{title}, last checkpoint")
     for ax, norm in zip(axes, norms):
         for summary in SUMMARIES:
-            ax.plot(*points(width_rows, "width", names.opnorm_column(norm, summary)), STYLES[summary],
-                    label=LABELS[summary], markerfacecolor="none")
-        log_if_decades(ax, [row.get(names.opnorm_column(norm, s)) for row in width_rows for s in SUMMARIES])
+            ax.plot(
+                *points(width_rows, "width", names.opnorm_column(norm, summary)),
+                STYLES[summary],
+                label=LABELS[summary],
+                markerfacecolor="none",
+            )
+        log_if_decades(
+            ax, [row.get(names.opnorm_column(norm, s)) for row in width_rows for s in SUMMARIES]
+        )
         width_axis(ax, "operator norm", f"normalization: {norm}", threshold)
     written.append(save(fig, out / "lipschitz_vs_width.png"))
 
@@ -303,9 +390,15 @@ def draw(out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_
     widths = [row["width"] for row in width_rows]
     for ax, norm in zip(axes, norms):
         column = names.opnorm_column(norm, "mean")
-        for i, width in enumerate(widths):  # one colour per width (tab20 after 10), named in the legend
+        for i, width in enumerate(
+            widths
+        ):  # one colour per width (tab20 after 10), named in the legend
             rows = [row for row in epoch_rows if row["width"] == width]
-            ax.plot(*points(rows, "epoch", column), color=width_colour(i, len(widths)), label=f"width {width}")
+            ax.plot(
+                *points(rows, "epoch", column),
+                color=width_colour(i, len(widths)),
+                label=f"width {width}",
+            )
         log_if_decades(ax, [row.get(column) for row in epoch_rows])
         ax.set(xlabel="epoch", ylabel="operator norm", title=f"normalization: {norm}")
         ax.legend(fontsize=7, ncol=1 + len(widths) // 12)
@@ -319,36 +412,62 @@ def report(cfg: Config) -> list[Path]:
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
     drawn = runs.for_report(client, cfg, drawable)
     by_width, norms = collect(client, drawn)
-    print(f"report: drawing {len(drawn)} runs of experiment {cfg.name!r}: "
-          + "; ".join(f"width {w}: {', '.join(run_id for run_id, _, _ in by_width[w])}" for w in sorted(by_width)),
-          file=sys.stderr)
-    width_rows, epoch_rows = tables(by_width, [names.opnorm_column(n, s) for n in norms for s in SUMMARIES])
-    keys = sorted({k for group in by_width.values() for _, final, _ in group for k in final if is_measure(k)})
+    print(
+        f"report: drawing {len(drawn)} runs of experiment {cfg.name!r}: "
+        + "; ".join(
+            f"width {w}: {', '.join(run_id for run_id, _, _ in by_width[w])}"
+            for w in sorted(by_width)
+        ),
+        file=sys.stderr,
+    )
+    width_rows, epoch_rows = tables(
+        by_width, [names.opnorm_column(n, s) for n in norms for s in SUMMARIES]
+    )
+    keys = sorted(
+        {k for group in by_width.values() for _, final, _ in group for k in final if is_measure(k)}
+    )
     measure_rows, measure_epoch_rows = tables(by_width, keys)
     correlation = correlations(by_width, keys)
     out = Path(cfg.results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     epochs = sorted({int(r.data.params["epochs"]) for r in drawn if "epochs" in r.data.params})
     length = f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}" if epochs else "?"
-    title = (f"{cfg.model} on {cfg.data}, label noise {cfg.label_noise:g}, {length} epochs, {len(drawn)} runs "
-             f"({len(by_width)} widths)")
-    written = [files.write_csv(out / "by_width.csv", width_rows), files.write_csv(out / "by_epoch.csv", epoch_rows),
-               *draw(out, title, norms, width_rows, epoch_rows),
-               files.write_csv(out / "measures_by_width.csv", measure_rows),
-               files.write_csv(out / "measures_by_epoch.csv", measure_epoch_rows),
-               files.write_csv(out / "correlation.csv", correlation),
-               *draw_measures(out, title, keys, measure_rows, measure_epoch_rows, correlation),
-               *draw_smoothness(out, title, norms, keys, measure_rows)]
+    title = (
+        f"{cfg.model} on {cfg.data}, label noise {cfg.label_noise:g}, {length} epochs, {len(drawn)} runs "
+        f"({len(by_width)} widths)"
+    )
+    written = [
+        files.write_csv(out / "by_width.csv", width_rows),
+        files.write_csv(out / "by_epoch.csv", epoch_rows),
+        *draw(out, title, norms, width_rows, epoch_rows),
+        files.write_csv(out / "measures_by_width.csv", measure_rows),
+        files.write_csv(out / "measures_by_epoch.csv", measure_epoch_rows),
+        files.write_csv(out / "correlation.csv", correlation),
+        *draw_measures(out, title, keys, measure_rows, measure_epoch_rows, correlation),
+        *draw_smoothness(out, title, norms, keys, measure_rows),
+    ]
 
     # Report runs have an experiment of their own: among the training runs they would be drawn in
     # charts, legends and counts as runs without metrics.
     reports = tracking.experiment_id(client, report_experiment(cfg.name))
-    run = client.create_run(reports, run_name=f"report-{cfg.model}-{cfg.data}-noise{cfg.label_noise:g}-"
-                                              f"{time.strftime('%Y%m%d-%H%M%S')}",
-                            tags={runs.KIND: "report", "lipdd.training_experiment": cfg.name})
+    run = client.create_run(
+        reports,
+        run_name=f"report-{cfg.model}-{cfg.data}-noise{cfg.label_noise:g}-"
+        f"{time.strftime('%Y%m%d-%H%M%S')}",
+        tags={runs.KIND: "report", "lipdd.training_experiment": cfg.name},
+    )
     with runs.ending(client, run.info.run_id):
-        tracking.log_params(client, run.info.run_id, dict(data=cfg.data, model=cfg.model, label_noise=cfg.label_noise,
-                                                          n_runs=len(drawn), widths=sorted(by_width)))
+        tracking.log_params(
+            client,
+            run.info.run_id,
+            dict(
+                data=cfg.data,
+                model=cfg.model,
+                label_noise=cfg.label_noise,
+                n_runs=len(drawn),
+                widths=sorted(by_width),
+            ),
+        )
         for path in written:
             client.log_artifact(run.info.run_id, str(path))
     return written

@@ -33,7 +33,9 @@ def get_run(client, run_id: str, flag: str):
     try:
         return client.get_run(run_id)
     except Exception:
-        raise ConfigError(f"{flag}: {run_id!r} is not a run in the store {client.tracking_uri}") from None
+        raise ConfigError(
+            f"{flag}: {run_id!r} is not a run in the store {client.tracking_uri}"
+        ) from None
 
 
 def what_trains(params: dict[str, str]) -> dict[str, str]:
@@ -53,7 +55,11 @@ def differing_param(params: dict[str, str], cfg: Config) -> str | None:
 def identity(cfg: Config) -> dict[str, str]:
     """cfg's identity params as logged (str(value)); an unset label_seed names no value (the seed
     drew a fresh one; lipdd records the one it drew), so it matches any run's."""
-    return {k: str(v) for k, v in cfg.params("identity").items() if not (k == "label_seed" and v is None)}
+    return {
+        k: str(v)
+        for k, v in cfg.params("identity").items()
+        if not (k == "label_seed" and v is None)
+    }
 
 
 def search(client, cfg: Config, where: str = "") -> list:
@@ -63,11 +69,16 @@ def search(client, cfg: Config, where: str = "") -> list:
     if exp is None:
         return []
     query = [f"params.{k} = '{v}'" for k, v in identity(cfg).items()] + ([where] if where else [])
-    return client.search_runs([exp.experiment_id], " and ".join(query), max_results=MAX_RUNS,
-                              order_by=["attributes.start_time DESC"])
+    return client.search_runs(
+        [exp.experiment_id],
+        " and ".join(query),
+        max_results=MAX_RUNS,
+        order_by=["attributes.start_time DESC"],
+    )
 
 
 # --- training: start, or continue an interrupted run -------------------------------------------
+
 
 def git(*args: str) -> subprocess.CompletedProcess | None:
     """git in the directory the command runs in: a queued DVC experiment's own copy of the
@@ -100,12 +111,20 @@ def source_tags() -> dict[str, str | None]:
         user = getpass.getuser()
     except (KeyError, OSError):  # no name for this uid (some containers)
         user = None
-    return {"mlflow.source.name": "lipdd train", "mlflow.source.type": "LOCAL", "mlflow.user": user,
-            "mlflow.source.git.commit": commit, "git_commit": commit,
-            "mlflow.source.git.branch": git_output("symbolic-ref", "--short", "-q", "HEAD"),  # none when detached
-            "mlflow.source.git.repoURL": tracking.without_credentials(remote) if remote else None,
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"), "dvc_exp_baseline_rev": commit,
-            "params_differ_from_commit": {0: "false", 1: "true"}.get(diff.returncode) if diff else None}
+    return {
+        "mlflow.source.name": "lipdd train",
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": user,
+        "mlflow.source.git.commit": commit,
+        "git_commit": commit,
+        "mlflow.source.git.branch": git_output(
+            "symbolic-ref", "--short", "-q", "HEAD"
+        ),  # none when detached
+        "mlflow.source.git.repoURL": tracking.without_credentials(remote) if remote else None,
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "dvc_exp_baseline_rev": commit,
+        "params_differ_from_commit": {0: "false", 1: "true"}.get(diff.returncode) if diff else None,
+    }
 
 
 def owner_tags() -> dict[str, str]:
@@ -129,9 +148,15 @@ def process_alive(run) -> bool:
 
 def start(client, cfg: Config, dataset_hash: str, steps_per_epoch: int) -> str:
     exp_id = tracking.experiment_id(client, cfg.name)
-    tags = {**source_tags(), "dataset_hash": dataset_hash, "steps_per_epoch": steps_per_epoch, **owner_tags()}
-    run = client.create_run(exp_id, run_name=cfg.run_name(),
-                            tags={k: str(v) for k, v in tags.items() if v is not None})
+    tags = {
+        **source_tags(),
+        "dataset_hash": dataset_hash,
+        "steps_per_epoch": steps_per_epoch,
+        **owner_tags(),
+    }
+    run = client.create_run(
+        exp_id, run_name=cfg.run_name(), tags={k: str(v) for k, v in tags.items() if v is not None}
+    )
     try:
         tracking.log_params(client, run.info.run_id, cfg.flat())
         tracking.log_dataset(client, run.info.run_id, cfg, dataset_hash)
@@ -146,9 +171,12 @@ def interrupted(client, cfg: Config) -> str | None:
     diverged, or RUNNING with its process gone) and holds a checkpoint: started again with
     the same parameters, a training continues it rather than starting over."""
     for run in search(client, cfg, "attributes.status != 'FINISHED'"):
-        if (differing_param(run.data.params, cfg) is None and "diverged" not in run.data.tags
-                and not (run.info.status == "RUNNING" and process_alive(run))
-                and tracking.list_checkpoints(client, run.info.run_id)):
+        if (
+            differing_param(run.data.params, cfg) is None
+            and "diverged" not in run.data.tags
+            and not (run.info.status == "RUNNING" and process_alive(run))
+            and tracking.list_checkpoints(client, run.info.run_id)
+        ):
             return run.info.run_id
     return None
 
@@ -159,15 +187,21 @@ def resume_checkpoint(client, run_id: str, cfg: Config, dataset_hash: str) -> st
     run = get_run(client, run_id, "resume_from")
     key = differing_param(run.data.params, cfg)
     if key is not None:
-        raise ConfigError(f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this "
-                          f"training asks for {str(getattr(cfg, key))!r}; resume with the run's parameters")
+        raise ConfigError(
+            f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this "
+            f"training asks for {str(getattr(cfg, key))!r}; resume with the run's parameters"
+        )
     if run.data.tags.get("dataset_hash", dataset_hash) != dataset_hash:
-        raise ConfigError(f"resume_from: run {run_id} was trained on data with hash "
-                          f"{run.data.tags['dataset_hash'][:12]}, the prepared data now has "
-                          f"{dataset_hash[:12]}; the source files or the preparing code changed")
+        raise ConfigError(
+            f"resume_from: run {run_id} was trained on data with hash "
+            f"{run.data.tags['dataset_hash'][:12]}, the prepared data now has "
+            f"{dataset_hash[:12]}; the source files or the preparing code changed"
+        )
     if "imported_from" in run.data.tags:
-        raise ConfigError(f"resume_from: run {run_id} was imported from the seed's files, whose checkpoints do not "
-                          "hold the batch order and augmentation state to continue exactly; train a new run")
+        raise ConfigError(
+            f"resume_from: run {run_id} was imported from the seed's files, whose checkpoints do not "
+            "hold the batch order and augmentation state to continue exactly; train a new run"
+        )
     checkpoints = tracking.list_checkpoints(client, run_id)
     if not checkpoints:
         raise ConfigError(f"resume_from: run {run_id} has no checkpoint to resume from")
@@ -188,7 +222,9 @@ def with_label_seed(client, cfg: Config) -> Config:
     return dataclasses.replace(cfg, label_seed=draw_label_seed())
 
 
-def open_training(client, cfg: Config, dataset_hash: str, steps_per_epoch: int) -> tuple[str, str | None]:
+def open_training(
+    client, cfg: Config, dataset_hash: str, steps_per_epoch: int
+) -> tuple[str, str | None]:
     """(run id, checkpoint to continue from): run `resume_from`, else the interrupted run of
     this training, else a new run, which has no checkpoint yet."""
     if cfg.resume_from and cfg.resume_from.isdigit():  # the seed's --resume-from STEP
@@ -199,18 +235,24 @@ def open_training(client, cfg: Config, dataset_hash: str, steps_per_epoch: int) 
     return start(client, cfg, dataset_hash, steps_per_epoch), None
 
 
-def resume_at_step(client, cfg: Config, step: int, dataset_hash: str, steps_per_epoch: int) -> tuple[str, str]:
+def resume_at_step(
+    client, cfg: Config, step: int, dataset_hash: str, steps_per_epoch: int
+) -> tuple[str, str]:
     """The seed's integer --resume-from: the global step of a checkpoint of this training's
     interrupted run, which must be its last (a run continues from where it stopped)."""
     run_id = interrupted(client, cfg)
     if run_id is None:
-        raise ConfigError(f"resume_from: step {step} names a checkpoint of this training's interrupted run, and "
-                          f"experiment {cfg.name!r} has none with these parameters; pass an MLflow run id instead")
+        raise ConfigError(
+            f"resume_from: step {step} names a checkpoint of this training's interrupted run, and "
+            f"experiment {cfg.name!r} has none with these parameters; pass an MLflow run id instead"
+        )
     artifact = resume_checkpoint(client, run_id, cfg, dataset_hash)
     last = tracking.list_checkpoints(client, run_id)[-1][0] * steps_per_epoch
     if step != last:
-        raise ConfigError(f"resume_from: run {run_id}'s last checkpoint is at step {last}, not {step}; a run "
-                          "continues from its last checkpoint")
+        raise ConfigError(
+            f"resume_from: run {run_id}'s last checkpoint is at step {last}, not {step}; a run "
+            "continues from its last checkpoint"
+        )
     return run_id, artifact
 
 
@@ -237,13 +279,17 @@ def ending(client, run_id: str) -> Iterator[None]:
                 client.log_batch(run_id, tags=[RunTag("error", f"{type(e).__name__}: {e}"[:5000])])
                 client.set_terminated(run_id, "FAILED")
         except Exception as unmarked:  # the error under way is the one to report
-            print(f"warning: run {run_id} could not be marked ended: {type(unmarked).__name__}: "
-                  f"{str(unmarked)[:300]}", file=sys.stderr)
+            print(
+                f"warning: run {run_id} could not be marked ended: {type(unmarked).__name__}: "
+                f"{str(unmarked)[:300]}",
+                file=sys.stderr,
+            )
         raise
     client.set_terminated(run_id, "FINISHED")
 
 
 # --- analysis: the run `lipdd stats` measures, the runs `lipdd report` draws --------------------
+
 
 def pipeline_run_id(cfg: Config) -> str | None:
     """The run the pipeline's train stage recorded in results/train/run.json, if it is a run of
@@ -270,15 +316,19 @@ def trained(client, cfg: Config) -> str:
             return run_id
     runs = search(client, cfg, "attributes.status = 'FINISHED'")
     if not runs:
-        raise ConfigError(f"stats.run_id: no finished run in experiment {cfg.name!r} has "
-                          f"{', '.join(f'{k}={v}' for k, v in wanted.items())}; pass --run-id")
+        raise ConfigError(
+            f"stats.run_id: no finished run in experiment {cfg.name!r} has "
+            f"{', '.join(f'{k}={v}' for k, v in wanted.items())}; pass --run-id"
+        )
     # Re-runs of one training are interchangeable (the latest wins); runs that differ in
     # anything else (learning rate, epochs, ...) are a choice only the user can make.
     differing = [r for r in runs if what_trains(r.data.params) != what_trains(runs[0].data.params)]
     if differing:
         listing = "; ".join(f"{r.info.run_id} ({r.info.run_name})" for r in runs[:10])
-        raise ConfigError(f"stats.run_id: {len(runs)} finished runs match and differ in other parameters: "
-                          f"{listing}; pass --run-id")
+        raise ConfigError(
+            f"stats.run_id: {len(runs)} finished runs match and differ in other parameters: "
+            f"{listing}; pass --run-id"
+        )
     return runs[0].info.run_id
 
 
@@ -289,36 +339,56 @@ def for_report(client, cfg: Config, usable) -> list:
     not be repeated on the command line. Says on stderr which runs it left out, and why."""
     exp = client.get_experiment_by_name(cfg.name)
     if exp is None:
-        raise ConfigError(f"name: experiment {cfg.name!r} does not exist in {client.tracking_uri}; "
-                          "train some runs first")
-    training = [r for r in client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
-                if r.data.tags.get(KIND) != "report"]
+        raise ConfigError(
+            f"name: experiment {cfg.name!r} does not exist in {client.tracking_uri}; "
+            "train some runs first"
+        )
+    training = [
+        r
+        for r in client.search_runs([exp.experiment_id], max_results=MAX_RUNS)
+        if r.data.tags.get(KIND) != "report"
+    ]
     wanted = {k: str(getattr(cfg, k)) for k in REPORT_SETTING}
     setting = [r for r in training if all(r.data.params.get(k) == v for k, v in wanted.items())]
     runs = [r for r in setting if r.info.status == "FINISHED" and usable(r)]
     for r in setting:
         if r not in runs:
-            why = "is " + r.info.status if r.info.status != "FINISHED" else "has neither test_error nor Jacobian stats"
-            print(f"report: leaving out run {r.info.run_id} ({r.info.run_name}): it {why}", file=sys.stderr)
+            why = (
+                "is " + r.info.status
+                if r.info.status != "FINISHED"
+                else "has neither test_error nor Jacobian stats"
+            )
+            print(
+                f"report: leaving out run {r.info.run_id} ({r.info.run_name}): it {why}",
+                file=sys.stderr,
+            )
     if not runs:
         found = Counter("/".join(r.data.params.get(k, "?") for k in wanted) for r in training)
         have = ", ".join(f"{n} x {k}" for k, n in found.most_common())
-        raise ConfigError(f"report: no finished run with test_error or Jacobian stats in experiment {cfg.name!r} "
-                          f"has {', '.join(f'{k}={v}' for k, v in wanted.items())}; it has {len(training)} "
-                          f"training runs ({'/'.join(wanted)}: {have or 'none'})")
+        raise ConfigError(
+            f"report: no finished run with test_error or Jacobian stats in experiment {cfg.name!r} "
+            f"has {', '.join(f'{k}={v}' for k, v in wanted.items())}; it has {len(training)} "
+            f"training runs ({'/'.join(wanted)}: {have or 'none'})"
+        )
     for key, value in cfg.params("identity", "training").items():
         if key in REPORT_AXES:
             continue
-        counts = Counter(r.data.params[key] for r in runs if key in r.data.params)  # older runs may lack a key
+        counts = Counter(
+            r.data.params[key] for r in runs if key in r.data.params
+        )  # older runs may lack a key
         if len(counts) < 2:
             continue
         found = ", ".join(f"{v}: {n} runs" for v, n in sorted(counts.items()))
         kept = [r for r in runs if r.data.params.get(key, str(value)) == str(value)]
         if not kept:
-            raise ConfigError(f"report: the runs of {cfg.model} on {cfg.data} at label noise {cfg.label_noise:g} differ "
-                              f"in {key} ({found}) and none has {key}={value}; pass --{key.replace('_', '-')} with "
-                              "one of those values")
-        print(f"report: the runs differ in {key} ({found}); keeping the {len(kept)} with {key}={value}",
-              file=sys.stderr)
+            raise ConfigError(
+                f"report: the runs of {cfg.model} on {cfg.data} at label noise {cfg.label_noise:g} differ "
+                f"in {key} ({found}) and none has {key}={value}; pass --{key.replace('_', '-')} with "
+                "one of those values"
+            )
+        print(
+            f"report: the runs differ in {key} ({found}); keeping the {len(kept)} with {key}={value}",
+            file=sys.stderr,
+        )
         runs = kept
     return runs

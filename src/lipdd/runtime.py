@@ -21,16 +21,20 @@ def resolve_device(name: str, runs_per_gpu: int = 1) -> torch.device:
     8-GPU node train on 8 GPUs; `cuda:N` is device N, no lease asked."""
     if name == "auto" or (name.startswith("cuda") and not torch.cuda.is_available()):
         if name != "auto":
-            print(f"warning: device {name!r} requested but CUDA is not available; running on the CPU",
-                  file=sys.stderr)
+            print(
+                f"warning: device {name!r} requested but CUDA is not available; running on the CPU",
+                file=sys.stderr,
+            )
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and distributed.world_size() > 1:
         return torch.device("cuda", distributed.local_rank())
     if name == "cuda":
         return torch.device("cuda", lease_gpu(visible_gpus(), runs_per_gpu))
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise ConfigError(f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} "
-                          "CUDA devices")
+        raise ConfigError(
+            f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} "
+            "CUDA devices"
+        )
     return torch.device(name)
 
 
@@ -38,7 +42,10 @@ def visible_gpus() -> list[str]:
     """The UUID of each GPU this process sees: one name per physical device, however
     CUDA_VISIBLE_DEVICES spells it (indices, UUIDs, a subset), so processes that spell it
     differently still share one set of leases. The device index where a build reports no UUID."""
-    return [str(torch.cuda.get_device_properties(i).uuid) or str(i) for i in range(torch.cuda.device_count())]
+    return [
+        str(torch.cuda.get_device_properties(i).uuid) or str(i)
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters in glibc's <malloc.h>

@@ -36,8 +36,10 @@ def run_dir(cfg: Config, run_cfg: Config | None = None) -> Path:
 def _steps_per_epoch(run) -> int:
     steps = int(run.data.tags.get("steps_per_epoch", 0))
     if not steps:
-        raise ConfigError(f"run {run.info.run_id} has no steps_per_epoch tag, so its checkpoints' global steps "
-                          "are unknown; it was not trained by lipdd")
+        raise ConfigError(
+            f"run {run.info.run_id} has no steps_per_epoch tag, so its checkpoints' global steps "
+            "are unknown; it was not trained by lipdd"
+        )
     return steps
 
 
@@ -57,9 +59,20 @@ def export_checkpoints(cfg: Config) -> Path:
         for epoch, artifact in tracking.list_checkpoints(client, run.info.run_id):
             state = tracking.load_checkpoint(client, run.info.run_id, artifact)
             step = state["global_step"]
-            trainer = {"epoch_length": steps, "max_epochs": run_cfg.epochs, "iteration": step, "epoch": epoch}
-            torch.save({"model": state["model"], "optimizer": state.get("optimizer", {}), "trainer": trainer},
-                       folder / f"checkpoint_{step}.pt")
+            trainer = {
+                "epoch_length": steps,
+                "max_epochs": run_cfg.epochs,
+                "iteration": step,
+                "epoch": epoch,
+            }
+            torch.save(
+                {
+                    "model": state["model"],
+                    "optimizer": state.get("optimizer", {}),
+                    "trainer": trainer,
+                },
+                folder / f"checkpoint_{step}.pt",
+            )
         if cfg.raw_checkpoints:
             folder.rename(partial)
         else:  # files at the archive's root, as shutil.make_archive of the folder puts them
@@ -77,12 +90,22 @@ def _seed_checkpoints(folder: Path) -> list[tuple[int, bytes]]:
     found = []
     if zipped.is_file():
         with zipfile.ZipFile(zipped) as z:
-            found = [(int(m.group(1)), z.read(i)) for i in z.infolist() if (m := CHECKPOINT.fullmatch(i.filename))]
+            found = [
+                (int(m.group(1)), z.read(i))
+                for i in z.infolist()
+                if (m := CHECKPOINT.fullmatch(i.filename))
+            ]
     elif raw.is_dir():
-        found = [(int(m.group(1)), p.read_bytes()) for p in raw.iterdir() if (m := CHECKPOINT.fullmatch(p.name))]
+        found = [
+            (int(m.group(1)), p.read_bytes())
+            for p in raw.iterdir()
+            if (m := CHECKPOINT.fullmatch(p.name))
+        ]
     if not found:
-        raise ConfigError(f"import: no checkpoint_STEP.pt in {zipped} or {raw}; the flags must name the seed run "
-                          "as its train.py was given them (save-dir, name, model, data, label noise, seed, ...)")
+        raise ConfigError(
+            f"import: no checkpoint_STEP.pt in {zipped} or {raw}; the flags must name the seed run "
+            "as its train.py was given them (save-dir, name, model, data, label noise, seed, ...)"
+        )
     return sorted(found)
 
 
@@ -96,18 +119,25 @@ def seed_weights(state: dict, model: torch.nn.Module) -> dict:
 def import_checkpoints(cfg: Config) -> str:
     """A seed run's directory as a new FINISHED MLflow run of experiment NAME; returns its id."""
     if cfg.label_noise and cfg.label_seed is None:
-        raise ConfigError("label_seed: the seed drew this run's noisy labels from fresh randomness unless given "
-                          "--label-seed; pass the one it was trained with, or its labels cannot be rebuilt")
+        raise ConfigError(
+            "label_seed: the seed drew this run's noisy labels from fresh randomness unless given "
+            "--label-seed; pass the one it was trained with, or its labels cannot be rebuilt"
+        )
     device = runtime.setup(cfg)
     checkpoints = _seed_checkpoints(run_dir(cfg))
     prepared = datalib.ensure_prepared(cfg)
     steps = math.ceil(prepared.meta["splits"]["train"] / cfg.batch_size)
     bad = [s for s, _ in checkpoints if s % steps]
     if bad:
-        raise ConfigError(f"import: checkpoint_{bad[0]}.pt is no epoch's end at {steps} steps an epoch (train_split "
-                          f"{prepared.meta['splits']['train']}, batch_size {cfg.batch_size}); pass the run's batch size")
+        raise ConfigError(
+            f"import: checkpoint_{bad[0]}.pt is no epoch's end at {steps} steps an epoch (train_split "
+            f"{prepared.meta['splits']['train']}, batch_size {cfg.batch_size}); pass the run's batch size"
+        )
     model = model_for(cfg, prepared.meta).to(device).eval()
-    loaders = {split: datalib.Loader.of(data, prepared.meta, device, 1024) for split, data in prepared.splits.items()}
+    loaders = {
+        split: datalib.Loader.of(data, prepared.meta, device, 1024)
+        for split, data in prepared.splits.items()
+    }
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
     run_id = runs.start(client, cfg, prepared.meta["content_hash"], steps)
     from .train import evaluation
@@ -121,10 +151,18 @@ def import_checkpoints(cfg: Config) -> str:
                     state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
                     model.load_state_dict(seed_weights(state["model"], model))
                 except Exception as e:
-                    raise ConfigError(f"import: checkpoint_{step}.pt does not load into {cfg.model_name} "
-                                      f"({str(e).strip().splitlines()[0][:300]})") from None
-                tracking.log_checkpoint(client, run_id, dict(model=model.state_dict(), epoch=epoch, global_step=step,
-                                                             config=cfg.flat()), epoch)
+                    raise ConfigError(
+                        f"import: checkpoint_{step}.pt does not load into {cfg.model_name} "
+                        f"({str(e).strip().splitlines()[0][:300]})"
+                    ) from None
+                tracking.log_checkpoint(
+                    client,
+                    run_id,
+                    dict(
+                        model=model.state_dict(), epoch=epoch, global_step=step, config=cfg.flat()
+                    ),
+                    epoch,
+                )
                 logger.log_dict(evaluation(model, loaders), step=epoch)
         client.set_tag(run_id, "epochs_trained", str(checkpoints[-1][0] // steps))
     return run_id

@@ -30,11 +30,10 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+import requests  # noqa: E402
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-
-import requests  # noqa: E402
 
 from .config import ConfigError, TrackingUnavailable  # noqa: E402
 
@@ -92,10 +91,12 @@ def get_client(uri: str, create: bool = True) -> MlflowClient:
         if uri.startswith(("http://", "https://")):
             check_server(client)
         return client
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     if not create and not db.exists():
-        raise ConfigError(f"tracking_uri: the MLflow store {db} does not exist; point MLFLOW_TRACKING_URI "
-                          "(or tracking_uri in params.yaml) at the store that holds the runs")
+        raise ConfigError(
+            f"tracking_uri: the MLflow store {db} does not exist; point MLFLOW_TRACKING_URI "
+            "(or tracking_uri in params.yaml) at the store that holds the runs"
+        )
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -111,15 +112,19 @@ def check_server(client: MlflowClient) -> None:
         client.search_experiments(max_results=1)
     except Exception as e:
         if transient(e):
-            raise TrackingUnavailable(f"the tracking server {client.tracking_uri} does not answer ({cause(e)}); "
-                                      "start it or point tracking_uri at one, then run the same command again") from None
+            raise TrackingUnavailable(
+                f"the tracking server {client.tracking_uri} does not answer ({cause(e)}); "
+                "start it or point tracking_uri at one, then run the same command again"
+            ) from None
         status = e.get_http_status_code() if isinstance(e, MlflowException) else None
         if status not in (401, 403):
             raise
         user = os.environ.get("MLFLOW_TRACKING_USERNAME")
         who = f"user {user!r}" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
-        raise ConfigError(f"tracking_uri: the MLflow server {client.tracking_uri} refused {who} (HTTP {status}); "
-                          "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+        raise ConfigError(
+            f"tracking_uri: the MLflow server {client.tracking_uri} refused {who} (HTTP {status}); "
+            "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        ) from None
 
 
 # MLflow's UI opens an experiment of this kind on its runs, not on the GenAI overview of traces.
@@ -152,9 +157,17 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 def log_dataset(client: MlflowClient, run_id: str, cfg, dataset_hash: str) -> None:
     """The training data as an MLflow dataset input (the UI's Datasets column and filter): named
     by source and label noise, its digest the prepared data's content hash."""
-    source = ("sklearn.datasets.load_digits" if cfg.data == "digits" else str(Path(cfg.data_dir).resolve()))
-    dataset = Dataset(name=f"{cfg.data}-noise{cfg.label_noise:g}", digest=dataset_hash[:12], source_type="local",
-                      source=json.dumps({"uri": source, "content_hash": dataset_hash}))
+    source = (
+        "sklearn.datasets.load_digits"
+        if cfg.data == "digits"
+        else str(Path(cfg.data_dir).resolve())
+    )
+    dataset = Dataset(
+        name=f"{cfg.data}-noise{cfg.label_noise:g}",
+        digest=dataset_hash[:12],
+        source_type="local",
+        source=json.dumps({"uri": source, "content_hash": dataset_hash}),
+    )
     inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])]
     try:
         client.log_inputs(run_id, inputs)
@@ -165,13 +178,15 @@ def log_dataset(client: MlflowClient, run_id: str, cfg, dataset_hash: str) -> No
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
     items = [Param(k, str(v)) for k, v in sorted(params.items())]
     for i in range(0, len(items), MAX_PARAMS):
-        client.log_batch(run_id, params=items[i:i + MAX_PARAMS])
+        client.log_batch(run_id, params=items[i : i + MAX_PARAMS])
 
 
-def write_metrics(client: MlflowClient, run_id: str, rows: list[tuple[str, float, int, int]]) -> None:
+def write_metrics(
+    client: MlflowClient, run_id: str, rows: list[tuple[str, float, int, int]]
+) -> None:
     """(key, value, timestamp ms, step) rows in log_batch calls of at most MAX_METRICS."""
     for i in range(0, len(rows), MAX_METRICS):
-        client.log_batch(run_id, metrics=[Metric(*row) for row in rows[i:i + MAX_METRICS]])
+        client.log_batch(run_id, metrics=[Metric(*row) for row in rows[i : i + MAX_METRICS]])
 
 
 class MetricLogger:
@@ -195,7 +210,9 @@ class MetricLogger:
     def holds(self, key: str, step: int, value: float) -> bool:
         """Whether the run already has exactly `value` at `step` for `key`."""
         if key not in self.history:
-            self.history[key] = {(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)}
+            self.history[key] = {
+                (m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)
+            }
         return (int(step), float(value)) in self.history[key]
 
     def log(self, key: str, value: float, step: int) -> None:
@@ -257,22 +274,39 @@ class BackgroundLogger(MetricLogger):
     still has everything it sent written. A failed write is raised by the trainer's next call."""
 
     SEND_EVERY = 100  # so a flush waits for ~100 rows, not ~1,000
-    STOP_WAIT = 60.0  # seconds a trainer that stops on an error waits for what it logged to be written
+    STOP_WAIT = (
+        60.0  # seconds a trainer that stops on an error waits for what it logged to be written
+    )
 
-    def __init__(self, client: MlflowClient, run_id: str, skip_logged: bool = False,
-                 outage_limit: float = 86400.0):
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        skip_logged: bool = False,
+        outage_limit: float = 86400.0,
+    ):
         super().__init__(client, run_id, skip_logged)
         self.spool = Path(tempfile.mkdtemp(prefix="lipdd-outbox-"))
         self.pipe, theirs = Pipe()
         # The sender imports this very lipdd, wherever it was imported from. The URI goes through
         # the environment, not argv, which any user of the host can read.
-        code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-                "from lipdd.tracking import send_to_run; send_to_run(*sys.argv[2:])")
-        args = [str(Path(__file__).resolve().parent.parent), run_id, str(theirs.fileno()), str(self.spool),
-                str(outage_limit)]
-        self.sender = subprocess.Popen([sys.executable, "-c", code, *args], pass_fds=[theirs.fileno()],
-                                       env={**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri},
-                                       start_new_session=True)
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); "
+            "from lipdd.tracking import send_to_run; send_to_run(*sys.argv[2:])"
+        )
+        args = [
+            str(Path(__file__).resolve().parent.parent),
+            run_id,
+            str(theirs.fileno()),
+            str(self.spool),
+            str(outage_limit),
+        ]
+        self.sender = subprocess.Popen(
+            [sys.executable, "-c", code, *args],
+            pass_fds=[theirs.fileno()],
+            env={**os.environ, "MLFLOW_TRACKING_URI": client.tracking_uri},
+            start_new_session=True,
+        )
         theirs.close()
 
     def send(self) -> None:
@@ -339,7 +373,7 @@ class BackgroundLogger(MetricLogger):
     def _fail(self, failure: str):
         unavailable = f"{TrackingUnavailable.__name__}: "
         if failure.startswith(unavailable):
-            raise TrackingUnavailable(failure[len(unavailable):])
+            raise TrackingUnavailable(failure[len(unavailable) :])
         raise MlflowException(f"writing metrics to run {self.run_id} failed: {failure}")
 
 
@@ -418,21 +452,28 @@ class Patience:
                 now = time.monotonic()
                 if self.down_since is None:
                     self.down_since = now
-                    print(f"lipdd: the tracking server {self.uri} does not answer ({cause(e)}); the training goes on "
-                          f"and its metrics and checkpoints wait in {self.spool}, for up to {self.limit:g} s",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"lipdd: the tracking server {self.uri} does not answer ({cause(e)}); the training goes on "
+                        f"and its metrics and checkpoints wait in {self.spool}, for up to {self.limit:g} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if now - self.down_since > self.limit:
                     raise TrackingUnavailable(
                         f"the tracking server {self.uri} did not answer for {now - self.down_since:.0f} s "
                         f"(tracking_outage_limit: {self.limit:g}); the run stays resumable from its last "
-                        "uploaded checkpoint: run the same command again once the server is back") from None
+                        "uploaded checkpoint: run the same command again once the server is back"
+                    ) from None
                 time.sleep(pause)
                 pause = min(2 * pause, 30.0)
             else:
                 if self.down_since is not None:
-                    print(f"lipdd: the tracking server {self.uri} is back after "
-                          f"{time.monotonic() - self.down_since:.0f} s; writing what waited", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"lipdd: the tracking server {self.uri} is back after "
+                        f"{time.monotonic() - self.down_since:.0f} s; writing what waited",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     self.down_since = None
                 return
 
@@ -472,6 +513,7 @@ def send_to_run(run_id: str, fd: str, spool: str, outage_limit: str) -> None:
 
 # --- checkpoints: artifacts checkpoints/epoch_NNNN.pt of a training run ---------------------
 
+
 def list_checkpoints(client: MlflowClient, run_id: str) -> list[tuple[int, str]]:
     """(epoch, artifact path) of every checkpoint of the run, by epoch."""
     found = []
@@ -502,8 +544,9 @@ def load_checkpoint(client: MlflowClient, run_id: str, artifact: str, device="cp
             return torch.load(local, map_location=device, weights_only=True)
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint {artifact} of run {run_id} cannot be loaded safely: "
-                                  f"{reason[:300]}") from None
+            raise CheckpointError(
+                f"checkpoint {artifact} of run {run_id} cannot be loaded safely: {reason[:300]}"
+            ) from None
 
 
 class CheckpointError(ConfigError):

@@ -38,12 +38,20 @@ def train(cfg: Config) -> str:
     """Train one network as `cfg` says (or continue run `cfg.resume_from`); returns the run id."""
     world = distributed.world_size()
     if cfg.batch_size % world:
-        raise ConfigError(f"batch_size: {cfg.batch_size} does not divide over world size {world}; the batch "
-                          f"size is global, each of the {world} processes takes batch_size / {world}")
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} does not divide over world size {world}; the batch "
+            f"size is global, each of the {world} processes takes batch_size / {world}"
+        )
     device = runtime.setup(cfg)
-    if cfg.compile and device.type == "cpu" and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++"))):
-        raise ConfigError("compile: torch.compile on the CPU needs a C++ compiler (g++ or c++ on PATH, or $CXX); "
-                          "install one or train with compile: false")
+    if (
+        cfg.compile
+        and device.type == "cpu"
+        and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++")))
+    ):
+        raise ConfigError(
+            "compile: torch.compile on the CPU needs a C++ compiler (g++ or c++ on PATH, or $CXX); "
+            "install one or train with compile: false"
+        )
     with distributed.process_group(device):
         return _train(cfg, device)
 
@@ -54,23 +62,42 @@ def _train(cfg: Config, device: torch.device) -> str:
     prepared = distributed.in_turn(datalib.ensure_prepared, cfg)
     # Channels-last weights and batches where it is safe: convolutions run without layout reorders.
     channels_last = runtime.channels_last(device)
-    loader = datalib.Loader.of(prepared.splits["train"], prepared.meta, device, cfg.batch_size, seed=cfg.seed,
-                               augment=cfg.augmentation, shard="batch", channels_last=channels_last)
+    loader = datalib.Loader.of(
+        prepared.splits["train"],
+        prepared.meta,
+        device,
+        cfg.batch_size,
+        seed=cfg.seed,
+        augment=cfg.augmentation,
+        shard="batch",
+        channels_last=channels_last,
+    )
     torch.manual_seed(cfg.seed)
-    model = model_for(cfg, prepared.meta).to(device, memory_format=torch.channels_last if channels_last
-                                             else torch.contiguous_format)
+    model = model_for(cfg, prepared.meta).to(
+        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
     # `net` trains (under torchrun, DDP averages its gradients over the ranks); `model`, the same
     # parameters, is what gets evaluated, regularised and saved.
-    net = model if distributed.world_size() == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = (
+        model
+        if distributed.world_size() == 1
+        else DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    )
     if cfg.compile:
         net = torch.compile(net)
     optimizer = make_optimizer(cfg, model)
 
-    run_id, checkpoint = distributed.on_rank0(runs.open_training, client, cfg, prepared.meta["content_hash"],
-                                              len(loader))
-    epoch, step = load_state(client, run_id, checkpoint, model, optimizer, loader) if checkpoint else (0, 0)
-    record = distributed.rank0_only(Recorder, client, run_id, cfg, model, optimizer, loader, prepared, epoch)
+    run_id, checkpoint = distributed.on_rank0(
+        runs.open_training, client, cfg, prepared.meta["content_hash"], len(loader)
+    )
+    epoch, step = (
+        load_state(client, run_id, checkpoint, model, optimizer, loader) if checkpoint else (0, 0)
+    )
+    record = distributed.rank0_only(
+        Recorder, client, run_id, cfg, model, optimizer, loader, prepared, epoch
+    )
     save_at = checkpoint_epochs(cfg.save_checkpoint, cfg.epochs)
     with record, distributed.failing_together():
         if epoch == 0:
@@ -87,12 +114,16 @@ def _train(cfg: Config, device: torch.device) -> str:
             if bad:  # every rank sees the same losses: all stop here
                 s, value = bad[0]
                 record.diverged()
-                raise TrainingDiverged(f"training diverged: loss {value} at epoch {epoch}, step {s}; lower the "
-                                       f"learning rate (the last good checkpoint stays in run {run_id})")
+                raise TrainingDiverged(
+                    f"training diverged: loss {value} at epoch {epoch}, step {s}; lower the "
+                    f"learning rate (the last good checkpoint stays in run {run_id})"
+                )
             step += len(losses)
             stop = False
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                stop = distributed.broadcast(record.evaluate(epoch, lr))  # rank 0 evaluated; all stop together
+                stop = distributed.broadcast(
+                    record.evaluate(epoch, lr)
+                )  # rank 0 evaluated; all stop together
             # An early stop is the final epoch, saved unless an explicit list was asked for.
             if epoch in save_at or (stop and len(cfg.save_checkpoint) == 1):
                 record.checkpoint(epoch, step)
@@ -158,10 +189,24 @@ class Recorder:
 
     EVAL_BATCH = 1024
 
-    def __init__(self, client, run_id: str, cfg: Config, model, optimizer, loader: datalib.Loader,
-                 prepared: datalib.Prepared, start_epoch: int):
+    def __init__(
+        self,
+        client,
+        run_id: str,
+        cfg: Config,
+        model,
+        optimizer,
+        loader: datalib.Loader,
+        prepared: datalib.Prepared,
+        start_epoch: int,
+    ):
         self.client, self.run_id, self.cfg, self.prepared = client, run_id, cfg, prepared
-        self.model, self.optimizer, self.loader, self.start_epoch = model, optimizer, loader, start_epoch
+        self.model, self.optimizer, self.loader, self.start_epoch = (
+            model,
+            optimizer,
+            loader,
+            start_epoch,
+        )
 
     def __enter__(self):
         with contextlib.ExitStack() as stack:  # kept only once all of it is entered
@@ -170,26 +215,49 @@ class Recorder:
                 runs.reopen(self.client, self.run_id)
                 print(f"resuming run {self.run_id} from epoch {self.start_epoch}", file=sys.stderr)
             # Every split un-augmented and in order; training's shares the training loader's tensors.
-            device, meta, cl = self.loader.images.device, self.prepared.meta, self.loader.channels_last
+            device, meta, cl = (
+                self.loader.images.device,
+                self.prepared.meta,
+                self.loader.channels_last,
+            )
             self.eval_loaders = {
-                split: dataclasses.replace(self.loader, batch_size=self.EVAL_BATCH, seed=None, augment=False,
-                                           shard=None)
-                if split == "train" else datalib.Loader.of(data, meta, device, self.EVAL_BATCH, channels_last=cl)
-                for split, data in self.prepared.splits.items()}
-            self.bar = stack.enter_context(tqdm(total=self.cfg.epochs, initial=self.start_epoch,
-                                                desc=self.cfg.run_name(), disable=not sys.stderr.isatty()))
+                split: dataclasses.replace(
+                    self.loader, batch_size=self.EVAL_BATCH, seed=None, augment=False, shard=None
+                )
+                if split == "train"
+                else datalib.Loader.of(data, meta, device, self.EVAL_BATCH, channels_last=cl)
+                for split, data in self.prepared.splits.items()
+            }
+            self.bar = stack.enter_context(
+                tqdm(
+                    total=self.cfg.epochs,
+                    initial=self.start_epoch,
+                    desc=self.cfg.run_name(),
+                    disable=not sys.stderr.isatty(),
+                )
+            )
             if self.cfg.system_metrics:  # MLflow's own monitor: a thread sampling every 10 s
-                if self.cfg.log_level is None:  # it says INFO on start, stop and "no GPU" at every run
+                if (
+                    self.cfg.log_level is None
+                ):  # it says INFO on start, stop and "no GPU" at every run
                     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
-                monitor = SystemMetricsMonitor(self.run_id, resume_logging=self.start_epoch > 0,
-                                               tracking_uri=self.client.tracking_uri)
+                monitor = SystemMetricsMonitor(
+                    self.run_id,
+                    resume_logging=self.start_epoch > 0,
+                    tracking_uri=self.client.tracking_uri,
+                )
                 monitor.start()
                 stack.callback(monitor.finish)
             # Left first: what it holds is in the run before the run ends. A resumed run re-computes
             # bit-identical values for steps it had logged: it sends only new ones.
-            self.logger = stack.enter_context(tracking.BackgroundLogger(
-                self.client, self.run_id, skip_logged=self.start_epoch > 0,
-                outage_limit=self.cfg.tracking_outage_limit))
+            self.logger = stack.enter_context(
+                tracking.BackgroundLogger(
+                    self.client,
+                    self.run_id,
+                    skip_logged=self.start_epoch > 0,
+                    outage_limit=self.cfg.tracking_outage_limit,
+                )
+            )
             self.stack = stack.pop_all()
         return self
 
@@ -209,15 +277,25 @@ class Recorder:
     def evaluate(self, epoch: int, lr: float | None = None) -> bool:
         """Logs the evaluation of every split; whether it stops the training early."""
         row = evaluation(self.model, self.eval_loaders)
-        log.info("run %s epoch %d: %s", self.run_id, epoch, " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        log.info(
+            "run %s epoch %d: %s",
+            self.run_id,
+            epoch,
+            " ".join(f"{k}={v:.4g}" for k, v in row.items()),
+        )
         self.logger.log_dict(row if lr is None else {names.LR: lr, **row}, step=epoch)
         self.bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_accuracy']:.3f}")
         return early_exit(self.cfg, row)
 
     def checkpoint(self, epoch: int, step: int) -> None:
-        state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), epoch=epoch,
-                     global_step=step, rng={k: g.get_state() for k, g in self.loader.generators.items()},
-                     config=self.cfg.flat())
+        state = dict(
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            epoch=epoch,
+            global_step=step,
+            rng={k: g.get_state() for k, g in self.loader.generators.items()},
+            config=self.cfg.flat(),
+        )
         self.logger.log_checkpoint(state, epoch)  # uploaded after every step logged before it
 
     def diverged(self) -> None:
@@ -252,8 +330,15 @@ def write_outputs(client, run_id: str, cfg: Config) -> None:
     out = Path(cfg.results_dir) / "train"
     files.write_json(out / "metrics.json", {k: v for k, v in history[-1].items() if k != names.LR})
     files.write_csv(out / "history.csv", history)
-    files.write_json(out / "run.json", {"run_id": run_id, "tracking_uri": client.tracking_uri,
-                                        "experiment_name": cfg.name, "experiment_id": run.info.experiment_id})
+    files.write_json(
+        out / "run.json",
+        {
+            "run_id": run_id,
+            "tracking_uri": client.tracking_uri,
+            "experiment_name": cfg.name,
+            "experiment_id": run.info.experiment_id,
+        },
+    )
 
 
 def learning_rate(cfg: Config, epoch: int) -> float:
@@ -263,7 +348,7 @@ def learning_rate(cfg: Config, epoch: int) -> float:
     if i < warm:
         return cfg.lr_warmup_initial + (cfg.learning_rate - cfg.lr_warmup_initial) * i / warm
     decays = (i - warm) // cfg.lr_step if cfg.lr_step else 0
-    return cfg.learning_rate * cfg.lr_decay_rate ** decays
+    return cfg.learning_rate * cfg.lr_decay_rate**decays
 
 
 def checkpoint_epochs(save_checkpoint: list[int], epochs: int) -> set[int]:
@@ -276,8 +361,12 @@ def checkpoint_epochs(save_checkpoint: list[int], epochs: int) -> set[int]:
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.learning_rate,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+        )
     return torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
@@ -291,5 +380,7 @@ def regularization(cfg: Config, model: torch.nn.Module) -> torch.Tensor | float:
 
 
 def early_exit(cfg: Config, row: dict) -> bool:
-    return bool((cfg.early_exit_accuracy and row["train_accuracy"] >= cfg.stop_by_accuracy_threshold)
-                or (cfg.early_exit_loss and row["train_loss"] <= cfg.stop_by_loss_threshold))
+    return bool(
+        (cfg.early_exit_accuracy and row["train_accuracy"] >= cfg.stop_by_accuracy_threshold)
+        or (cfg.early_exit_loss and row["train_loss"] <= cfg.stop_by_loss_threshold)
+    )
