@@ -40,10 +40,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.sparse.linalg import svds
 
-from lipdd import config, curvature, lipschitz
+from lipdd import config
+from lipdd.measures import curvature, lipschitz
 from lipdd.models import CNN5, build_model
-from lipdd.probes import PROBES, Points
-from lipdd.stats import measure_points
+from lipdd.measures.probes import PROBES, Points
+from lipdd.stats.compute import measure_points
 
 TOL = 1e-3
 

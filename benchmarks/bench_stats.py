@@ -293,7 +293,7 @@ def reduced_precision(model, x, targets, device):
 def chunk_sweep(device, sizes=(64, 128, 256, 512, 1024), n=1024, rounds=3):
     """CUDA only: samples/s of ours for each lipdd.jacobian.CHUNK["cuda"], on the widest networks;
     returns the chunk whose worst speed over the networks, relative to each network's best, is highest."""
-    from lipdd import jacobian
+    from lipdd.measures import jacobian
 
     saved, speeds = jacobian.CHUNK["cuda"], {}
     try:

@@ -8,7 +8,7 @@
                    ToTensor, Normalize; a shuffling DataLoader; a plain loop. num_workers=0: on 2 cores
                    worker processes only compete with the training (they were slower when measured).
      ours          lipdd.train.train_epoch, the loop lipdd.train runs, over a lipdd.data.Loader: data
-                   resident on the device, a seeded permutation, lipdd.data.random_crop_flip (one gather)
+                   resident on the device, a seeded permutation, lipdd.data.loader.random_crop_flip (one gather)
                    and normalize on the whole batch, channels-last model and batches (where
                    lipdd.runtime.channels_last allows), in-place ReLUs, one host sync per epoch.
      ours_compiled the same with the network under torch.compile (lipdd train --compile); the one-off

@@ -7,20 +7,10 @@ import torch
 from sklearn.datasets import load_digits
 
 from cifar_fixture import write_cifar10, write_cifar100
-from lipdd.data import (
-    SEED_STATS,
-    DataError,
-    Loader,
-    Split,
-    _validation_split,
-    content_hash,
-    corrupt_labels,
-    load_prepared,
-    normalize,
-    prepare,
-    random_crop_flip,
-    to_device,
-)
+from lipdd.data import Loader, Split, load_prepared, prepare
+from lipdd.data.loader import normalize, random_crop_flip, to_device
+from lipdd.data.prepared import UPSTREAM_STATS, _validation_split, content_hash, corrupt_labels
+from lipdd.errors import DataError
 from seed_reference import seed_corrupt, seed_jitter, seed_random_images, seed_split
 
 
@@ -102,8 +92,8 @@ def test_label_noise_two_classes_is_the_seeds():
 
 
 def test_seed_normalisation_constants(tmp_path):
-    assert SEED_STATS["cifar10"] == ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
-    assert SEED_STATS["cifar100"] == ([0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023])
+    assert UPSTREAM_STATS["cifar10"] == ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
+    assert UPSTREAM_STATS["cifar100"] == ([0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023])
     write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
     fixed = prepare(
         tmp_path / "fixed", "cifar10", tmp_path / "raw", verify_checksums=False, label_noise=0.2
@@ -116,7 +106,7 @@ def test_seed_normalisation_constants(tmp_path):
         label_noise=0.2,
         stats="split",
     )
-    assert (fixed["mean"], fixed["std"]) == SEED_STATS["cifar10"]
+    assert (fixed["mean"], fixed["std"]) == UPSTREAM_STATS["cifar10"]
     assert split["mean"] != fixed["mean"] and split["content_hash"] != fixed["content_hash"]
 
 
@@ -428,9 +418,9 @@ def test_random_datasets_are_the_seeds(tmp_path, dist):
         tmp_path / dist, "cifar10", tmp_path / "raw", verify_checksums=False, random_dataset=dist
     )
     p = load_prepared(tmp_path / dist)
-    mean, std = SEED_STATS["cifar10"] if dist != "hypersphere" else ([0.0] * 3, [1.0] * 3)
+    mean, std = UPSTREAM_STATS["cifar10"] if dist != "hypersphere" else ([0.0] * 3, [1.0] * 3)
     for split, n in (("train", 100), ("test", 10)):
-        images, labels = seed_random_images(dist, n, *SEED_STATS["cifar10"])
+        images, labels = seed_random_images(dist, n, *UPSTREAM_STATS["cifar10"])
         assert (
             np.array_equal(p.splits[split].images, images)
             and p.splits[split].clean_labels.tolist() == labels.tolist()
@@ -446,5 +436,7 @@ def test_jitter_is_the_seeds_threshold_after_normalisation(tmp_path):
     p = load_prepared(tmp_path / "j")
     split = p.splits["train"]
     ((x, _),) = Loader.of(split, p.meta, "cpu", 100)
-    plain = normalize(torch.from_numpy(split.images).permute(0, 3, 1, 2), *SEED_STATS["cifar10"])
+    plain = normalize(
+        torch.from_numpy(split.images).permute(0, 3, 1, 2), *UPSTREAM_STATS["cifar10"]
+    )
     assert torch.equal(x, seed_jitter(plain)) and not torch.equal(x, plain)

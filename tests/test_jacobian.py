@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lipdd.jacobian import CHUNK, input_jacobian
+from lipdd.measures.jacobian import CHUNK, input_jacobian
 from lipdd.measures import MEASURES, per_sample
 from lipdd.names import NORMALIZATIONS
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipdd.lanczos import top_eigenvalues
+from lipdd.measures.lanczos import top_eigenvalues
 
 
 def symmetric(spectrum, seed=0):

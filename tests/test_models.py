@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from lipdd.config import parse_model_name
-from lipdd.models import MODEL_FAMILIES, WEIGHT_INITS, build_model
+from lipdd.models import build_model
+from lipdd.names import MODEL_FAMILIES, WEIGHT_INITS
 from seed_reference import seed_model
 
 INPUTS = [(1, 8), (3, 32)]  # (channels, side): 8x8x1 and 32x32x3

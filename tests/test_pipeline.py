@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from dvc_repo import PATCH, STATS_PATCH, Repo, clean_env, make_repo
 from lipdd import config as configlib
-from lipdd import names
+from lipdd import names, upstream
 from lipdd.data import load_prepared
 from lipdd.measures import MEASURES
 
@@ -60,11 +60,11 @@ def expected_sample_files(stats: dict) -> set[str]:
     per_network = [m for m in stats["metric"] if MEASURES[m].kind == "network"]
     ordinals = range(len(CHECKPOINT_EPOCHS))
     return {
-        names.result_file(m, n, False, stats["dataset_split"], c, probe=p)
+        upstream.result_file(m, n, False, stats["dataset_split"], c, probe=p)
         for m, n in statistics(stats)
         for c in ordinals
         for p in (None, *stats["probes"])
-    } | {names.result_file(m, None, False, None, c) for m in per_network for c in ordinals}
+    } | {upstream.result_file(m, None, False, None, c) for m in per_network for c in ordinals}
 
 
 def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
@@ -217,7 +217,7 @@ def test_the_run_holds_what_people_chart_and_the_plots_read_what_was_written(rep
     assert len(metrics) <= 80, sorted(metrics)
     stats = repo.params()["stats"]
     for measure, normalization in statistics(stats):
-        for summary in names.logged_summaries(measure):
+        for summary in MEASURES[measure].logged:
             assert (
                 names.summary_key(
                     stats["dataset_split"], names.stat(measure, normalization), summary

@@ -12,11 +12,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from lipdd import cli, config, train
-from lipdd.data import normalize, random_pixels
-from lipdd.jacobian import input_jacobian
+from lipdd.data import random_pixels
+from lipdd.data.loader import normalize
+from lipdd.measures.jacobian import input_jacobian
 from lipdd.models import build_model
-from lipdd.probes import PROBES, Points, angles
-from lipdd.stats import measure_points
+from lipdd.measures.probes import PROBES, Points, angles
+from lipdd.stats.compute import measure_points
 from lipdd.tracking import get_client
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]

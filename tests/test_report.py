@@ -12,8 +12,9 @@ from mlflow.tracking import MlflowClient
 from scipy.stats import spearmanr
 
 from lipdd import config, tracking
-from lipdd.config import ConfigError
-from lipdd.report import correlations, interpolation_threshold, report
+from lipdd.errors import ConfigError
+from lipdd.report import report
+from lipdd.report.tables import correlations, interpolation_threshold
 
 EPOCHS = 4
 CHECKPOINTS = (0, 2, 4)

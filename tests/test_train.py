@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lipdd import config, train
+from lipdd.errors import ConfigError
 from lipdd.tracking import get_client, list_checkpoints
 
 FAST = dict(
@@ -154,7 +155,7 @@ def test_resume_after_interruption_is_bitwise_identical(workdir, monkeypatch):
 
 def test_resume_refuses_different_parameters(workdir):
     run_id = train.train(make())
-    with pytest.raises(config.ConfigError, match="learning_rate"):
+    with pytest.raises(ConfigError, match="learning_rate"):
         train.train(make(resume_from=run_id, learning_rate=0.5))
 
 

@@ -12,10 +12,10 @@ import dataclasses
 import logging
 import signal
 import sys
-from pathlib import Path
 
-from . import config
-from .config import Config, ConfigError, StatsConfig, TrackingUnavailable, TrainingDiverged
+from . import config, upstream
+from .config import Config, StatsConfig
+from .errors import ConfigError, TrackingUnavailable, TrainingDiverged
 
 GROUPS = {
     "prepare": ("data", "run"),
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # so the MLflow run is marked KILLED instead of staying RUNNING.
     signal.signal(signal.SIGTERM, interrupt)
     try:
-        cfg = config.build(overrides, params_file=args.params)
+        cfg = config.build(overrides, params_file=args.params, registries=registries())
         setup_logging(cfg)
         return COMMANDS[args.command](cfg) or 0
     except ConfigError as e:  # bad input, data, checkpoints: the user's to fix
@@ -122,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         return 75  # EX_TEMPFAIL: the same command succeeds later
 
 
+def registries() -> dict[str, tuple[str, ...]]:
+    """The names config validation checks stats.metric and stats.probes against: a typo fails
+    before any work. Read here, after parsing, so `--help` never imports torch."""
+    from .measures import MEASURES, PROBES
+
+    return {"measures": tuple(MEASURES), "probes": tuple(PROBES)}
+
+
 def setup_logging(cfg: Config) -> None:
     """The seed's --log-level and --logfile: Python's logging at that level, to stderr and, with a
     log file, to that file in the run's seed layout directory; neither given, nothing changes."""
@@ -129,7 +137,7 @@ def setup_logging(cfg: Config) -> None:
         return
     handlers = [logging.StreamHandler()]
     if cfg.logfile:
-        path = Path(cfg.save_dir) / cfg.name / cfg.seed_run_dir / cfg.logfile
+        path = upstream.run_dir(cfg) / cfg.logfile
         path.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path))
     logging.basicConfig(
@@ -141,10 +149,10 @@ def setup_logging(cfg: Config) -> None:
 
 
 def cmd_prepare(cfg: Config) -> None:
-    from .data import prepare_for
+    from .data import draw_label_seed, prepare_for
 
     if cfg.label_seed is None:
-        cfg.label_seed = config.draw_label_seed()
+        cfg.label_seed = draw_label_seed()
     meta = prepare_for(cfg)
     print(
         f"prepared {cfg.data} in {cfg.prepared_path}: {meta['splits']}, "
@@ -168,13 +176,13 @@ def cmd_stats(cfg: Config) -> None:
 
 
 def cmd_export_checkpoints(cfg: Config) -> None:
-    from .seedlayout import export_checkpoints
+    from .upstream_runs import export_checkpoints
 
     print(export_checkpoints(cfg))
 
 
 def cmd_import_checkpoints(cfg: Config) -> None:
-    from .seedlayout import import_checkpoints
+    from .upstream_runs import import_checkpoints
 
     print(f"run {import_checkpoints(cfg)} imported")
 

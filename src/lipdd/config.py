@@ -18,16 +18,20 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .names import NORMALIZATIONS, SPLITS
+from .errors import ConfigError
+from .names import (
+    INPUT_STATS,
+    LOG_LEVELS,
+    MODEL_ADDITIONS,
+    MODEL_FAMILIES,
+    NORMALIZATIONS,
+    OPTIMIZERS,
+    RANDOM_DATASETS,
+    SOURCES,
+    SPLITS,
+    WEIGHT_INITS,
+)
 
-SOURCES = ("digits", "cifar10", "cifar100")
-INPUT_STATS = ("fixed", "split")
-RANDOM_DATASETS = ("uniform", "normal", "hypersphere", "jitter")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-MODEL_FAMILIES = ("cnn5", "resnet18", "resnet34")
-OPTIMIZERS = ("sgd", "adam")
-MODEL_ADDITIONS = ("batch_norm", "dropout")
-WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
 ENV_VARS = {
     "SAVE_DIR": "save_dir",
     "NAME": "name",
@@ -35,44 +39,6 @@ ENV_VARS = {
     "DEVICE": "device",
     "WORKERS": "workers",
 }
-
-
-def measure_names() -> tuple[str, ...]:
-    """The names of measures.MEASURES, read when a config is validated (it imports torch)."""
-    from .measures import MEASURES
-
-    return tuple(MEASURES)
-
-
-def probe_names() -> tuple[str, ...]:
-    from .probes import PROBES
-
-    return tuple(PROBES)
-
-
-def draw_label_seed() -> int:
-    """A fresh label_seed for a run given none (the seed's default: fresh randomness), said aloud so
-    the labels can be corrupted the same way again; lipdd logs it with the run."""
-    import numpy as np
-
-    seed = int(np.random.SeedSequence().generate_state(1)[0])
-    print(f"label_seed: drew {seed} (pass --label-seed={seed} to corrupt the same labels again)")
-    return seed
-
-
-class ConfigError(ValueError):
-    """Invalid input: the CLI prints it on one line and exits with status 2."""
-
-
-class TrainingDiverged(RuntimeError):
-    """A non-finite loss: the run is FAILED, its last good checkpoint stays; exit status 1."""
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking server does not answer: at a command's first request (nothing done yet), or
-    past tracking_outage_limit during a training, which stops where it is, its run RUNNING (nothing
-    can reach the server to mark it), resumable from its last uploaded checkpoint by the same
-    command; exit status 75 (EX_TEMPFAIL)."""
 
 
 # What a training parameter says about a run (a marker on each field, read by runs.py):
@@ -100,7 +66,7 @@ class StatsConfig:
         ["jacobian_operator_norm"],
         "measures to compute (lipdd.measures.MEASURES)",
         "stats",
-        choices=measure_names,
+        choices="measures",
         kind=str,
     )
     normalization: list[str] = opt(
@@ -173,7 +139,7 @@ class StatsConfig:
         "probe sets the per-sample measures are also evaluated on, off the training points "
         "(lipdd.probes.PROBES)",
         "stats",
-        choices=probe_names,
+        choices="probes",
         kind=str,
     )
     probe_samples: int = opt(
@@ -461,31 +427,6 @@ class Config:
     def prepared_path(self) -> Path:
         return Path(self.prepared_dir) / self.data
 
-    @property
-    def seed_setting(self) -> str:
-        """The seed layout's SETTING directory (its core/utils.py log_additions): the model additions
-        (dropout with its rate), -l1-/-l2- coefficients, augmentation, wd_ weight decay; else default."""
-        parts = [
-            f"dropout_{self.dropout}" if a == "dropout" and self.dropout else a
-            for a in self.model_additions
-        ]
-        name = "-".join(parts)
-        if self.l1_regularization:
-            name += f"-l1-{self.l1_regularization:0.5f}"
-        if self.l2_regularization:
-            name += f"-l2-{self.l2_regularization:0.5f}"
-        if self.augmentation:
-            name += "-augmentation"
-        if self.weight_decay:
-            name += f"-wd_{self.weight_decay}"
-        return name.strip("-") or "default"
-
-    @property
-    def seed_run_dir(self) -> str:
-        """The seed layout's MODEL/DATA/SETTING/[noise-N-]seed-S for this run."""
-        noise = f"noise-{self.label_noise:.4f}-" if self.label_noise != 0 else ""
-        return f"{self.model_name}/{self.data}/{self.seed_setting}/{noise}seed-{self.seed}"
-
     def run_name(self) -> str:
         return f"{self.model_name}-{self.data}-noise{self.label_noise:g}-seed{self.seed}"
 
@@ -610,9 +551,10 @@ def build(
     overrides: dict[str, Any] | None = None,
     params_file: str | None = None,
     environ: dict[str, str] | None = None,
+    registries: dict[str, tuple[str, ...]] | None = None,
 ) -> Config:
-    """Resolve a Config from the four layers and validate it. `overrides` are flat keys
-    (`label_noise`, `stats.batch_size`) from the command line."""
+    """Resolve a Config from the four layers and validate it (`registries`: see validate).
+    `overrides` are flat keys (`label_noise`, `stats.batch_size`) from the command line."""
     layers: dict[str, Any] = {}
     if params_file:
         layers.update(load_params(params_file))
@@ -629,10 +571,9 @@ def build(
         else:
             setattr(cfg, key, _coerce(specs[key], value, ""))
     cfg.stats = stats
-    validate(cfg)
-    cfg.model, cfg.width = parse_model_name(
-        cfg.model, cfg.width
-    )  # 'cnn5_16' -> 'cnn5', 16: one spelling per run
+    validate(cfg, registries)
+    # 'cnn5_16' -> 'cnn5', 16: one spelling per run
+    cfg.model, cfg.width = parse_model_name(cfg.model, cfg.width)
     return cfg
 
 
@@ -656,191 +597,126 @@ def _from_param_string(f: dataclasses.Field, text: str) -> Any:
 # --- validation ---------------------------------------------------------------------------
 
 
+def _positive(v):
+    return v > 0 and math.isfinite(v)
+
+
+def _non_negative(v):
+    return v >= 0 and math.isfinite(v)
+
+
+def _device(v):
+    return v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+
+
+# One value's rules: key -> (test, what is allowed). Rules across values are in `validate`.
+POSITIVE, NON_NEGATIVE = (_positive, "a positive number"), (_non_negative, "a number >= 0")
+COUNT, POSITIVE_COUNT = (
+    (lambda v: v >= 0, "an integer >= 0"),
+    (lambda v: v >= 1, "a positive integer"),
+)
+RULES = {
+    "label_noise": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "label_seed": (
+        lambda v: v is None or v >= 0,
+        "an integer >= 0 (numpy's default_rng takes no negative seed), or unset for a fresh one",
+    ),
+    "train_split": COUNT,
+    "val_split": COUNT,
+    **dict.fromkeys(
+        ("learning_rate", "batch_size", "eval_every", "loss_checkpoint", "lr_decay_rate"), POSITIVE
+    ),
+    **dict.fromkeys(
+        ("weight_decay", "epochs", "l1_regularization", "l2_regularization", "lr_warmup_epochs")
+        + ("lr_warmup_initial", "lr_step", "stop_by_loss_threshold", "tracking_outage_limit"),
+        NON_NEGATIVE,
+    ),
+    "momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "workers": (
+        lambda v: v >= 0,
+        "an integer >= 0 (0, upstream's no loader processes, computes on one thread like 1)",
+    ),
+    "dropout": (lambda v: 0 <= v < 1, "a rate in [0, 1)"),
+    "stop_by_accuracy_threshold": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "save_checkpoint": (
+        lambda v: len(v) > 0 and min(v) >= 0,
+        "0, a period N > 0, or a list of epochs >= 0",
+    ),
+    "runs_per_gpu": POSITIVE_COUNT,
+    "device": (_device, "cpu, cuda, cuda:N or auto"),
+    "stats.batch_size": POSITIVE_COUNT,
+    "stats.metric": (len, "at least one metric"),
+    "stats.normalization": (len, "at least one normalization"),
+    "stats.curvature_samples": POSITIVE_COUNT,
+    "stats.curvature_top_k": POSITIVE_COUNT,
+    "stats.hutchinson_probes": (lambda v: v >= 2, "an integer >= 2 (the standard error needs two)"),
+    "stats.curvature_tolerance": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "stats.probe_samples": (lambda v: v >= 2, "an integer >= 2 (pairs need two)"),
+    "stats.probe_lambdas": (
+        lambda v: len(v) > 0 and all(0 <= x <= 1 for x in v),
+        "one or more numbers in [0, 1]",
+    ),
+    "stats.probe_directions": POSITIVE_COUNT,
+    "stats.worst_radius": POSITIVE,
+    "stats.worst_steps": COUNT,
+    "stats.num_power_iters": COUNT,
+    "stats.checkpoint": (lambda v: v is None or min(v, default=0) >= 0, "ordinals >= 0"),
+    "stats.nsteps_per_epoch": (lambda v: v is None or v >= 1, "a positive integer"),
+}
+
+
 def _check(cond: bool, name: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{name}: {value!r} is not allowed; expected {allowed}")
 
 
-def validate(cfg: Config) -> None:
-    """Every rule that can be checked before any work starts."""
+def _values(cfg: Config):
+    """(key, field, value) of every parameter, stats ones under stats.KEY."""
     for cls, obj, prefix in ((Config, cfg, ""), (StatsConfig, cfg.stats, "stats.")):
         for f in field_specs(cls):
-            choices, value = f.metadata.get("choices"), getattr(obj, f.name)
-            if callable(choices):
-                choices = choices()
+            yield prefix + f.name, f, getattr(obj, f.name)
+
+
+def validate(cfg: Config, registries: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Every rule that can be checked before any work starts. A field whose choices are a
+    registry's names ("measures", "probes") is checked against `registries` when given: the CLI
+    hands them in, so the configuration never imports the code that computes the measures."""
+    for key, f, value in _values(cfg):
+        choices = f.metadata.get("choices")
+        if isinstance(choices, str):
+            choices = (registries or {}).get(choices)
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
             if choices:
-                for v in value if isinstance(value, list) else [] if value is None else [value]:
-                    _check(v in choices, prefix + f.name, v, "one of " + ", ".join(choices))
+                _check(v in choices, key, v, "one of " + ", ".join(choices))
+        if key in RULES:
+            test, allowed = RULES[key]
+            _check(bool(test(value)), key, value, allowed)
     family, _ = parse_model_name(cfg.model, cfg.width)
-    _check(0.0 <= cfg.label_noise <= 1.0, "label_noise", cfg.label_noise, "a fraction in [0, 1]")
-    _check(
-        cfg.label_seed is None or cfg.label_seed >= 0,
-        "label_seed",
-        cfg.label_seed,
-        "an integer >= 0 (numpy's default_rng takes no negative seed), or unset for a fresh one",
-    )
-    _check(cfg.train_split >= 0, "train_split", cfg.train_split, "an integer >= 0")
-    _check(cfg.val_split >= 0, "val_split", cfg.val_split, "an integer >= 0")
-    _check(
-        (cfg.train_split > 0) == (cfg.val_split > 0),
-        "val_split",
-        cfg.val_split,
-        f"a positive value together with train_split={cfg.train_split} (both or neither)",
-    )
+    both = f"a positive value together with train_split={cfg.train_split} (both or neither)"
+    _check((cfg.train_split > 0) == (cfg.val_split > 0), "val_split", cfg.val_split, both)
     if cfg.weight_init in ("fixup", "mfixup"):
-        _check(
-            family != "cnn5",
-            "weight_init",
-            cfg.weight_init,
-            "pytorch or nkaiming for cnn5 (fixup needs residual blocks)",
-        )
-        _check(
-            "batch_norm" not in cfg.model_additions,
-            "weight_init",
-            cfg.weight_init,
-            "pytorch or nkaiming with batch_norm (fixup replaces normalisation)",
-        )
-    positive = dict(
-        learning_rate=cfg.learning_rate,
-        batch_size=cfg.batch_size,
-        eval_every=cfg.eval_every,
-        loss_checkpoint=cfg.loss_checkpoint,
-        lr_decay_rate=cfg.lr_decay_rate,
-    )
-    for name, value in positive.items():
-        _check(value > 0 and math.isfinite(value), name, value, "a positive number")
-    non_negative = dict(
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        epochs=cfg.epochs,
-        l1_regularization=cfg.l1_regularization,
-        l2_regularization=cfg.l2_regularization,
-        lr_warmup_epochs=cfg.lr_warmup_epochs,
-        lr_warmup_initial=cfg.lr_warmup_initial,
-        lr_step=cfg.lr_step,
-    )
-    for name, value in non_negative.items():
-        _check(value >= 0 and math.isfinite(value), name, value, "a number >= 0")
-    _check(
-        cfg.workers >= 0,
-        "workers",
-        cfg.workers,
-        "an integer >= 0 (0, the seed's no loader processes, computes on one thread like 1)",
-    )
-    _check(0 <= cfg.dropout < 1, "dropout", cfg.dropout, "a rate in [0, 1)")
-    _check(cfg.momentum < 1, "momentum", cfg.momentum, "a number in [0, 1)")
-    _check(
-        0 <= cfg.stop_by_accuracy_threshold <= 1,
-        "stop_by_accuracy_threshold",
-        cfg.stop_by_accuracy_threshold,
-        "a fraction in [0, 1]",
-    )
-    _check(
-        cfg.stop_by_loss_threshold >= 0,
-        "stop_by_loss_threshold",
-        cfg.stop_by_loss_threshold,
-        ">= 0",
-    )
+        why = "pytorch or nkaiming for cnn5 (fixup needs residual blocks)"
+        _check(family != "cnn5", "weight_init", cfg.weight_init, why)
+        why = "pytorch or nkaiming with batch_norm (fixup replaces normalisation)"
+        _check("batch_norm" not in cfg.model_additions, "weight_init", cfg.weight_init, why)
     ckpt = cfg.save_checkpoint
-    _check(
-        len(ckpt) > 0 and all(e >= 0 for e in ckpt),
-        "save_checkpoint",
-        ckpt,
-        "0, a period N > 0, or a list of epochs >= 0",
-    )
     if len(ckpt) > 1:
         _check(max(ckpt) <= cfg.epochs, "save_checkpoint", ckpt, f"epochs within 0..{cfg.epochs}")
-    _check(cfg.runs_per_gpu >= 1, "runs_per_gpu", cfg.runs_per_gpu, "a positive integer")
-    _check(
-        cfg.tracking_outage_limit >= 0,
-        "tracking_outage_limit",
-        cfg.tracking_outage_limit,
-        "seconds >= 0",
-    )
-    if (
-        cfg.tracking_uri and urlsplit(cfg.tracking_uri).password is not None
-    ):  # never echoed: it holds the password
+    if cfg.tracking_uri and urlsplit(cfg.tracking_uri).password is not None:  # never echoed
         raise ConfigError(
-            "tracking_uri: holds a password, which params.yaml and dvc.lock would carry into git; set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or put the URI in "
+            "tracking_uri: holds a password, which params.yaml and dvc.lock would carry into git; "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or put the URI in "
             "MLFLOW_TRACKING_URI) instead"
         )
-    _check(
-        cfg.device == "auto"
-        or cfg.device == "cpu"
-        or cfg.device == "cuda"
-        or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
-        "device",
-        cfg.device,
-        "cpu, cuda, cuda:N or auto",
-    )
-
     s = cfg.stats
-    _check(s.batch_size > 0, "stats.batch_size", s.batch_size, "a positive integer")
     if s.skip is not None:
-        _check(
-            s.skip >= 0 and s.skip % s.batch_size == 0,
-            "stats.skip",
-            s.skip,
-            f"a multiple of stats.batch_size={s.batch_size} (the result file's id is skip / batch_size)",
-        )
+        why = f"a multiple of stats.batch_size={s.batch_size} (the result file's id is skip / batch_size)"
+        _check(s.skip >= 0 and s.skip % s.batch_size == 0, "stats.skip", s.skip, why)
     if s.num_samples is not None:
+        why = f"a positive multiple of stats.batch_size={s.batch_size}"
         _check(
             s.num_samples > 0 and s.num_samples % s.batch_size == 0,
             "stats.num_samples",
             s.num_samples,
-            f"a positive multiple of stats.batch_size={s.batch_size}",
-        )
-    _check(len(s.metric) > 0, "stats.metric", s.metric, "at least one metric")
-    _check(
-        len(s.normalization) > 0,
-        "stats.normalization",
-        s.normalization,
-        "at least one normalization",
-    )
-    for name in ("curvature_samples", "curvature_top_k"):
-        _check(getattr(s, name) >= 1, f"stats.{name}", getattr(s, name), "a positive integer")
-    _check(
-        s.hutchinson_probes >= 2,
-        "stats.hutchinson_probes",
-        s.hutchinson_probes,
-        "an integer >= 2 (the standard error needs two)",
-    )
-    _check(
-        0 < s.curvature_tolerance < 1,
-        "stats.curvature_tolerance",
-        s.curvature_tolerance,
-        "a number in (0, 1)",
-    )
-    _check(
-        s.probe_samples >= 2,
-        "stats.probe_samples",
-        s.probe_samples,
-        "an integer >= 2 (pairs need two)",
-    )
-    _check(
-        len(s.probe_lambdas) > 0 and all(0 <= v <= 1 for v in s.probe_lambdas),
-        "stats.probe_lambdas",
-        s.probe_lambdas,
-        "one or more numbers in [0, 1]",
-    )
-    _check(
-        s.probe_directions >= 1, "stats.probe_directions", s.probe_directions, "a positive integer"
-    )
-    _check(
-        s.worst_radius > 0 and math.isfinite(s.worst_radius),
-        "stats.worst_radius",
-        s.worst_radius,
-        "a positive number",
-    )
-    _check(s.worst_steps >= 0, "stats.worst_steps", s.worst_steps, "an integer >= 0")
-    _check(s.num_power_iters >= 0, "stats.num_power_iters", s.num_power_iters, "an integer >= 0")
-    if s.checkpoint is not None:
-        _check(all(c >= 0 for c in s.checkpoint), "stats.checkpoint", s.checkpoint, "ordinals >= 0")
-    if s.nsteps_per_epoch is not None:
-        _check(
-            s.nsteps_per_epoch > 0,
-            "stats.nsteps_per_epoch",
-            s.nsteps_per_epoch,
-            "a positive integer",
+            why,
         )

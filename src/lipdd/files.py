@@ -1,12 +1,16 @@
-"""Atomic writes: a killed process leaves the old file or the new one, never half of one."""
+"""Atomic writes: a killed process leaves the old file (or directory) or the new one, never half
+of one."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # mkstemp creates 0600 files; outputs should get the permissions any other new file gets.
@@ -46,3 +50,22 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
     writer.writeheader()
     writer.writerows(rows)
     return write_text(path, buf.getvalue())
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """A scratch path beside `path` to write a file or a whole directory to; when the block ends
+    without error, it takes `path`'s place by renames (the old one is removed only then), so a
+    killed writer leaves the old one, the new one or, between the two renames of a directory,
+    none; never a mix. An error leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    new, old = scratch / "new", scratch / "old"
+    try:
+        yield new
+        if path.is_dir() and not path.is_symlink():
+            path.rename(old)
+        os.replace(new, path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -3,6 +3,10 @@
 Width k scales every layer's channel count (k, 2k, 4k, 8k); k = 64 gives the standard networks.
 ReLUs run in place on tensors nothing else reads (a conv's or batch norm's output, whose backward needs
 only its input): fewer memory passes on CPU, and autograd accepts it.
+
+Each network describes its own linear pieces for the Lipschitz upper bound (`linear_pieces`, read by
+lipdd.measures.lipschitz): ("chain", name, layers), linear layers with nn.ReLU() between the maps,
+and ("residual", name, shortcut or None, first, second) for relu(second(relu(first(x))) + shortcut(x)).
 """
 
 import math
@@ -10,7 +14,7 @@ import math
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import MODEL_FAMILIES, WEIGHT_INITS
+from .names import MODEL_FAMILIES, WEIGHT_INITS
 
 RESNET_STAGES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
@@ -59,6 +63,14 @@ class CNN5(nn.Module):
         x = self.pool(self.layer2(self.layer1(x)))
         x = self.layer4(self.pool(self.layer3(x)))
         return self.fc(self.dropout(self.apool(x).flatten(1)))
+
+    def linear_pieces(self) -> list[tuple]:
+        relu, blocks = nn.ReLU(), (self.layer1, self.layer2, self.layer3, self.layer4)
+        layers = [[b.conv, b.bn, relu] for b in blocks]
+        layers[1].append(self.pool)
+        layers[2].append(self.pool)
+        tail = [self.apool, nn.Flatten(), self.dropout, self.fc]
+        return [("chain", "layers", [m for block in layers for m in block] + tail)]
 
 
 class BasicBlock(nn.Module):
@@ -115,6 +127,15 @@ class ResNet(nn.Module):
         for stage in self.stages():
             x = stage(x)
         return self.fc(self.dropout(self.avgpool(x).flatten(1)))
+
+    def linear_pieces(self) -> list[tuple]:
+        pieces = [("chain", "stem", [self.conv1, self.bn1])]
+        for i, stage in enumerate(self.stages()):
+            for j, b in enumerate(stage):
+                first, second = nn.Sequential(b.conv1, b.bn1), nn.Sequential(b.conv2, b.bn2)
+                pieces.append(("residual", f"layer{i + 1}.{j}", b.downsample, first, second))
+        pieces.append(("chain", "head", [self.avgpool, nn.Flatten(), self.dropout, self.fc]))
+        return pieces
 
 
 def _init_nkaiming(model):

@@ -1,9 +1,17 @@
-"""The metric-naming contract: how every MLflow metric key, summary column and result file that
-lipdd writes is spelled, in one place, for the stages that write them (train, stats), the one that
-reads them back (report), dvc.yaml's plots and the tests."""
+"""lipdd's vocabulary, in one place: the values each choice parameter may take, and how every
+MLflow metric key, summary column and artifact that lipdd writes is spelled, for the stages that
+write them (train, stats), the one that reads them back (report), dvc.yaml's plots and the tests."""
 
 from __future__ import annotations
 
+SOURCES = ("digits", "cifar10", "cifar100")
+INPUT_STATS = ("fixed", "split")
+RANDOM_DATASETS = ("uniform", "normal", "hypersphere", "jitter")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+MODEL_FAMILIES = ("cnn5", "resnet18", "resnet34")
+OPTIMIZERS = ("sgd", "adam")
+MODEL_ADDITIONS = ("batch_norm", "dropout")
+WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
 SPLITS = ("train", "val", "test")
 # "jacobian" is the seed's: it parses it and normalises nothing, so it is the logits' Jacobian
 NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy", "jacobian")
@@ -32,27 +40,12 @@ def is_evaluation(key: str) -> bool:
 
 
 # --- stats: per checkpoint (step = epoch) -------------------------------------------------------
-# MLflow holds what a researcher charts against epochs and compares across runs; the result files,
-# results/stats/metrics.json and history.csv hold every summary.
+# MLflow holds what a researcher charts against epochs and compares across runs.
+# The summaries of a per-sample measure that go to MLflow unless its registry entry says otherwise
+# (lipdd.measures.Measure.logged); the result files, results/stats/metrics.json and history.csv
+# hold every summary.
 LOGGED_SUMMARIES = ("mean", "clean_mean", "corrupted_mean")
-# The operator norm's largest value over the samples is the empirical lower bound on the Lipschitz
-# constant (its mean is the paper's estimate); its 99th percentile says whether one sample makes it.
-LOGGED_EXTREMES = ("max", "p99")
 SUMMARIES = ("mean", "median", "std", "max", "p99", "clean_mean", "corrupted_mean")
-
-
-def logged_summaries(measure: str) -> tuple[str, ...]:
-    """The summaries of a per-sample measure's statistics that go to MLflow."""
-    return LOGGED_SUMMARIES + (LOGGED_EXTREMES if measure == "jacobian_operator_norm" else ())
-
-
-def logged_probe_summaries(measure: str) -> tuple[str, ...]:
-    """The summaries of a probe set's statistics that go to MLflow: the operator norm's (the
-    Lipschitz estimate off the training points) and the accuracy's mean; the rest stay in the
-    result files and the stats stage's metrics.json and history.csv."""
-    if measure == "jacobian_operator_norm":
-        return ("mean", "max", "clean_mean", "corrupted_mean")
-    return ("mean",) if measure == "accuracy" else ()
 
 
 def bound_ratio(normalization: str) -> str:
@@ -93,44 +86,6 @@ def parse_summary_key(key: str) -> tuple[str, str, str] | None:
         if rest.endswith("_" + summary):
             return split, rest[: -len(summary) - 1], summary
     return None
-
-
-def result_file(
-    measure: str,
-    normalization: str | None,
-    target_logit_only: bool,
-    split: str | None,
-    checkpoint: int,
-    uid: int | None = None,
-    outname: str | None = None,
-    random_dataset: str | None = None,
-    probe: str | None = None,
-) -> str:
-    """The seed's result file name,
-    [OUTNAME-]METRIC[-target_only][-random_KIND]-SPLIT-checkpoint-KEY[-id-UID].json
-    (KEY: the checkpoint as --checkpoint named it; UID: skip / batch_size, when --skip was given),
-    with two additions: a normalization other than none follows METRIC, because one lipdd call
-    computes several where the seed computed one, and a probe set follows SPLIT as -probe_NAME.
-    Per-network measures have no SPLIT."""
-    name = f"{outname}-{measure}" if outname else measure
-    if normalization not in (None, "none"):
-        name += f"-{normalization}"
-    if target_logit_only and normalization != "crossentropy":
-        name += "-target_only"
-    if random_dataset:
-        name += f"-random_{random_dataset}"
-    if split:
-        name += f"-{split}"
-    if probe:
-        name += f"-probe_{probe}"
-    name += f"-checkpoint-{checkpoint}"
-    return name + (f"-id-{uid}" if uid is not None else "") + ".json"
-
-
-def shard_of(filename: str) -> tuple[str, int] | None:
-    """(the name without -id-UID, UID) of a result file of a --skip run, else None."""
-    stem, sep, uid = filename.removesuffix(".json").rpartition("-id-")
-    return (stem, int(uid)) if sep and uid.isdigit() else None
 
 
 def batch_means_artifact(split: str, epoch: int, first_batch: int) -> str:

@@ -18,8 +18,11 @@ from typing import Iterator
 
 from mlflow.entities import RunTag
 
-from . import tracking
-from .config import ROLE, Config, ConfigError, TrackingUnavailable, draw_label_seed
+from . import config as configlib
+from . import tracking, upstream
+from .config import ROLE, Config
+from .data import draw_label_seed
+from .errors import ConfigError, TrackingUnavailable
 
 KIND = "lipdd.kind"  # tag of report runs, so nothing takes a report for a training
 # A report draws the runs of one setting (its title) against its axes, averaging over seeds.
@@ -392,3 +395,13 @@ def for_report(client, cfg: Config, usable) -> list:
         )
         runs = kept
     return runs
+
+
+def analysed_run(cfg: Config) -> tuple:
+    """(client, run, the run's own Config, the output directory) of the run cfg names (lipdd
+    stats and the commands that read a run as it does)."""
+    client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri), create=False)
+    run = client.get_run(trained(client, cfg))
+    run_cfg = configlib.from_flat(run.data.params)
+    out_dir = Path(cfg.stats.output_dir) if cfg.stats.output_dir else upstream.run_dir(cfg, run_cfg)
+    return client, run, run_cfg, out_dir

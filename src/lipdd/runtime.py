@@ -9,7 +9,8 @@ import sys
 import torch
 
 from . import distributed
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 from .leases import lease_gpu
 
 

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from . import data as datalib
 from . import distributed, files, names, runs, runtime, tracking
-from .config import Config, ConfigError, TrainingDiverged
+from .config import Config
+from .errors import ConfigError, TrainingDiverged
 from .models import model_for
 
 log = logging.getLogger(__name__)

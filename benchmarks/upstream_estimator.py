@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from lipdd import config, data, tracking
-from lipdd.jacobian import input_jacobian, operator_norm
+from lipdd.measures.jacobian import input_jacobian, operator_norm
 from lipdd.models import model_for
 
 

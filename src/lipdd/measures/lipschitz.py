@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 
 from .lanczos import top_eigenvalues
-from .models import CNN5, BasicBlock, ResNet
 
 TOLERANCE = 1e-10  # relative tolerance on the top eigenvalue of A^T A
 # in eval mode, where the bound is taken, dropout is the identity
@@ -76,65 +75,31 @@ class _Bound:
         norm = spectral_norm(affine, self.shape, self.device)
         self.maps.append({"map": name, "input_shape": list(self.shape), "norm": norm})
         with torch.no_grad():
-            self.shape = tuple(
-                affine(torch.zeros(1, *self.shape, dtype=torch.float64, device=self.device)).shape[
-                    1:
-                ]
-            )
+            zero = torch.zeros(1, *self.shape, dtype=torch.float64, device=self.device)
+            self.shape = tuple(affine(zero).shape[1:])
         return norm
 
-    def stack(self, name: str, modules: list[nn.Module]) -> None:
+    def chain(self, name: str, modules: list[nn.Module]) -> None:
         for i, run in enumerate(_runs(modules)):
             self.value *= self.map(f"{name}{i}", nn.Sequential(*run))
 
-    def block(self, name: str, block: BasicBlock) -> None:
+    def residual(self, name: str, shortcut, first, second) -> None:
         shape = self.shape
-        shortcut = (
-            1.0 if block.downsample is None else self.map(f"{name}.shortcut", block.downsample)
-        )
+        shortcut = 1.0 if shortcut is None else self.map(f"{name}.shortcut", shortcut)
         self.shape = shape
-        first = self.map(f"{name}.branch0", lambda x: block.bn1(block.conv1(x)))
-        second = self.map(f"{name}.branch1", lambda x: block.bn2(block.conv2(x)))
+        first, second = self.map(f"{name}.branch0", first), self.map(f"{name}.branch1", second)
         self.value *= shortcut + first * second
 
 
 def upper_bound(model: nn.Module, input_shape) -> tuple[float, list[dict]]:
-    """(bound on the Lipschitz constant of the logits, every map's spectral norm) of a cnn5 or
-    ResNet of lipdd.models on inputs of `input_shape` (C, H, W)."""
+    """(bound on the Lipschitz constant of the logits, every map's spectral norm) of a network
+    that describes its linear pieces (lipdd.models: `linear_pieces`), on inputs of `input_shape`
+    (C, H, W)."""
+    if not hasattr(model, "linear_pieces"):
+        raise TypeError(f"no Lipschitz bound for {type(model).__name__}")
     net = copy.deepcopy(model).double().eval().requires_grad_(False)
     bound = _Bound(input_shape, next(net.parameters()).device)
     with torch.no_grad():
-        if isinstance(net, ResNet):
-            bound.stack("stem", [net.conv1, net.bn1])
-            for i, stage in enumerate(net.stages()):
-                for j, block in enumerate(stage):
-                    bound.block(f"layer{i + 1}.{j}", block)
-            bound.stack("head", [net.avgpool, nn.Flatten(), net.dropout, net.fc])
-        elif isinstance(net, CNN5):
-            relu = nn.ReLU()
-            bound.stack(
-                "layers",
-                [
-                    net.layer1.conv,
-                    net.layer1.bn,
-                    relu,
-                    net.layer2.conv,
-                    net.layer2.bn,
-                    relu,
-                    net.pool,
-                    net.layer3.conv,
-                    net.layer3.bn,
-                    relu,
-                    net.pool,
-                    net.layer4.conv,
-                    net.layer4.bn,
-                    relu,
-                    net.apool,
-                    nn.Flatten(),
-                    net.dropout,
-                    net.fc,
-                ],
-            )
-        else:
-            raise TypeError(f"no Lipschitz bound for {type(model).__name__}")
+        for kind, name, *parts in net.linear_pieces():
+            getattr(bound, kind)(name, *parts)
     return bound.value, bound.maps

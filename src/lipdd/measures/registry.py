@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..names import LOGGED_SUMMARIES, NORMALIZATIONS, OPNORM, bound_ratio
 from . import curvature, jacobian, lipschitz
-from .names import NORMALIZATIONS, bound_ratio
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,11 @@ class Measure:
     fn: Callable
     options: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()  # a network measure's summary keys (what it logs to MLflow)
+    logged: tuple[str, ...] = LOGGED_SUMMARIES  # a per-sample measure's summaries sent to MLflow
+    probe_logged: tuple[str, ...] = ()  # ... of its values on each probe set
+    # a network measure's summaries that relate it to the same checkpoint's per-sample values:
+    # fn(summary, {(measure, normalization): values}, stats options) -> {key: value}
+    relate: Callable | None = None
 
 
 class Batch:
@@ -154,6 +159,19 @@ def lipschitz_upper_bound(network: Network) -> tuple[dict[str, float], dict]:
     }
 
 
+def bound_over_max(summary: dict, values: dict, options) -> dict[str, float]:
+    """The upper bound over the largest per-sample operator norm (the empirical lower bound) of
+    the same checkpoint: how far apart the two bounds are. None with target_logit_only, whose
+    per-sample Jacobian is the labelled logit's alone."""
+    if options.target_logit_only:
+        return {}
+    return {
+        bound_ratio(n): summary[bound_ratio(n).removesuffix("_over_max")] / float(v.max())
+        for n in ("none", "softmax")
+        if (v := values.get((OPNORM, n))) is not None
+    }
+
+
 def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
     """Curvature of the mean cross-entropy L(theta) on the training subset (the labels trained on,
     the network in eval mode): the top-k eigenvalues of the Hessian (lipdd.lanczos on
@@ -185,9 +203,19 @@ def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
 MEASURES = {
     m.name: m
     for m in (
-        Measure("jacobian_operator_norm", "sample", jacobian_operator_norm, ("normalization",)),
+        Measure(
+            OPNORM,
+            "sample",
+            jacobian_operator_norm,
+            ("normalization",),
+            # its largest value over the samples is the empirical lower bound on the Lipschitz
+            # constant (the mean is the paper's estimate); p99 says whether one sample makes it
+            logged=LOGGED_SUMMARIES + ("max", "p99"),
+            # off the training points, the Lipschitz estimate there
+            probe_logged=("mean", "max", "clean_mean", "corrupted_mean"),
+        ),
         Measure("jacobian", "sample", jacobian_frobenius_norm, ("normalization",)),
-        Measure("accuracy", "sample", accuracy),
+        Measure("accuracy", "sample", accuracy, probe_logged=("mean",)),
         Measure("crossentropy", "sample", crossentropy),
         Measure("confidence", "sample", confidence),
         Measure(
@@ -208,6 +236,7 @@ MEASURES = {
                 bound_ratio("none"),
                 bound_ratio("softmax"),
             ),
+            relate=bound_over_max,
         ),
         Measure(
             "loss_curvature",

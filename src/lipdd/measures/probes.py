@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as datalib
-from .measures import per_sample
+from .. import data as datalib
+from .registry import per_sample
 
 
 @dataclass

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from .names import NORMALIZATIONS
+from ..names import NORMALIZATIONS
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Samples per forward pass when bigmem is off (see jacobians). On CPU a chunk's activations stay in

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -21,16 +20,13 @@ from pathlib import Path
 import torch
 
 from . import data as datalib
-from . import runs, runtime, tracking
-from .config import Config, ConfigError
+from . import files, runs, runtime, tracking, upstream
+from .config import Config
+from .errors import ConfigError
 from .models import model_for
+from .train import evaluation
 
 CHECKPOINT = re.compile(r"(?:.*/)?checkpoint_(\d+)\.pt")
-
-
-def run_dir(cfg: Config, run_cfg: Config | None = None) -> Path:
-    """SAVE_DIR/NAME (cfg's) / the seed's directory of the run `run_cfg` (default: cfg's own)."""
-    return Path(cfg.save_dir) / cfg.name / (run_cfg or cfg).seed_run_dir
 
 
 def _steps_per_epoch(run) -> int:
@@ -45,16 +41,12 @@ def _steps_per_epoch(run) -> int:
 
 def export_checkpoints(cfg: Config) -> Path:
     """Every checkpoint of the run `lipdd stats` would analyse, as the seed's train.py leaves them."""
-    from .stats import analysed_run
-
-    client, run, run_cfg, _ = analysed_run(cfg)
+    client, run, run_cfg, _ = runs.analysed_run(cfg)
     steps = _steps_per_epoch(run)
-    target = run_dir(cfg, run_cfg) / ("checkpoints" if cfg.raw_checkpoints else "checkpoints.zip")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target, then renamed: a killed export never leaves a half-written one.
-    partial = target.parent / f".{target.name}.{os.getpid()}"
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        folder = Path(tmp) / "checkpoints"
+    name = "checkpoints" if cfg.raw_checkpoints else "checkpoints.zip"
+    target = upstream.run_dir(cfg, run_cfg) / name
+    with files.replacing(target) as new, tempfile.TemporaryDirectory(dir=new.parent) as tmp:
+        folder = new if cfg.raw_checkpoints else Path(tmp) / "checkpoints"
         folder.mkdir()
         for epoch, artifact in tracking.list_checkpoints(client, run.info.run_id):
             state = tracking.load_checkpoint(client, run.info.run_id, artifact)
@@ -73,14 +65,8 @@ def export_checkpoints(cfg: Config) -> Path:
                 },
                 folder / f"checkpoint_{step}.pt",
             )
-        if cfg.raw_checkpoints:
-            folder.rename(partial)
-        else:  # files at the archive's root, as shutil.make_archive of the folder puts them
-            shutil.make_archive(str(partial), "zip", folder)
-            Path(f"{partial}.zip").rename(partial)
-    if target.is_dir():
-        shutil.rmtree(target)
-    os.replace(partial, target)
+        if not cfg.raw_checkpoints:  # files at the archive's root, as make_archive puts them
+            Path(shutil.make_archive(str(new), "zip", folder)).rename(new)
     return target
 
 
@@ -124,7 +110,7 @@ def import_checkpoints(cfg: Config) -> str:
             "--label-seed; pass the one it was trained with, or its labels cannot be rebuilt"
         )
     device = runtime.setup(cfg)
-    checkpoints = _seed_checkpoints(run_dir(cfg))
+    checkpoints = _seed_checkpoints(upstream.run_dir(cfg))
     prepared = datalib.ensure_prepared(cfg)
     steps = math.ceil(prepared.meta["splits"]["train"] / cfg.batch_size)
     bad = [s for s, _ in checkpoints if s % steps]
@@ -140,10 +126,8 @@ def import_checkpoints(cfg: Config) -> str:
     }
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
     run_id = runs.start(client, cfg, prepared.meta["content_hash"], steps)
-    from .train import evaluation
-
     with runs.ending(client, run_id):
-        client.set_tag(run_id, "imported_from", str(run_dir(cfg).resolve()))
+        client.set_tag(run_id, "imported_from", str(upstream.run_dir(cfg).resolve()))
         with tracking.MetricLogger(client, run_id) as logger:
             for step, raw in checkpoints:
                 epoch = step // steps

@@ -1,0 +1,226 @@
+"""The report's figures: double descent of the error and of the Lipschitz estimate (mean Jacobian
+operator norm on training points) against width and against epoch, every measure against width and
+epoch with the interpolation threshold marked, and the estimate on and off the training points
+(probe sets). matplotlib's Figure without pyplot: no display, no global backend state."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+from matplotlib.figure import Figure
+
+from .. import files, names
+from .tables import SUMMARIES, interpolation_threshold, probe_summary
+
+LABELS = {"mean": "all", "clean_mean": "clean", "corrupted_mean": "corrupted"}
+
+
+def points(rows: list[dict], x: str, y: str) -> tuple[list, list]:
+    pairs = [(row[x], row[y]) for row in rows if row.get(y) is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def width_axis(
+    ax, ylabel: str, title: str, threshold: int | None = None, legend: bool = True
+) -> None:
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter("{x:g}")  # 1, 2, 4 ... 64 rather than 2^0 ... 2^6
+    if threshold is not None:
+        ax.axvline(
+            threshold, color="gray", linestyle="--", linewidth=1, label="interpolation threshold"
+        )
+    ax.set(xlabel="width", ylabel=ylabel, title=title)
+    if legend:
+        ax.legend()
+
+
+def drawn_measures(keys: list[str]) -> list[str]:
+    """The measures a figure gets a panel for: each statistic's mean (and the operator norm's
+    max), each per-network measure but standard errors."""
+
+    def wanted(key):
+        parsed = names.parse_summary_key(key)
+        if parsed is None and (probe := probe_summary(key)):
+            parsed = probe
+        if parsed is None:
+            return not key.endswith("_se")
+        return parsed[2] in ("mean", "max")  # stats logs a max only where it matters
+
+    return [k for k in keys if wanted(k)]
+
+
+def width_colour(i: int, n: int):
+    """The i-th of n widths' colour: matplotlib's ten distinct colours, or twenty when there are more
+    (beyond that colours repeat, and the legend's order tells them apart)."""
+    return matplotlib.colormaps["tab10" if n <= 10 else "tab20"](i % (10 if n <= 10 else 20))
+
+
+def grid(n: int, title: str) -> tuple[Figure, list]:
+    cols = min(4, max(1, n))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
+    fig.suptitle(title)
+    return fig, list(fig.subplots(rows, cols, squeeze=False).flat)
+
+
+def draw_measures(
+    out: Path, title: str, keys: list[str], width_rows, epoch_rows, correlation
+) -> list[Path]:
+    threshold = interpolation_threshold(width_rows)
+    keys = drawn_measures(keys)
+    fig, axes = grid(len(keys), f"{title}, last checkpoint")
+    for ax, key in zip(axes, keys):
+        ax.plot(*points(width_rows, "width", key), "o-")
+        width_axis(ax, "", key, threshold, legend=False)
+        ax.title.set_fontsize(9)
+    written = [save(fig, out / "measures_vs_width.png")]
+
+    fig, axes = grid(len(keys), title)
+    widths = [row["width"] for row in width_rows]
+    for ax, key in zip(axes, keys):
+        for i, width in enumerate(widths):
+            rows = [row for row in epoch_rows if row["width"] == width]
+            ax.plot(
+                *points(rows, "epoch", key),
+                color=width_colour(i, len(widths)),
+                label=f"width {width}",
+            )
+        ax.set(xlabel="epoch", title=key)
+        ax.title.set_fontsize(9)
+    if keys:
+        axes[0].legend(fontsize=7)
+    written.append(save(fig, out / "measures_vs_epoch.png"))
+
+    shown = [r for r in correlation if r["measure"] in keys and not math.isnan(r["spearman_rho"])]
+    fig = Figure(figsize=(7, 0.3 * len(shown) + 1.5), layout="constrained")
+    ax = fig.subplots()
+    y = list(range(len(shown)))
+    rho = [r["spearman_rho"] for r in shown]
+    err = [
+        [r["spearman_rho"] - r["ci_low"] if r["ci_low"] is not None else 0 for r in shown],
+        [r["ci_high"] - r["spearman_rho"] if r["ci_high"] is not None else 0 for r in shown],
+    ]
+    ax.barh(y, rho, xerr=err, color=["C0" if v >= 0 else "C3" for v in rho])
+    ax.set_yticks(y, [r["measure"] for r in shown], fontsize=7)
+    ax.set(
+        xlim=(-1, 1),
+        xlabel="Spearman's rho with test error across widths",
+        title=f"{title}\n(bars: 95% bootstrap interval over runs, where a width has several)",
+    )
+    written.append(save(fig, out / "correlation.png"))
+    return written
+
+
+def draw_smoothness(
+    out: Path, title: str, norms: list[str], keys: list[str], width_rows: list[dict]
+) -> list[Path]:
+    """The Lipschitz estimate (mean operator norm) on the training points and on every probe set
+    against width, one panel per normalization."""
+    probes = sorted({p[0] for k in keys if (p := probe_summary(k))})
+    if not probes:
+        return []
+    fig, axes = panels(
+        norms, f"{title}, last checkpoint", "on training points and off them (probe sets)"
+    )
+    for ax, norm in zip(axes, norms):
+        stat = names.stat(names.OPNORM, norm)
+        lines = [("training points", names.summary_key("train", stat, "mean"))]
+        lines += [(probe, names.probe_key(probe, stat, "mean")) for probe in probes]
+        for i, (label, key) in enumerate(lines):
+            ax.plot(*points(width_rows, "width", key), marker="os^vD<>px"[i % 9], label=label)
+        log_if_decades(ax, [v for _, key in lines for v in points(width_rows, "width", key)[1]])
+        width_axis(
+            ax,
+            "mean operator norm",
+            f"normalization: {norm}",
+            interpolation_threshold(width_rows),
+            False,
+        )
+        ax.legend(fontsize=7)
+    return [save(fig, out / "smoothness_vs_width.png")]
+
+
+def log_if_decades(ax, values: list[float]) -> None:
+    """A log y axis where the values span more than a decade and a half (softmax norms fall
+    100-fold past the threshold, and on a linear axis 0.01 and 0.001 both look like 0)."""
+    values = [v for v in values if v is not None and v > 0]
+    if values and max(values) > 30 * min(values):
+        ax.set_yscale("log")
+
+
+STYLES = {
+    "mean": "o-",
+    "clean_mean": "s--",
+    "corrupted_mean": "^:",
+}  # lines that stay visible when they coincide
+
+
+def panels(norms: list[str], title: str, where: str = "on training points") -> tuple[Figure, list]:
+    """One panel per normalization, side by side: logit and softmax norms differ by ~100x."""
+    fig = Figure(figsize=(5 * max(1, len(norms)), 4), layout="constrained")
+    axes = list(fig.subplots(1, max(1, len(norms)), squeeze=False)[0])
+    fig.suptitle(f"{title}\nmean Jacobian operator norm {where}")
+    if not norms:
+        axes[0].text(
+            0.5,
+            0.5,
+            "no Jacobian statistics yet:\nrun `lipdd stats`",
+            ha="center",
+            transform=axes[0].transAxes,
+        )
+    return fig, axes
+
+
+def save(fig: Figure, path: Path) -> Path:
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    return files.write_bytes(path, png.getvalue())
+
+
+def draw(
+    out: Path, title: str, norms: list[str], width_rows: list[dict], epoch_rows: list[dict]
+) -> list[Path]:
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for key in names.ERRORS:
+        ax.plot(*points(width_rows, "width", key), "o-", label=key.replace("_", " "))
+    threshold = interpolation_threshold(width_rows)
+    width_axis(ax, "final error", title, threshold)
+    written = [save(fig, out / "error_vs_width.png")]
+
+    fig, axes = panels(norms, f"{title}, last checkpoint")
+    for ax, norm in zip(axes, norms):
+        for summary in SUMMARIES:
+            ax.plot(
+                *points(width_rows, "width", names.opnorm_column(norm, summary)),
+                STYLES[summary],
+                label=LABELS[summary],
+                markerfacecolor="none",
+            )
+        log_if_decades(
+            ax, [row.get(names.opnorm_column(norm, s)) for row in width_rows for s in SUMMARIES]
+        )
+        width_axis(ax, "operator norm", f"normalization: {norm}", threshold)
+    written.append(save(fig, out / "lipschitz_vs_width.png"))
+
+    fig, axes = panels(norms, title)
+    widths = [row["width"] for row in width_rows]
+    for ax, norm in zip(axes, norms):
+        column = names.opnorm_column(norm, "mean")
+        for i, width in enumerate(
+            widths
+        ):  # one colour per width (tab20 after 10), named in the legend
+            rows = [row for row in epoch_rows if row["width"] == width]
+            ax.plot(
+                *points(rows, "epoch", column),
+                color=width_colour(i, len(widths)),
+                label=f"width {width}",
+            )
+        log_if_decades(ax, [row.get(column) for row in epoch_rows])
+        ax.set(xlabel="epoch", ylabel="operator norm", title=f"normalization: {norm}")
+        ax.legend(fontsize=7, ncol=1 + len(widths) // 12)
+    written.append(save(fig, out / "lipschitz_vs_epoch.png"))
+    return written
