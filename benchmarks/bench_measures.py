@@ -42,8 +42,8 @@ from scipy.sparse.linalg import svds
 
 from lipdd import config
 from lipdd.measures import curvature, lipschitz
-from lipdd.models import CNN5, build_model
 from lipdd.measures.probes import PROBES, Points
+from lipdd.models import CNN5, build_model
 from lipdd.stats.compute import measure_points
 
 TOL = 1e-3

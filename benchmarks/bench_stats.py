@@ -1,17 +1,17 @@
-"""Jacobian statistics: lipdd.jacobian against the seed's two algorithms, re-implemented here.
+"""Jacobian statistics: lipdd.jacobian against upstream's two algorithms, re-implemented here.
 
     .venv/bin/python benchmarks/bench_stats.py [--device cpu|cuda] [--quick]
 
 For cnn5 and resnet18 at widths 16 and 64 (random init, K = 10 classes, CIFAR-shaped 3x32x32 inputs)
 it measures per-sample operator norms of the logit Jacobian, computed by
-  seed_lowmem   the seed's default: one forward pass, then K backward passes on the retained graph, each
+  upstream_lowmem   upstream's default: one forward pass, then K backward passes on the retained graph, each
                 with a one-hot cotangent, filling an (N, D, K) Jacobian, then batched power iteration;
-  seed_bigmem   the seed's --bigmem: the input tiled K times, one backward with an identity cotangent;
-  seed_frozen   seed_lowmem with the parameters frozen (the seed calls logits.backward(), so its backward
+  upstream_bigmem   upstream's --bigmem: the input tiled K times, one backward with an identity cotangent;
+  upstream_frozen   upstream_lowmem with the parameters frozen (upstream calls logits.backward(), so its backward
                 passes also build parameter gradients; this row shows how much of our gain is that);
   ours          lipdd.measures.per_sample, bigmem=False (the default);
   ours_bigmem   lipdd.measures.per_sample, bigmem=True.
-The seed's power iteration: 10 steps from a random start, a sample stops once its estimate changes by
+Upstream's power iteration: 10 steps from a random start, a sample stops once its estimate changes by
 less than 1e-2 (absolute), and its estimate stays at 0 if the first step is already below that.
 
 On CPU the process first calls lipdd.runtime.retain_freed_memory, as lipdd stats does: every method
@@ -38,11 +38,11 @@ float64 network is printed too. On CUDA the error and speed of precision="tf32" 
 option of lipdd.jacobian; fp32 is IEEE there too) are printed as well: keep one only within 1e-3.
 
 The last line printed is one JSON object: the worst case over configurations of
-  vs_seed_lowmem            samples/s of ours over seed_lowmem
-  vs_seed_bigmem            samples/s of ours_bigmem over seed_bigmem
-  peak_mem_vs_seed_bigmem   peak memory of ours and of ours_bigmem (the larger) over seed_bigmem
+  vs_upstream_lowmem            samples/s of ours over upstream_lowmem
+  vs_upstream_bigmem            samples/s of ours_bigmem over upstream_bigmem
+  peak_mem_vs_upstream_bigmem   peak memory of ours and of ours_bigmem (the larger) over upstream_bigmem
   max_rel_err               max |ours - exact| / exact, both our paths, fp32, same linear piece
-and, for information, max_rel_err_vs_float64_net, vs_seed_frozen, and the seed estimator's worst
+and, for information, max_rel_err_vs_float64_net, vs_upstream_frozen, and upstream estimator's worst
 relative error and count of zero estimates. On CUDA also tf32_/bf16_max_rel_err and _min_speedup, and
 best_chunk_cuda: the lipdd.jacobian.CHUNK["cuda"] fastest on cnn5_64 and resnet18_64 (chunk_sweep).
 """
@@ -63,14 +63,14 @@ from lipdd.models import build_model
 K = 10
 SHAPE = (3, 32, 32)
 CONFIGS = [("cnn5", 16), ("cnn5", 64), ("resnet18", 16), ("resnet18", 64)]
-METHODS = ("seed_lowmem", "seed_bigmem", "seed_frozen", "ours", "ours_bigmem")
-MEM_METHODS = ("seed_lowmem", "seed_bigmem", "ours", "ours_bigmem")
+METHODS = ("upstream_lowmem", "upstream_bigmem", "upstream_frozen", "ours", "ours_bigmem")
+MEM_METHODS = ("upstream_lowmem", "upstream_bigmem", "ours", "ours_bigmem")
 
 
-# ----------------------------------------------------------------------------- the seed's algorithms
+# ----------------------------------------------------------------------------- upstream's algorithms
 
 
-def seed_jacobian_lowmem(model, x):
+def upstream_jacobian_lowmem(model, x):
     """(N, D, K): one forward pass, K backward passes with one-hot cotangents on the retained graph."""
     x = x.clone().requires_grad_(True)
     logits = model(x)
@@ -81,14 +81,14 @@ def seed_jacobian_lowmem(model, x):
         onehot[:, k] = 1
         logits.backward(
             gradient=onehot, retain_graph=True
-        )  # parameters get gradients too, as in the seed
+        )  # parameters get gradients too, as in upstream
         J[..., k] = x.grad
         x.grad.zero_()
     model.zero_grad(set_to_none=True)
     return J.flatten(1, -2)
 
 
-def seed_jacobian_bigmem(model, x):
+def upstream_jacobian_bigmem(model, x):
     """(N, D, K): the input tiled K times, one forward and one backward with an identity cotangent."""
     n = len(x)
     tiled = x.repeat_interleave(K, dim=0).requires_grad_(True)  # sample i, output k at row i*K + k
@@ -98,7 +98,7 @@ def seed_jacobian_bigmem(model, x):
     return tiled.grad.view(n, K, -1).transpose(1, 2)
 
 
-def seed_operator_norm(J, steps=10, atol=1e-2, seed=0):
+def upstream_operator_norm(J, steps=10, atol=1e-2, seed=0):
     """(N,) batched power iteration on (N, D, K); a sample stops once its estimate moves by < atol."""
     n = len(J)
     g = torch.Generator(device=J.device).manual_seed(seed)
@@ -134,12 +134,12 @@ def make_case(family, width, n, device):
 def run_method(name, models, x, targets, precision="fp32"):
     """(N,) operator norms by method `name`; models = (as given, with frozen parameters)."""
     model, frozen = models
-    if name == "seed_lowmem":
-        return seed_operator_norm(seed_jacobian_lowmem(model, x))
-    if name == "seed_bigmem":
-        return seed_operator_norm(seed_jacobian_bigmem(model, x))
-    if name == "seed_frozen":
-        return seed_operator_norm(seed_jacobian_lowmem(frozen, x))
+    if name == "upstream_lowmem":
+        return upstream_operator_norm(upstream_jacobian_lowmem(model, x))
+    if name == "upstream_bigmem":
+        return upstream_operator_norm(upstream_jacobian_bigmem(model, x))
+    if name == "upstream_frozen":
+        return upstream_operator_norm(upstream_jacobian_lowmem(frozen, x))
     key = ("jacobian_operator_norm", "none")
     return per_sample(
         model, x, targets, key[:1], key[1:], bigmem=name == "ours_bigmem", precision=precision
@@ -236,8 +236,8 @@ def rel_err(estimate, exact):
     return ((estimate.double() - exact).abs() / exact).max().item()
 
 
-def accuracy(model, x, targets, seed_jacobian):
-    """Relative errors of both our paths and of the seed estimator, as initialised and rescaled to ~10.
+def accuracy(model, x, targets, upstream_jacobian):
+    """Relative errors of both our paths and of upstream estimator, as initialised and rescaled to ~10.
 
     Our fp32 estimates are compared with float64 singular values of the float64 Jacobian of the same
     linear piece as our fp32 forward pass (its relu pattern replayed), which measures the arithmetic of
@@ -266,10 +266,9 @@ def accuracy(model, x, targets, seed_jacobian):
                 [(a != b).flatten(1).any(1) for a, b in zip(masks, net_masks)]
             ).any(0)
             e["other_piece"] = max(e["other_piece"], int(differs.sum()))
-        seed = seed_operator_norm(
-            seed_jacobian * c
-        )  # the seed's Jacobian of the scaled net, up to rounding
-        e.update(seed=rel_err(seed, net * c), seed_zeros=int((seed == 0).sum()))
+        # upstream's Jacobian of the scaled net, up to rounding
+        theirs = upstream_operator_norm(upstream_jacobian * c)
+        e.update(upstream=rel_err(theirs, net * c), upstream_zeros=int((theirs == 0).sum()))
         out[label] = e
     return out
 
@@ -364,7 +363,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--quick", action="store_true", help="fewer samples and rounds, no seed_frozen memory"
+        "--quick", action="store_true", help="fewer samples and rounds, no upstream_frozen memory"
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -380,7 +379,7 @@ def main():
         + " ".join(f"{m:>12}" for m in METHODS)
         + f" {'vs_low':>7} {'vs_big':>7} {'vs_frz':>7}"
     )
-    print("\nsamples/s (median over rounds); ratios: median of per-round ratios ours/seed")
+    print("\nsamples/s (median over rounds); ratios: median of per-round ratios ours/upstream")
     print(header)
     rows, mems, errs, reduced = [], {}, {}, {}
     for family, width in CONFIGS:
@@ -392,9 +391,9 @@ def main():
         row = dict(
             model=f"{family}_{width}",
             n=n,
-            vs_low=paired_ratio(times["seed_lowmem"], times["ours"]),
-            vs_big=paired_ratio(times["seed_bigmem"], times["ours_bigmem"]),
-            vs_frozen=paired_ratio(times["seed_frozen"], times["ours"]),
+            vs_low=paired_ratio(times["upstream_lowmem"], times["ours"]),
+            vs_big=paired_ratio(times["upstream_bigmem"], times["ours_bigmem"]),
+            vs_frozen=paired_ratio(times["upstream_frozen"], times["ours"]),
         )
         rows.append(row)
         print(
@@ -403,20 +402,20 @@ def main():
             + f" {row['vs_low']:>7.2f} {row['vs_big']:>7.2f} {row['vs_frozen']:>7.2f}",
             flush=True,
         )
-        errs[row["model"]] = accuracy(model, x, targets, seed_jacobian_lowmem(model, x))
+        errs[row["model"]] = accuracy(model, x, targets, upstream_jacobian_lowmem(model, x))
         if device.type == "cuda":
             reduced[row["model"]] = reduced_precision(model, x, targets, device)
         mems[row["model"]] = {
             m: peak_memory(m, models, x, targets, device)
             for m in MEM_METHODS
-            if not (args.quick and m == "seed_lowmem")
+            if not (args.quick and m == "upstream_lowmem")
         }
 
     print("\npeak memory, MiB allocated above the allocation at the start of the call")
     print(f"{'model':12} " + " ".join(f"{m:>12}" for m in MEM_METHODS) + f" {'vs_big':>7}")
     mem_ratios = []
     for name, mem in mems.items():
-        ratio = max(mem["ours"], mem["ours_bigmem"]) / mem["seed_bigmem"]
+        ratio = max(mem["ours"], mem["ours_bigmem"]) / mem["upstream_bigmem"]
         mem_ratios.append(ratio)
         print(
             f"{name:12} "
@@ -436,17 +435,17 @@ def main():
         "network, beside the number of samples whose fp32 relu pattern differs from the float64 network's;"
     )
     print(
-        "the seed's estimator (on its own fp32 Jacobian) against the float64 network, and its estimates of 0"
+        "upstream's estimator (on its own fp32 Jacobian) against the float64 network, and its estimates of 0"
     )
     print(
-        f"{'model':12} {'weights':8} {'median':>9} {'ours':>9} {'ours/net':>9} {'other pc':>8} {'seed':>9} "
-        f"{'seed 0s':>7}"
+        f"{'model':12} {'weights':8} {'median':>9} {'ours':>9} {'ours/net':>9} {'other pc':>8} {'upstream':>9} "
+        f"{'upstream 0s':>11}"
     )
     for name, by_scale in errs.items():
         for label, e in by_scale.items():
             print(
                 f"{name:12} {label:8} {e['median_norm']:>9.3g} {e['ours']:>9.1e} {e['ours_net']:>9.1e} "
-                f"{e['other_piece']:>8} {e['seed']:>9.1e} {e['seed_zeros']:>7}"
+                f"{e['other_piece']:>8} {e['upstream']:>9.1e} {e['upstream_zeros']:>7}"
             )
 
     if reduced:
@@ -475,14 +474,14 @@ def main():
     print(
         json.dumps(
             {
-                "vs_seed_lowmem": round(min(r["vs_low"] for r in rows), 3),
-                "vs_seed_bigmem": round(min(r["vs_big"] for r in rows), 3),
-                "peak_mem_vs_seed_bigmem": round(max(mem_ratios), 4),
+                "vs_upstream_lowmem": round(min(r["vs_low"] for r in rows), 3),
+                "vs_upstream_bigmem": round(min(r["vs_big"] for r in rows), 3),
+                "peak_mem_vs_upstream_bigmem": round(max(mem_ratios), 4),
                 "max_rel_err": float(f"{max(e['ours'] for e in all_errs):.3g}"),
                 "max_rel_err_vs_float64_net": float(f"{max(e['ours_net'] for e in all_errs):.3g}"),
-                "vs_seed_frozen": round(min(r["vs_frozen"] for r in rows), 3),
-                "seed_max_rel_err": float(f"{max(e['seed'] for e in all_errs):.3g}"),
-                "seed_zero_estimates": sum(e["seed_zeros"] for e in all_errs),
+                "vs_upstream_frozen": round(min(r["vs_frozen"] for r in rows), 3),
+                "upstream_max_rel_err": float(f"{max(e['upstream'] for e in all_errs):.3g}"),
+                "upstream_zero_estimates": sum(e["upstream_zeros"] for e in all_errs),
                 "samples": sum(r["n"] for r in rows),
                 **cuda,
             }

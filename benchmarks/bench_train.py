@@ -1,4 +1,4 @@
-"""Training throughput: lipdd's training loop against the seed's input pipeline, and MLflow's cost.
+"""Training throughput: lipdd's training loop against upstream's input pipeline, and MLflow's cost.
 
     .venv/bin/python benchmarks/bench_train.py [--device cpu|cuda] [--quick]
 
@@ -13,7 +13,7 @@
                    lipdd.runtime.channels_last allows), in-place ReLUs, one host sync per epoch.
      ours_compiled the same with the network under torch.compile (lipdd train --compile); the one-off
                    compile happens in the warm-up round and is not timed.
-   On CPU the process first calls lipdd.runtime.retain_freed_memory, as lipdd train does: the seed runs
+   On CPU the process first calls lipdd.runtime.retain_freed_memory, as lipdd train does: the upstream runs
    with malloc keeping freed memory too.
    Each ratio is the median over rounds of the per-round ratio; methods alternate within a round.
 2. Evaluation: lipdd.train.evaluate over a Loader (batches of 1,024) against a seed-style evaluation
@@ -29,9 +29,9 @@
    Timing the calls measures what logging adds without the noise of differencing two timings on a
    shared machine. (The README's Performance section keeps the history of this figure.)
 
-The last line is one JSON object: vs_seed_pipeline_cnn5_4 and vs_seed_pipeline_resnet18_64 (lipdd as
-configured by default over the seed; the _compiled keys with --compile), logging_overhead and
-eval_vs_seed_cnn5_4.
+The last line is one JSON object: vs_upstream_pipeline_cnn5_4 and vs_upstream_pipeline_resnet18_64 (lipdd as
+configured by default over upstream; the _compiled keys with --compile), logging_overhead and
+eval_vs_upstream_cnn5_4.
 """
 
 import argparse
@@ -72,8 +72,8 @@ def cifar_like(n, seed=0):
     return datalib.Split(images, labels, labels.copy(), np.arange(n)), mean, std
 
 
-class SeedDataset(Dataset):
-    """The seed's training set: PIL images through torchvision transforms, one sample at a time."""
+class UpstreamDataset(Dataset):
+    """Upstream's training set: PIL images through torchvision transforms, one sample at a time."""
 
     def __init__(self, split, mean, std, augment):
         self.images, self.labels = split.images, split.labels
@@ -90,11 +90,11 @@ class SeedDataset(Dataset):
 # ----------------------------------------------------------------------------- the training loops
 
 
-class SeedTrainer:
+class UpstreamTrainer:
     def __init__(self, model, split, mean, std):
         self.model, self.opt = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.loader = DataLoader(
-            SeedDataset(split, mean, std, augment=True),
+            UpstreamDataset(split, mean, std, augment=True),
             batch_size=BATCH,
             shuffle=True,
             num_workers=0,
@@ -171,7 +171,7 @@ def bench_pipelines(args, device):
 
     ratios = {}
     print(f"\ntraining images/s (median over rounds), batch {BATCH}, augmentation on")
-    names = ("seed", "ours", "ours_compiled")
+    names = ("upstream", "ours", "ours_compiled")
     print(
         f"{'model':14} "
         + " ".join(f"{n:>15}" for n in names)
@@ -186,14 +186,14 @@ def bench_pipelines(args, device):
             return build_model(family, width, 3, 10).to(device)
 
         trainers = {
-            "seed": SeedTrainer(model(), split, mean, std),
+            "upstream": UpstreamTrainer(model(), split, mean, std),
             "ours": OurTrainer(model(), split, mean, std, device, batches),
             "ours_compiled": OurTrainer(model(), split, mean, std, device, batches, compile=True),
         }
         ips = throughput(trainers, batches, rounds, device)
         key = f"{family}_{width}"
-        ratios[key] = paired(ips["ours"], ips["seed"])
-        ratios[key + "_compiled"] = paired(ips["ours_compiled"], ips["seed"])
+        ratios[key] = paired(ips["ours"], ips["upstream"])
+        ratios[key + "_compiled"] = paired(ips["ours_compiled"], ips["upstream"])
         print(
             f"{key:14} "
             + " ".join(f"{statistics.median(ips[n]):>15.0f}" for n in names)
@@ -205,28 +205,28 @@ def bench_pipelines(args, device):
     torch.manual_seed(0)
     net = build_model("cnn5", 4, 3, 10).to(device).eval()
     loader = DataLoader(
-        SeedDataset(split, mean, std, augment=False), batch_size=BATCH, num_workers=0
+        UpstreamDataset(split, mean, std, augment=False), batch_size=BATCH, num_workers=0
     )
     ours = datalib.Loader.of(split, dict(mean=mean, std=std), device, 1024, channels_last=True)
 
-    def seed_eval():
+    def upstream_eval():
         with torch.no_grad():
             return [
                 F.cross_entropy(net(x.to(device)), y.to(device), reduction="none")
                 for x, y in loader
             ]
 
-    times = {"seed": [], "ours": []}
+    times = {"upstream": [], "ours": []}
     for _ in range(1 if args.quick else 3):
-        for name, fn in (("seed", seed_eval), ("ours", lambda: evaluate(net, ours))):
+        for name, fn in (("upstream", upstream_eval), ("ours", lambda: evaluate(net, ours))):
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
             times[name].append(len(split.labels) / (time.perf_counter() - start))
-    ratios["eval_cnn5_4"] = paired(times["ours"], times["seed"])
+    ratios["eval_cnn5_4"] = paired(times["ours"], times["upstream"])
     print(
-        f"evaluation, cnn5_4: seed {statistics.median(times['seed']):.0f} img/s, lipdd.train.evaluate "
+        f"evaluation, cnn5_4: upstream {statistics.median(times['upstream']):.0f} img/s, lipdd.train.evaluate "
         f"{statistics.median(times['ours']):.0f} img/s, ratio {ratios['eval_cnn5_4']:.2f}"
     )
     return ratios
@@ -323,12 +323,14 @@ def main():
     print(
         json.dumps(
             {
-                "vs_seed_pipeline_cnn5_4": round(ratios["cnn5_4"], 3),
-                "vs_seed_pipeline_resnet18_64": round(ratios["resnet18_64"], 3),
-                "vs_seed_pipeline_cnn5_4_compiled": round(ratios["cnn5_4_compiled"], 3),
-                "vs_seed_pipeline_resnet18_64_compiled": round(ratios["resnet18_64_compiled"], 3),
+                "vs_upstream_pipeline_cnn5_4": round(ratios["cnn5_4"], 3),
+                "vs_upstream_pipeline_resnet18_64": round(ratios["resnet18_64"], 3),
+                "vs_upstream_pipeline_cnn5_4_compiled": round(ratios["cnn5_4_compiled"], 3),
+                "vs_upstream_pipeline_resnet18_64_compiled": round(
+                    ratios["resnet18_64_compiled"], 3
+                ),
                 "logging_overhead": round(overhead, 4),
-                "eval_vs_seed_cnn5_4": round(ratios["eval_cnn5_4"], 3),
+                "eval_vs_upstream_cnn5_4": round(ratios["eval_cnn5_4"], 3),
             }
         )
     )

@@ -1,17 +1,17 @@
-"""How far the seed's jacobian_operator_norm, as its code ships, is from the true per-sample
+"""How far upstream's jacobian_operator_norm, as its code ships, is from the true per-sample
 operator norm; and how far lipdd's is.
 
 On a trained run's training points (default: the pipeline's run, results/train/run.json, at its
 first and last checkpoints) it computes, per sample:
 - the reference: the largest singular value of the float64 Jacobian, by SVD;
 - lipdd's value (lipdd.jacobian, the path `lipdd stats` takes);
-- the seed's estimate as its core/metric_helpers.py computes it: the Jacobian stored as an
+- upstream's estimate as its core/metric_helpers.py computes it: the Jacobian stored as an
   (N, C, H, W, K) tensor (output k at index -k), then viewed as (N, C*H*W*K / H, H) before 10 power
   iterations from a random vector that stop, per sample, once the estimate moves by less than 0.01
   (a sample whose first estimate is below 0.01 keeps the initial 0); and its --bigmem path, whose
   input is tiled with x.repeat (batch-major) while the cotangent rows follow sample-major order.
 
-    .venv/bin/python benchmarks/seed_estimator.py [--run-id ID] [--num-samples 500]
+    .venv/bin/python benchmarks/upstream_estimator.py [--run-id ID] [--num-samples 500]
 
 The last line is one JSON object: relative errors (estimate / reference - 1) per checkpoint.
 """
@@ -30,7 +30,7 @@ from lipdd.measures.jacobian import input_jacobian, operator_norm
 from lipdd.models import model_for
 
 
-def seed_lowmem_jacobian(model, x, K):
+def upstream_lowmem_jacobian(model, x, K):
     x = x.clone().requires_grad_(True)
     logits = model(x)
     J = torch.zeros(x.shape + (K,))
@@ -44,14 +44,14 @@ def seed_lowmem_jacobian(model, x, K):
     return J
 
 
-def seed_bigmem_jacobian(model, x, K):
+def upstream_bigmem_jacobian(model, x, K):
     n = len(x)
     tiled = x.repeat((K,) + (1,) * (x.dim() - 1)).requires_grad_(True)
     model(tiled).backward(gradient=torch.eye(K).repeat((n, 1)))
     return tiled.grad.view(n, K, -1).transpose(1, 2)
 
 
-def seed_spectral_norm(J, steps=10, atol=1e-2):
+def upstream_spectral_norm(J, steps=10, atol=1e-2):
     J = J.reshape(J.shape[0], -1, J.shape[2])
     n = J.shape[0]
     index = torch.arange(n)
@@ -115,18 +115,18 @@ def main():
         ).numpy()
         model.float()
         ours = operator_norm(input_jacobian(model, x, y)).double().numpy()
-        lowmem = seed_spectral_norm(seed_lowmem_jacobian(model, x, K)).double().numpy()
-        bigmem = seed_spectral_norm(seed_bigmem_jacobian(model, x, K)).double().numpy()
+        lowmem = upstream_spectral_norm(upstream_lowmem_jacobian(model, x, K)).double().numpy()
+        bigmem = upstream_spectral_norm(upstream_bigmem_jacobian(model, x, K)).double().numpy()
         row = {
             "median_norm": float(np.median(exact)),
             "lipdd": summary(ours, exact),
-            "seed": summary(lowmem, exact),
-            "seed_bigmem": summary(bigmem, exact),
+            "upstream": summary(lowmem, exact),
+            "upstream_bigmem": summary(bigmem, exact),
         }
         print(
             f"epoch {epoch}: median norm {row['median_norm']:.4g}; relative error median [min, max]:"
         )
-        for name in ("lipdd", "seed", "seed_bigmem"):
+        for name in ("lipdd", "upstream", "upstream_bigmem"):
             s = row[name]
             print(
                 f"  {name:12} {s['median']:+.3g} [{s['min']:+.3g}, {s['max']:+.3g}], {s['zeros']} zeros"

@@ -1,4 +1,4 @@
-"""The benchmarks' baselines are the seed's algorithms, computed right: a ratio against a wrong or
+"""The benchmarks' baselines are upstream's algorithms, computed right: a ratio against a wrong or
 broken baseline would be meaningless. Small sizes; the benchmarks themselves time the real ones."""
 
 import argparse
@@ -30,8 +30,11 @@ def test_seed_jacobians_are_the_jacobian(family):
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     want = exact_jacobians(model, x)
     assert want.shape == (3, 3 * 8 * 8, bench_stats.K)
-    for seed_jacobian in (bench_stats.seed_jacobian_lowmem, bench_stats.seed_jacobian_bigmem):
-        torch.testing.assert_close(seed_jacobian(model, x), want, rtol=1e-10, atol=1e-12)
+    for upstream_jacobian in (
+        bench_stats.upstream_jacobian_lowmem,
+        bench_stats.upstream_jacobian_bigmem,
+    ):
+        torch.testing.assert_close(upstream_jacobian(model, x), want, rtol=1e-10, atol=1e-12)
         assert all(p.grad is None for p in model.parameters())
 
 
@@ -42,7 +45,7 @@ def test_seed_power_iteration_as_the_seed_had_it():
     J = torch.randn(6, 50, bench_stats.K, generator=g, dtype=torch.float64)
     J[:3] *= 1e-4 / torch.linalg.matrix_norm(J[:3], ord=2)[:, None, None]
     sigma = torch.linalg.matrix_norm(J, ord=2)
-    estimate = bench_stats.seed_operator_norm(J)
+    estimate = bench_stats.upstream_operator_norm(J)
     assert torch.equal(estimate[:3], torch.zeros(3, dtype=torch.float64))
     assert (estimate[3:] > 0).all() and (estimate[3:] <= sigma[3:] * (1 + 1e-12)).all()
 
@@ -54,7 +57,7 @@ def test_both_training_pipelines_train():
     models = {"seed": build_model("cnn5", 2, 3, 10), "ours": build_model("cnn5", 2, 3, 10)}
     before = {name: [p.detach().clone() for p in m.parameters()] for name, m in models.items()}
     trainers = {
-        "seed": bench_train.SeedTrainer(models["seed"], split, mean, std),
+        "seed": bench_train.UpstreamTrainer(models["seed"], split, mean, std),
         "ours": bench_train.OurTrainer(models["ours"], split, mean, std, device, batches=2),
     }
     assert {name: t.run(2, device) for name, t in trainers.items()} == {"seed": 256, "ours": 256}

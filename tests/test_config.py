@@ -1,4 +1,4 @@
-"""Configuration: precedence, seed spellings, params.yaml <-> flags, refusals."""
+"""Configuration: precedence, upstream spellings, params.yaml <-> flags, refusals."""
 
 import shlex
 from pathlib import Path
@@ -8,17 +8,17 @@ import yaml
 
 from lipdd import cli, config, upstream
 from lipdd.errors import ConfigError
-from seed_reference import SEED_COMMON_FLAGS, SEED_STATS_FLAGS, SEED_TRAIN_FLAGS
+from upstream_reference import UPSTREAM_COMMON_FLAGS, UPSTREAM_STATS_FLAGS, UPSTREAM_TRAIN_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_README = ROOT.parent / "shared" / "seed" / "000_03ccb4bad7cd7e9b.txt"
+UPSTREAM_README = ROOT.parent / "shared" / "seed" / "000_03ccb4bad7cd7e9b.txt"
 
-# The seed README's commands, with `python train.py` -> `lipdd train`.
-SEED_TRAIN = """lipdd train --device=cuda --name='test' --save-dir='checkpoints' --data-dir="./data" --workers=4
+# The upstream README's commands, with `python train.py` -> `lipdd train`.
+UPSTREAM_TRAIN = """lipdd train --device=cuda --name='test' --save-dir='checkpoints' --data-dir="./data" --workers=4
   --data="cifar10" --label-noise=0.2 --model="resnet18_64" --optimizer=sgd --batch-size=128 --epochs=300
   --augmentation --momentum=0.9 --weight-decay=0 --learning-rate=0.005 --lr-warmup-epochs=5
   --lr-warmup-initial=0.001 --seed=42 --train-split=49000 --val-split=1000 --eval-every=10"""
-SEED_STATS = """lipdd stats --device="cuda" --name=NAME --save-dir=SAVE_DIR --workers=4 --data-dir=DATA_DIR
+UPSTREAM_STATS = """lipdd stats --device="cuda" --name=NAME --save-dir=SAVE_DIR --workers=4 --data-dir=DATA_DIR
   --data=cifar10 --dataset-split=train --label-noise=0.2 --model=resnet18_64 --augmentation --seed 42
   --checkpoint=1 --train-split=49000 --val-split=1000 --num-samples=49000 --batch-size=140
   --metric=jacobian_operator_norm"""
@@ -32,7 +32,7 @@ def parse(command: str, environ=None) -> config.Config:
 
 
 def test_seed_train_command_parses_with_seed_semantics():
-    cfg = parse(SEED_TRAIN)
+    cfg = parse(UPSTREAM_TRAIN)
     assert (cfg.model, cfg.width, cfg.data, cfg.label_noise) == ("resnet18", 64, "cifar10", 0.2)
     assert (cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.learning_rate) == (
         "sgd",
@@ -51,7 +51,7 @@ def test_seed_train_command_parses_with_seed_semantics():
 
 
 def test_seed_stats_command_parses_batch_size_as_the_stats_batch_size():
-    cfg = parse(SEED_STATS)
+    cfg = parse(UPSTREAM_STATS)
     s = cfg.stats
     assert (s.num_samples, s.batch_size, s.checkpoint, s.metric) == (
         49000,
@@ -64,11 +64,11 @@ def test_seed_stats_command_parses_batch_size_as_the_stats_batch_size():
 
 
 def test_seed_readme_commands_are_the_ones_tested():
-    """The commands above are the seed README's, script name aside."""
-    if not SEED_README.exists():
-        pytest.skip("seed README not beside the checkout")
-    text = " ".join(SEED_README.read_text().split())
-    for flag in shlex.split(SEED_TRAIN)[2:] + shlex.split(SEED_STATS)[2:]:
+    """The commands above are the upstream README's, script name aside."""
+    if not UPSTREAM_README.exists():
+        pytest.skip("upstream README not beside the checkout")
+    text = " ".join(UPSTREAM_README.read_text().split())
+    for flag in shlex.split(UPSTREAM_TRAIN)[2:] + shlex.split(UPSTREAM_STATS)[2:]:
         assert flag.split("=")[0] in text
 
 
@@ -188,12 +188,12 @@ def test_unknown_params_file_key(tmp_path):
 @pytest.mark.parametrize(
     "command, flags",
     [
-        ("train", {**SEED_COMMON_FLAGS, **SEED_TRAIN_FLAGS}),
-        ("stats", {**SEED_COMMON_FLAGS, **SEED_STATS_FLAGS}),
+        ("train", {**UPSTREAM_COMMON_FLAGS, **UPSTREAM_TRAIN_FLAGS}),
+        ("stats", {**UPSTREAM_COMMON_FLAGS, **UPSTREAM_STATS_FLAGS}),
     ],
 )
 def test_every_seed_flag_is_accepted(command, flags):
-    """Each flag of the seed's scripts parses alone; all together they validate as a config."""
+    """Each flag of upstream's scripts parses alone; all together they validate as a config."""
     argv = [command]
     for flag, value in flags.items():
         args = [flag] if value is None else [f"{flag}={value}"]

@@ -11,7 +11,12 @@ from lipdd.data import Loader, Split, load_prepared, prepare
 from lipdd.data.loader import normalize, random_crop_flip, to_device
 from lipdd.data.prepared import UPSTREAM_STATS, _validation_split, content_hash, corrupt_labels
 from lipdd.errors import DataError
-from seed_reference import seed_corrupt, seed_jitter, seed_random_images, seed_split
+from upstream_reference import (
+    upstream_corrupt,
+    upstream_jitter,
+    upstream_random_images,
+    upstream_split,
+)
 
 
 def prep(out, **kw):
@@ -60,7 +65,7 @@ def test_corrupt_labels_rejects_bad_noise(noise):
         corrupt_labels(np.zeros(10, dtype=np.int64), 10, noise, 0)
 
 
-# ----------------------------------------------------------------------------- the seed's data, as facts
+# ----------------------------------------------------------------------------- upstream's data, as facts
 
 
 @pytest.mark.parametrize(
@@ -71,7 +76,7 @@ def test_split_is_the_seeds_random_split(n, ts, vs, seed):
     splits = _validation_split(
         Split(np.zeros((n, 1, 1, 1), np.uint8), index % 10, index % 10, index), ts, vs, seed
     )
-    train, val = seed_split(n, ts, vs, seed)
+    train, val = upstream_split(n, ts, vs, seed)
     assert splits["train"].index.tolist() == [i + 7 for i in train]
     assert splits["val"].index.tolist() == [i + 7 for i in val]
 
@@ -81,14 +86,14 @@ def test_split_is_the_seeds_random_split(n, ts, vs, seed):
 )
 def test_label_noise_is_the_seeds(n, noise, seed):
     clean = np.random.default_rng(n).integers(0, 10, n)
-    assert corrupt_labels(clean, 10, noise, seed).tolist() == seed_corrupt(
+    assert corrupt_labels(clean, 10, noise, seed).tolist() == upstream_corrupt(
         clean.tolist(), noise, seed
     )
 
 
 def test_label_noise_two_classes_is_the_seeds():
     clean = np.arange(101) % 2
-    assert corrupt_labels(clean, 2, 0.3, 5).tolist() == seed_corrupt(clean.tolist(), 0.3, 5)
+    assert corrupt_labels(clean, 2, 0.3, 5).tolist() == upstream_corrupt(clean.tolist(), 0.3, 5)
 
 
 def test_seed_normalisation_constants(tmp_path):
@@ -420,7 +425,7 @@ def test_random_datasets_are_the_seeds(tmp_path, dist):
     p = load_prepared(tmp_path / dist)
     mean, std = UPSTREAM_STATS["cifar10"] if dist != "hypersphere" else ([0.0] * 3, [1.0] * 3)
     for split, n in (("train", 100), ("test", 10)):
-        images, labels = seed_random_images(dist, n, *UPSTREAM_STATS["cifar10"])
+        images, labels = upstream_random_images(dist, n, *UPSTREAM_STATS["cifar10"])
         assert (
             np.array_equal(p.splits[split].images, images)
             and p.splits[split].clean_labels.tolist() == labels.tolist()
@@ -439,4 +444,4 @@ def test_jitter_is_the_seeds_threshold_after_normalisation(tmp_path):
     plain = normalize(
         torch.from_numpy(split.images).permute(0, 3, 1, 2), *UPSTREAM_STATS["cifar10"]
     )
-    assert torch.equal(x, seed_jitter(plain)) and not torch.equal(x, plain)
+    assert torch.equal(x, upstream_jitter(plain)) and not torch.equal(x, plain)

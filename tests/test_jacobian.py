@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lipdd.measures.jacobian import CHUNK, input_jacobian
 from lipdd.measures import MEASURES, per_sample
+from lipdd.measures.jacobian import CHUNK, input_jacobian
 from lipdd.names import NORMALIZATIONS
 
 METRICS = tuple(name for name, m in MEASURES.items() if m.kind == "sample")

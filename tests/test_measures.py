@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from lipdd import cli, config, train
-from lipdd.measures import lipschitz
+from lipdd.measures import MEASURES, Measure, Network, lipschitz
 from lipdd.measures.jacobian import input_jacobian
-from lipdd.measures import MEASURES, Measure, Network
 from lipdd.models import build_model, model_for
 from lipdd.tracking import get_client, list_checkpoints, load_checkpoint
 

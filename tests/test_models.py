@@ -7,7 +7,7 @@ import torch.nn as nn
 from lipdd.config import parse_model_name
 from lipdd.models import build_model
 from lipdd.names import MODEL_FAMILIES, WEIGHT_INITS
-from seed_reference import seed_model
+from upstream_reference import upstream_model
 
 INPUTS = [(1, 8), (3, 32)]  # (channels, side): 8x8x1 and 32x32x3
 
@@ -49,7 +49,7 @@ def test_batch_norm_replaces_conv_bias(family, num_bn):
     normed = build_model(family, 4, 3, 10, batch_norm=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in normed.modules()) == num_bn
-    # 3x3 convolutions have a bias exactly without batch norm; the seed's 1x1 shortcuts never have one
+    # 3x3 convolutions have a bias exactly without batch norm; upstream's 1x1 shortcuts never have one
     for model, bias in ((plain, True), (normed, False)):
         assert all(
             (m.bias is not None) == (bias and m.kernel_size == (3, 3))
@@ -61,12 +61,12 @@ def test_batch_norm_replaces_conv_bias(family, num_bn):
 @pytest.mark.parametrize("family", MODEL_FAMILIES)
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_seed_parameter_names_and_weights(family, batch_norm):
-    """Same seed, same network as the seed's: its parameter names (strict load both ways), and
-    bitwise the same default initialisation, because the weights are drawn in the seed's order."""
+    """Same seed, same network as upstream's: its parameter names (strict load both ways), and
+    bitwise the same default initialisation, because the weights are drawn in upstream's order."""
     torch.manual_seed(7)
     ours = build_model(family, 3, 3, 10, batch_norm=batch_norm)
     torch.manual_seed(7)
-    seed = seed_model(family, 3, bn=batch_norm)
+    seed = upstream_model(family, 3, bn=batch_norm)
     assert list(ours.state_dict()) == list(seed.state_dict())
     assert all(torch.equal(v, seed.state_dict()[k]) for k, v in ours.state_dict().items())
     x = torch.randn(2, 3, 32, 32)
@@ -142,7 +142,7 @@ def test_fixup_starts_at_zero():
 
 @pytest.mark.parametrize("weight_init", ["fixup", "mfixup"])
 def test_fixup_as_the_seed_draws_it(weight_init):
-    """The seed's Fixup re-draws only the residual branches and the linear layer, after PyTorch's
+    """Upstream's Fixup re-draws only the residual branches and the linear layer, after PyTorch's
     default draws: the stem and the shortcuts are the default network's; no extra parameters."""
     torch.manual_seed(3)
     default = build_model("resnet18", 4, 3, 10).state_dict()
@@ -194,7 +194,7 @@ def test_nkaiming_conv_std():
     conv = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]  # 256 -> 512 channels
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (512 * 9)), rel=0.02)
     assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
-    # the seed's nkaiming draws the linear layer too, Kaiming fan_out with a linear gain
+    # upstream's nkaiming draws the linear layer too, Kaiming fan_out with a linear gain
     assert model.fc.weight.std().item() == pytest.approx(math.sqrt(1 / 10), rel=0.05)
     assert not model.fc.bias.any()
 

@@ -15,8 +15,8 @@ from lipdd import cli, config, train
 from lipdd.data import random_pixels
 from lipdd.data.loader import normalize
 from lipdd.measures.jacobian import input_jacobian
-from lipdd.models import build_model
 from lipdd.measures.probes import PROBES, Points, angles
+from lipdd.models import build_model
 from lipdd.stats.compute import measure_points
 from lipdd.tracking import get_client
 

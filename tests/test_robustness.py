@@ -154,7 +154,7 @@ BAD = [
     ),
     (
         "import-checkpoints",
-        "label_seed: the seed drew this run's noisy labels from fresh randomness",
+        "label_seed: upstream drew this run's noisy labels from fresh randomness",
     ),
 ]
 
@@ -291,7 +291,7 @@ def test_four_concurrent_trainings_share_one_sqlite_store(workdir):
 
 
 def test_stats_never_overwrite_another_runs_results(workdir, capsys):
-    """Runs that differ only in a parameter the seed layout does not name (here the learning rate)
+    """Runs that differ only in a parameter the upstream layout does not name (here the learning rate)
     share its directory: the second run's stats are refused there, and written where asked."""
     run = [
         train.train(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lipdd import config, train
-from lipdd.errors import ConfigError
+from lipdd.errors import CheckpointError, ConfigError
 from lipdd.tracking import get_client, list_checkpoints
 
 FAST = dict(
@@ -229,13 +229,13 @@ def test_a_checkpoint_that_would_run_code_is_refused(workdir, tmp_path):
     evil.parent.mkdir()
     torch.save({"model": Payload()}, evil, pickle_module=pickle)
     client.log_artifact(run_id, str(evil), "checkpoints")
-    with pytest.raises(tracking.CheckpointError, match="cannot be loaded safely"):
+    with pytest.raises(CheckpointError, match="cannot be loaded safely"):
         tracking.load_checkpoint(client, run_id, "checkpoints/epoch_0009.pt")
     assert not marker.exists()
     truncated = tmp_path / "evil" / "epoch_0010.pt"
     truncated.write_bytes((workdir / "mlflow.db").read_bytes()[:100])
     client.log_artifact(run_id, str(truncated), "checkpoints")
-    with pytest.raises(tracking.CheckpointError, match="epoch_0010.pt of run"):
+    with pytest.raises(CheckpointError, match="epoch_0010.pt of run"):
         tracking.load_checkpoint(client, run_id, "checkpoints/epoch_0010.pt")
 
 

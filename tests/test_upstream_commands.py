@@ -1,4 +1,4 @@
-"""The seed README's commands, pasted with `lipdd train` / `lipdd stats` for the scripts and
+"""The upstream README's commands, pasted with `lipdd train` / `lipdd stats` for the scripts and
 smaller sizes, on a directory in the real CIFAR-10 on-disk format."""
 
 import io
@@ -20,9 +20,14 @@ from cifar_fixture import write_cifar10
 from lipdd import cli
 from lipdd.data import load_prepared
 from lipdd.tracking import get_client
-from seed_reference import seed_corrupt, seed_model, seed_sample_positions, seed_split
+from upstream_reference import (
+    upstream_corrupt,
+    upstream_model,
+    upstream_sample_positions,
+    upstream_split,
+)
 
-SEED_METADATA = (
+UPSTREAM_METADATA = (
     "model",
     "dataset",
     "split",
@@ -50,12 +55,12 @@ STATS = """stats --device="cuda" --name=test --save-dir=checkpoints --workers=4 
   --data=cifar10 --dataset-split=train --label-noise=0.2 --model=resnet18_2 --augmentation --seed 42
   --checkpoint=1 --train-split=80 --val-split=20 --num-samples=40 --batch-size=20
   --metric=jacobian_operator_norm --no-verify-checksums"""
-SEED_DIR = "checkpoints/test/resnet18_2/cifar10/augmentation/noise-0.2000-seed-42"
+UPSTREAM_DIR = "checkpoints/test/resnet18_2/cifar10/augmentation/noise-0.2000-seed-42"
 
 
 @pytest.fixture(scope="module")
 def trained_once(tmp_path_factory, empty_store):
-    """The seed README's training, run once for the module in a project folder of its own."""
+    """The upstream README's training, run once for the module in a project folder of its own."""
     project = tmp_path_factory.mktemp("trained")
     shutil.copy(empty_store, project / "mlflow.db")
     write_cifar10(project / "data", n_train_per_batch=20, n_test=30)
@@ -90,19 +95,19 @@ def test_seed_train_command(trained, workdir):
     }
     assert prepared.splits["train"].corrupted.sum() == 16
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == [0, 2]
-    # The seed's warmup: epoch 1 at lr_warmup_initial, then linear towards learning_rate.
+    # Upstream's warmup: epoch 1 at lr_warmup_initial, then linear towards learning_rate.
     lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
     assert lrs == pytest.approx([0.001 + (0.005 - 0.001) * 1 / 5])
 
 
-def seed_facts(workdir, run):
-    """The training split and its noisy labels as the seed's own calls draw them, with the label
-    seed lipdd drew for the run (the seed command gives none)."""
+def upstream_facts(workdir, run):
+    """The training split and its noisy labels as upstream's own calls draw them, with the label
+    seed lipdd drew for the run (the upstream command gives none)."""
     train = load_prepared(workdir / "data/prepared/cifar10").splits["train"]
-    indices, _ = seed_split(100, 80, 20, 42)  # --data-split-seed: the seed's default
+    indices, _ = upstream_split(100, 80, 20, 42)  # --data-split-seed: upstream's default
     assert train.index.tolist() == indices
     label_seed = int(run.data.params["label_seed"])
-    assert train.labels.tolist() == seed_corrupt(train.clean_labels.tolist(), 0.2, label_seed)
+    assert train.labels.tolist() == upstream_corrupt(train.clean_labels.tolist(), 0.2, label_seed)
     return train
 
 
@@ -110,7 +115,7 @@ def test_seed_stats_command(trained, workdir):
     client, run = trained
     assert cli.main(shlex.split(STATS)) == 0
     result = json.loads(
-        (workdir / SEED_DIR / "jacobian_operator_norm-train-checkpoint-1.json").read_text()
+        (workdir / UPSTREAM_DIR / "jacobian_operator_norm-train-checkpoint-1.json").read_text()
     )
     assert set(result) == {
         "stats",
@@ -122,7 +127,7 @@ def test_seed_stats_command(trained, workdir):
     }
     assert len(result["stats"]) == 40 and all(len(v) == 1 and v[0] > 0 for v in result["stats"])
     meta = result["metadata"]
-    assert {k: meta[k] for k in SEED_METADATA} == {
+    assert {k: meta[k] for k in UPSTREAM_METADATA} == {
         "model": "resnet18_2",
         "dataset": "cifar10",
         "split": "train",
@@ -139,13 +144,13 @@ def test_seed_stats_command(trained, workdir):
         "sampling-strategy": "none",
     }
     assert (meta["run_id"], meta["checkpoint_epoch"]) == (run.info.run_id, 2)
-    # The seed's sampler: the split in order, the first --num-samples; targets noisy, ground truths clean.
-    train = seed_facts(workdir, run)
-    positions = seed_sample_positions(80, 20, 40)
+    # Upstream's sampler: the split in order, the first --num-samples; targets noisy, ground truths clean.
+    train = upstream_facts(workdir, run)
+    positions = upstream_sample_positions(80, 20, 40)
     assert result["sample_ids"] == train.index[positions].tolist()
     assert result["targets"] == train.labels[positions].tolist()
     assert result["ground_truths"] == train.clean_labels[positions].tolist()
-    assert (workdir / SEED_DIR / "stats-0.log").read_text().count("(epoch 2)") == 1
+    assert (workdir / UPSTREAM_DIR / "stats-0.log").read_text().count("(epoch 2)") == 1
     assert [
         m.step
         for m in client.get_metric_history(
@@ -158,11 +163,11 @@ def test_skip_then_num_samples_counts(trained, workdir):
     client, run = trained
     assert cli.main(shlex.split(STATS.replace("--checkpoint=1", "--checkpoint=0 --skip=20"))) == 0
     shard = json.loads(
-        (workdir / SEED_DIR / "jacobian_operator_norm-train-checkpoint-0-id-1.json").read_text()
+        (workdir / UPSTREAM_DIR / "jacobian_operator_norm-train-checkpoint-0-id-1.json").read_text()
     )
-    positions = seed_sample_positions(80, 20, 40, skip=20)
+    positions = upstream_sample_positions(80, 20, 40, skip=20)
     assert positions == list(range(20, 60))
-    assert shard["sample_ids"] == seed_facts(workdir, run).index[positions].tolist()
+    assert shard["sample_ids"] == upstream_facts(workdir, run).index[positions].tolist()
 
 
 def test_outname_and_normalizations_over_several_checkpoints_never_share_a_file(trained, workdir):
@@ -172,7 +177,7 @@ def test_outname_and_normalizations_over_several_checkpoints_never_share_a_file(
         )
     )
     assert cli.main(argv) == 0
-    assert {p.name for p in (workdir / SEED_DIR).glob("foo-*.json")} == {
+    assert {p.name for p in (workdir / UPSTREAM_DIR).glob("foo-*.json")} == {
         f"foo-jacobian_operator_norm{n}-train-checkpoint-{c}.json"
         for c in (0, 1)
         for n in ("", "-softmax")
@@ -212,19 +217,19 @@ def export(workdir, *extra):
 
 def test_exported_checkpoints_load_into_the_seeds_network(trained, workdir):
     export(workdir)
-    with zipfile.ZipFile(workdir / SEED_DIR / "checkpoints.zip") as z:
+    with zipfile.ZipFile(workdir / UPSTREAM_DIR / "checkpoints.zip") as z:
         assert sorted(z.namelist()) == [
             "checkpoint_0.pt",
             "checkpoint_2.pt",
         ]  # global steps: one step an epoch
         for name in z.namelist():
             saved = torch.load(io.BytesIO(z.read(name)), weights_only=True)
-            seed_model("resnet18", 2).load_state_dict(
+            upstream_model("resnet18", 2).load_state_dict(
                 saved["model"]
             )  # strict, as compute_stats.py loads it
             assert saved["trainer"]["iteration"] == int(name[11:-3])
     export(workdir, "--raw-checkpoints=1")
-    assert sorted(p.name for p in (workdir / SEED_DIR / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (workdir / UPSTREAM_DIR / "checkpoints").iterdir()) == [
         "checkpoint_0.pt",
         "checkpoint_2.pt",
     ]
@@ -233,14 +238,14 @@ def test_exported_checkpoints_load_into_the_seeds_network(trained, workdir):
 def test_export_then_import_gives_the_same_stats(trained, workdir):
     client, run = trained
     export(workdir)
-    theirs = workdir / "checkpoints/imported" / SEED_DIR.removeprefix("checkpoints/test/")
+    theirs = workdir / "checkpoints/imported" / UPSTREAM_DIR.removeprefix("checkpoints/test/")
     theirs.mkdir(parents=True)
-    shutil.copy(workdir / SEED_DIR / "checkpoints.zip", theirs)
-    seed_train = (
+    shutil.copy(workdir / UPSTREAM_DIR / "checkpoints.zip", theirs)
+    upstream_train = (
         TRAIN.replace("--name='test'", "--name=imported")
         + f" --label-seed={run.data.params['label_seed']}"
     )
-    assert cli.main(["import-checkpoints", *shlex.split(seed_train)[1:]]) == 0
+    assert cli.main(["import-checkpoints", *shlex.split(upstream_train)[1:]]) == 0
     imported = client.search_runs([client.get_experiment_by_name("imported").experiment_id])
     assert [r.info.status for r in imported] == ["FINISHED"] and "imported_from" in imported[
         0
@@ -253,7 +258,7 @@ def test_export_then_import_gives_the_same_stats(trained, workdir):
     assert cli.main(shlex.split(STATS.replace("--name=test", "--name=imported"))) == 0
     ours, again = (
         json.loads((workdir / d / "jacobian_operator_norm-train-checkpoint-1.json").read_text())
-        for d in (SEED_DIR, theirs)
+        for d in (UPSTREAM_DIR, theirs)
     )
     assert again["sample_ids"] == ours["sample_ids"] and again["targets"] == ours["targets"]
     assert np.allclose(again["stats"], ours["stats"], rtol=1e-6, atol=0)
@@ -296,7 +301,7 @@ def test_checkpoints_by_ordinal_and_by_step(trained, workdir, flags, keys, epoch
     argv = [a for a in shlex.split(STATS) if not a.startswith("--checkpoint")] + flags
     assert cli.main(argv) == 0
     for key, epoch in zip(keys, epochs):
-        path = workdir / SEED_DIR / f"jacobian_operator_norm-train-checkpoint-{key}.json"
+        path = workdir / UPSTREAM_DIR / f"jacobian_operator_norm-train-checkpoint-{key}.json"
         assert json.loads(path.read_text())["metadata"]["checkpoint_epoch"] == epoch
 
 
@@ -362,16 +367,18 @@ def test_logfile_and_the_seeds_jacobian_normalization(trained, workdir, restored
     assert cli.main(argv) == 0
     none, jacobian = (
         json.loads(
-            (workdir / SEED_DIR / f"jacobian_operator_norm{n}-train-checkpoint-1.json").read_text()
+            (
+                workdir / UPSTREAM_DIR / f"jacobian_operator_norm{n}-train-checkpoint-1.json"
+            ).read_text()
         )
         for n in ("", "-jacobian")
     )
-    assert jacobian["stats"] == none["stats"]  # the seed parses it and normalises nothing
+    assert jacobian["stats"] == none["stats"]  # upstream parses it and normalises nothing
     assert (none["metadata"]["normalization"], jacobian["metadata"]["normalization"]) == (
         None,
         "jacobian",
     )
-    assert "checkpoint 1 (epoch 2)" in (workdir / SEED_DIR / "output.log").read_text()
+    assert "checkpoint 1 (epoch 2)" in (workdir / UPSTREAM_DIR / "output.log").read_text()
 
 
 def test_a_random_dataset_trains_and_names_its_results(trained, workdir):
@@ -383,7 +390,7 @@ def test_a_random_dataset_trains_and_names_its_results(trained, workdir):
     assert cli.main(shlex.split(stats)) == 0
     result = (
         workdir
-        / SEED_DIR.replace("/test/", "/random/")
+        / UPSTREAM_DIR.replace("/test/", "/random/")
         / "jacobian_operator_norm-random_jitter-train-checkpoint-1.json"
     )
     assert json.loads(result.read_text())["metadata"]["run_id"] != trained[1].info.run_id

@@ -1,6 +1,6 @@
-"""The seed's behaviour (magamba/overparameterization), written down independently as references for
+"""Upstream's behaviour (magamba/overparameterization), written down independently as references for
 the tests: its networks as its compute_stats.py builds them (parameter names, the order weights are
-drawn in), its split, its label noise and its sample order, each with the library calls the seed
+drawn in), its split, its label noise and its sample order, each with the library calls upstream
 makes. lipdd's own code must reproduce these exactly."""
 
 import numpy as np
@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Subset, random_split
 
 
-class SeedConvBlock(nn.Module):
+class UpstreamConvBlock(nn.Module):
     def __init__(self, cin, cout, bn):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=not bn)
@@ -22,14 +22,14 @@ class SeedConvBlock(nn.Module):
 
 
 class SeedCNN5(nn.Module):
-    """The seed's mCNN with layers [1, 1, 1, 1]: a block per layer, pooling after layers 2 and 3."""
+    """Upstream's mCNN with layers [1, 1, 1, 1]: a block per layer, pooling after layers 2 and 3."""
 
     def __init__(self, width, in_channels=3, classes=10, bn=False):
         super().__init__()
         self.pool, self.apool = nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1)
         widths = [in_channels, width, 2 * width, 4 * width, 8 * width]
         for i in range(4):
-            setattr(self, f"layer{i + 1}", SeedConvBlock(widths[i], widths[i + 1], bn))
+            setattr(self, f"layer{i + 1}", UpstreamConvBlock(widths[i], widths[i + 1], bn))
         self.fc = nn.Linear(8 * width, classes)
 
     def forward(self, x):
@@ -38,7 +38,7 @@ class SeedCNN5(nn.Module):
         return self.fc(torch.flatten(self.apool(x), 1))
 
 
-class SeedBlock(nn.Module):
+class UpstreamBlock(nn.Module):
     def __init__(self, cin, cout, stride, downsample, bn):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=not bn)
@@ -56,8 +56,8 @@ class SeedBlock(nn.Module):
         return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
 
 
-class SeedResNet(nn.Module):
-    """The seed's ResNetNoBN as compute_stats.py builds it (default weight_init, so no stem batch
+class UpstreamResNet(nn.Module):
+    """Upstream's ResNetNoBN as compute_stats.py builds it (default weight_init, so no stem batch
     norm without the batch_norm addition); a stage's 1x1 shortcut (bias-free) is created before its
     first block."""
 
@@ -74,8 +74,8 @@ class SeedResNet(nn.Module):
                 if stride != 1 or cin != cout
                 else None
             )
-            blocks = [SeedBlock(cin, cout, stride, downsample, bn)]
-            blocks += [SeedBlock(cout, cout, 1, None, bn) for _ in range(n - 1)]
+            blocks = [UpstreamBlock(cin, cout, stride, downsample, bn)]
+            blocks += [UpstreamBlock(cout, cout, 1, None, bn) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             cin = cout
         self.avgpool = nn.AdaptiveAvgPool2d(1)
@@ -88,10 +88,10 @@ class SeedResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def seed_model(family, width, in_channels=3, classes=10, bn=False):
+def upstream_model(family, width, in_channels=3, classes=10, bn=False):
     if family == "cnn5":
         return SeedCNN5(width, in_channels, classes, bn)
-    return SeedResNet(
+    return UpstreamResNet(
         {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}[family],
         width,
         in_channels,
@@ -100,15 +100,15 @@ def seed_model(family, width, in_channels=3, classes=10, bn=False):
     )
 
 
-def seed_split(n, train_split, val_split, seed):
-    """Indices of (train, val), by random_split as the seed calls it."""
+def upstream_split(n, train_split, val_split, seed):
+    """Indices of (train, val), by random_split as upstream calls it."""
     gen = torch.Generator("cpu").manual_seed(seed)
     train, val = random_split(range(n), (train_split, val_split), generator=gen)
     return list(train.indices), list(val.indices)
 
 
-def seed_corrupt(labels, noise, seed):
-    """The seed's corrupt_labels on a split's labels (in split order): the noisy labels."""
+def upstream_corrupt(labels, noise, seed):
+    """Upstream's corrupt_labels on a split's labels (in split order): the noisy labels."""
     rng = np.random.default_rng(seed)
     targets = torch.tensor(labels)
     k = targets.unique().shape[0]
@@ -119,8 +119,8 @@ def seed_corrupt(labels, noise, seed):
     return ((targets + offsets) % k).tolist()
 
 
-def seed_sample_positions(n_split, batch_size, num_samples, skip=None, mc_sample_seed=4321):
-    """Positions in the split the seed's stats sampler yields: a non-shuffling DataLoader, whole
+def upstream_sample_positions(n_split, batch_size, num_samples, skip=None, mc_sample_seed=4321):
+    """Positions in the split upstream's stats sampler yields: a non-shuffling DataLoader, whole
     batches skipped until `skip` samples are passed, then num_samples / batch_size batches."""
     torch.manual_seed(mc_sample_seed)
     iterator = iter(
@@ -132,8 +132,8 @@ def seed_sample_positions(n_split, batch_size, num_samples, skip=None, mc_sample
     return [int(i) for _ in range(num_samples // batch_size) for i in next(iterator)]
 
 
-def seed_random_images(dist, n, mean, std, shape=(3, 32, 32), seed=1234, num_classes=10):
-    """The seed's RandomDataset: (uint8 HWC images as its PIL images hold them, labels)."""
+def upstream_random_images(dist, n, mean, std, shape=(3, 32, 32), seed=1234, num_classes=10):
+    """Upstream's RandomDataset: (uint8 HWC images as its PIL images hold them, labels)."""
     from scipy.special import gammainc
 
     c, h, w = shape
@@ -161,17 +161,17 @@ def seed_random_images(dist, n, mean, std, shape=(3, 32, 32), seed=1234, num_cla
     return (x * 255).astype(np.uint8), labels
 
 
-def seed_jitter(x, probability=0.66, lower=0.02, upper=0.98):
-    """The seed's JitterTransform as it runs, on a normalised image: thresholds, no noise."""
+def upstream_jitter(x, probability=0.66, lower=0.02, upper=0.98):
+    """Upstream's JitterTransform as it runs, on a normalised image: thresholds, no noise."""
     x = x.clone()
     x[x >= probability] = upper
     x[x <= 1 - probability] = lower
     return x
 
 
-# Every flag of the seed's core/cmd.py (both scripts), train.py and compute_stats.py, with a value
+# Every flag of upstream's core/cmd.py (both scripts), train.py and compute_stats.py, with a value
 # its parser accepts (None: a switch).
-SEED_COMMON_FLAGS = {
+UPSTREAM_COMMON_FLAGS = {
     "--device": "cpu",
     "--name": "n",
     "--save-dir": "s",
@@ -196,7 +196,7 @@ SEED_COMMON_FLAGS = {
     "--l2-regularization": "0.0001",
     "--random-dataset": "uniform",
 }
-SEED_TRAIN_FLAGS = {
+UPSTREAM_TRAIN_FLAGS = {
     "--epochs": "300",
     "--learning-rate": "0.1",
     "--lr-step": "10",
@@ -218,7 +218,7 @@ SEED_TRAIN_FLAGS = {
     "--raw-checkpoints": "1",
     "--weight-init": "nkaiming",
 }
-SEED_STATS_FLAGS = {
+UPSTREAM_STATS_FLAGS = {
     "--gen-strategy": "none",
     "--metric": "jacobian_operator_norm",
     "--normalization": "jacobian",

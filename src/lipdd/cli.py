@@ -1,6 +1,6 @@
 """`lipdd prepare | train | stats | report`: the commands DVC stages and people both run.
 
-Flags are generated from the config fields, under the seed README's spellings, so
+Flags are generated from the config fields, under the upstream README's spellings, so
 `python train.py --label-noise=0.2 ...` becomes `lipdd train --label-noise=0.2 ...`.
 Heavy libraries (torch, mlflow) are imported inside the commands, so `--help` is instant.
 """
@@ -28,9 +28,9 @@ GROUPS = {
 DESCRIPTIONS = {
     "report": "Figures and tables across the finished runs of one data / model / label-noise setting, "
     "by width and by epoch; logged to a report run.",
-    "export-checkpoints": "Write a run's checkpoints as the seed's train.py does, to SAVE_DIR/NAME/MODEL/DATA/SETTING/"
+    "export-checkpoints": "Write a run's checkpoints as upstream's train.py does, to SAVE_DIR/NAME/MODEL/DATA/SETTING/"
     "[noise-N-]seed-S/checkpoints.zip (checkpoints/ with --raw-checkpoints).",
-    "import-checkpoints": "Turn the seed run these flags name (its checkpoints.zip or checkpoints/) into a finished "
+    "import-checkpoints": "Turn the upstream run these flags name (its checkpoints.zip or checkpoints/) into a finished "
     "MLflow run with its params, checkpoints and an evaluation per checkpoint.",
     "prepare": "Turn a dataset into the prepared format: uint8 arrays, clean and noisy labels, splits, meta.json.",
     "train": "Train one network; log params, per-batch loss, evaluations and checkpoints to one MLflow run.",
@@ -50,7 +50,7 @@ def add_field(parser, f, dest: str) -> None:
     kw = dict(dest=dest, default=argparse.SUPPRESS, help=meta["help"], metavar=f.name.upper())
     if meta.get("choices") and not callable(meta["choices"]):
         kw["metavar"] = "{" + ",".join(meta["choices"]) + "}"
-    if f.name == "raw_checkpoints":  # the seed's flag takes a value
+    if f.name == "raw_checkpoints":  # upstream's flag takes a value
         parser.add_argument(*names, nargs="?", const=True, **kw)
     elif isinstance(default, bool):
         parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
@@ -79,7 +79,7 @@ def build_parser() -> Parser:
             )
         if (
             "stats" in groups
-        ):  # stats flags win: --batch-size is the stats batch size here, as in the seed
+        ):  # stats flags win: --batch-size is the stats batch size here, as in upstream
             g = p.add_argument_group("statistics")
             for f in config.field_specs(StatsConfig):
                 add_field(g, f, f"stats.{f.name}")
@@ -131,8 +131,8 @@ def registries() -> dict[str, tuple[str, ...]]:
 
 
 def setup_logging(cfg: Config) -> None:
-    """The seed's --log-level and --logfile: Python's logging at that level, to stderr and, with a
-    log file, to that file in the run's seed layout directory; neither given, nothing changes."""
+    """Upstream's --log-level and --logfile: Python's logging at that level, to stderr and, with a
+    log file, to that file in the run's upstream layout directory; neither given, nothing changes."""
     if cfg.log_level is None and cfg.logfile is None:
         return
     handlers = [logging.StreamHandler()]
@@ -169,7 +169,7 @@ def cmd_train(cfg: Config) -> None:
 def cmd_stats(cfg: Config) -> None:
     from . import stats
 
-    if cfg.stats.checkpoint == []:  # the seed's --checkpoint with no value: list them
+    if cfg.stats.checkpoint == []:  # upstream's --checkpoint with no value: list them
         return stats.list_checkpoints(cfg)
     for path in (stats.merge if cfg.stats.merge else stats.compute_stats)(cfg):
         print(path)

@@ -42,7 +42,7 @@ ENV_VARS = {
 
 
 # What a training parameter says about a run (a marker on each field, read by runs.py):
-#   "identity"  the seed's scripts name a run by it (compute_stats.py's flags find the run);
+#   "identity"  upstream's scripts name a run by it (compute_stats.py's flags find the run);
 #   "training"  it changes what the training computes: two runs are the same training when
 #               they agree on every identity and training parameter;
 #   "place"     where the run executes or lands: free to differ on resume, never tells runs apart.
@@ -61,7 +61,7 @@ def opt(default, help, group, choices=None, kind=None, role="training", alias=No
 
 @dataclass
 class StatsConfig:
-    # Built-in defaults are the seed's (one metric, raw logits); params.yaml asks for more.
+    # Built-in defaults are upstream's (one metric, raw logits); params.yaml asks for more.
     metric: list[str] = opt(
         ["jacobian_operator_norm"],
         "measures to compute (lipdd.measures.MEASURES)",
@@ -95,7 +95,7 @@ class StatsConfig:
     )
     mc_sample_seed: int = opt(
         4321,
-        "recorded only, as in the seed, whose stats loader never shuffles: the "
+        "recorded only, as in upstream, whose stats loader never shuffles: the "
         "samples are the split's, in order",
         "stats",
     )
@@ -113,7 +113,7 @@ class StatsConfig:
     )
     gen_strategy: str = opt(
         "none",
-        "the seed's sampling strategy; it has one, none: the split's samples as they are",
+        "upstream's sampling strategy; it has one, none: the split's samples as they are",
         "stats",
         choices=("none",),
     )
@@ -168,7 +168,7 @@ class StatsConfig:
         False, "all K output gradients in one pass (memory x K) instead of bounded chunks", "stats"
     )
     num_power_iters: int = opt(
-        0, "kept for seed compatibility; the operator norm is always exact", "stats"
+        0, "kept for upstream compatibility; the operator norm is always exact", "stats"
     )
     outname: str | None = opt(
         None,
@@ -178,7 +178,7 @@ class StatsConfig:
     )
     output_dir: str | None = opt(
         None,
-        "directory of the per-sample results (default: the seed layout "
+        "directory of the per-sample results (default: the upstream layout "
         "SAVE_DIR/NAME/MODEL/DATA/SETTING/seed-SEED)",
         "stats",
         kind=str,
@@ -242,7 +242,7 @@ class Config:
     data_split_seed: int = opt(42, "seed of the train/validation split", "data", role="identity")
     random_dataset: str | None = opt(
         None,
-        "the seed's random data in place of the images: uniform (within the "
+        "upstream's random data in place of the images: uniform (within the "
         "per-channel mean +- std) / normal (that mean and std) / hypersphere (each "
         "channel in the unit ball) images with random labels, drawn with seed 1234; "
         "jitter: the real images, thresholded after normalisation",
@@ -253,7 +253,7 @@ class Config:
     )
     input_stats: str = opt(
         "fixed",
-        "per-channel mean/std inputs are normalised with: fixed (the seed's CIFAR "
+        "per-channel mean/std inputs are normalised with: fixed (upstream's CIFAR "
         "constants; digits: its whole training set's) or split (the prepared training split's)",
         "data",
         choices=INPUT_STATS,
@@ -277,7 +277,7 @@ class Config:
         kind=str,
     )
     dropout: float = opt(
-        0.0, "dropout rate of the dropout addition (without it, no effect, as in the seed)", "model"
+        0.0, "dropout rate of the dropout addition (without it, no effect, as in upstream)", "model"
     )
     weight_init: str = opt("pytorch", "weight initialisation", "model", choices=WEIGHT_INITS)
     # training
@@ -310,7 +310,7 @@ class Config:
     )
     accuracy_threshold: float = opt(
         1.0,
-        "deprecated and unused in the seed; accepted so its commands run",
+        "deprecated and unused in upstream; accepted so its commands run",
         "train",
         role="place",
     )
@@ -327,7 +327,7 @@ class Config:
     resume_from: str | None = opt(
         None,
         "MLflow run id whose last checkpoint training continues from; a number "
-        "is the seed's global step of the last checkpoint of this training's interrupted run",
+        "is upstream's global step of the last checkpoint of this training's interrupted run",
         "train",
         kind=str,
         role="place",
@@ -370,7 +370,7 @@ class Config:
     )
     logfile: str | None = opt(
         None,
-        "also log to this file in the seed layout directory of the run "
+        "also log to this file in the upstream layout directory of the run "
         "(SAVE_DIR/NAME/MODEL/DATA/SETTING/[noise-N-]seed-S/LOGFILE)",
         "run",
         kind=str,
@@ -378,14 +378,14 @@ class Config:
     )
     save_dir: str = opt(
         "results/runs",
-        "root of the seed layout for stats files and exported checkpoints (env SAVE_DIR)",
+        "root of the upstream layout for stats files and exported checkpoints (env SAVE_DIR)",
         "run",
         role="place",
     )
     raw_checkpoints: bool = opt(
         False,
         "export-checkpoints writes a checkpoints/ folder, not checkpoints.zip "
-        "(the seed's flag takes a value: --raw-checkpoints=1)",
+        "(upstream's flag takes a value: --raw-checkpoints=1)",
         "run",
         role="place",
     )

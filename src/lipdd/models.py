@@ -79,7 +79,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, cin, cout, stride, batch_norm):
         super().__init__()
-        # The shortcut is built first: its weights are drawn before the branch's, as in the seed.
+        # The shortcut is built first: its weights are drawn before the branch's, as in upstream.
         downsample = (
             nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False))
             if stride != 1 or cin != cout
@@ -147,7 +147,7 @@ def _init_nkaiming(model):
                 nn.init.zeros_(m.bias)
 
 
-# Fixup (Zhang et al. 2019) as the seed initialises it: the first conv of each residual branch is
+# Fixup (Zhang et al. 2019) as upstream initialises it: the first conv of each residual branch is
 # normal with the Kaiming fan_out std times L^-0.5 (L: the number of blocks); under "fixup" the second
 # conv and the linear layer start at zero, so each block starts as its shortcut and the output is 0;
 # "mfixup" (modified) draws them normal with std 1e-6 instead, so the network starts non-degenerate.

@@ -13,7 +13,7 @@ OPTIMIZERS = ("sgd", "adam")
 MODEL_ADDITIONS = ("batch_norm", "dropout")
 WEIGHT_INITS = ("pytorch", "nkaiming", "fixup", "mfixup")
 SPLITS = ("train", "val", "test")
-# "jacobian" is the seed's: it parses it and normalises nothing, so it is the logits' Jacobian
+# "jacobian" is upstream's: it parses it and normalises nothing, so it is the logits' Jacobian
 NORMALIZATIONS = ("none", "softmax", "logsoftmax", "crossentropy", "jacobian")
 
 # --- training: per batch (step = global step) and per evaluation (step = epoch) ------------------

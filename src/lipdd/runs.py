@@ -56,7 +56,7 @@ def differing_param(params: dict[str, str], cfg: Config) -> str | None:
 
 
 def identity(cfg: Config) -> dict[str, str]:
-    """cfg's identity params as logged (str(value)); an unset label_seed names no value (the seed
+    """cfg's identity params as logged (str(value)); an unset label_seed names no value (upstream
     drew a fresh one; lipdd records the one it drew), so it matches any run's."""
     return {
         k: str(v)
@@ -66,7 +66,7 @@ def identity(cfg: Config) -> dict[str, str]:
 
 
 def search(client, cfg: Config, where: str = "") -> list:
-    """Runs of cfg's experiment whose identity params (the seed's flags) are cfg's, newest first.
+    """Runs of cfg's experiment whose identity params (upstream's flags) are cfg's, newest first.
     Params are logged as str(value), so str() of the resolved config matches them exactly."""
     exp = client.get_experiment_by_name(cfg.name)
     if exp is None:
@@ -202,7 +202,7 @@ def resume_checkpoint(client, run_id: str, cfg: Config, dataset_hash: str) -> st
         )
     if "imported_from" in run.data.tags:
         raise ConfigError(
-            f"resume_from: run {run_id} was imported from the seed's files, whose checkpoints do not "
+            f"resume_from: run {run_id} was imported from upstream's files, whose checkpoints do not "
             "hold the batch order and augmentation state to continue exactly; train a new run"
         )
     checkpoints = tracking.list_checkpoints(client, run_id)
@@ -212,7 +212,7 @@ def resume_checkpoint(client, run_id: str, cfg: Config, dataset_hash: str) -> st
 
 
 def with_label_seed(client, cfg: Config) -> Config:
-    """cfg with its label_seed set: an unset one (the seed's default, fresh randomness) becomes the
+    """cfg with its label_seed set: an unset one (upstream's default, fresh randomness) becomes the
     interrupted run's this training would continue, else a fresh draw, logged with the run."""
     if cfg.label_seed is not None:
         return cfg
@@ -230,7 +230,7 @@ def open_training(
 ) -> tuple[str, str | None]:
     """(run id, checkpoint to continue from): run `resume_from`, else the interrupted run of
     this training, else a new run, which has no checkpoint yet."""
-    if cfg.resume_from and cfg.resume_from.isdigit():  # the seed's --resume-from STEP
+    if cfg.resume_from and cfg.resume_from.isdigit():  # upstream's --resume-from STEP
         return resume_at_step(client, cfg, int(cfg.resume_from), dataset_hash, steps_per_epoch)
     run_id = cfg.resume_from or interrupted(client, cfg)
     if run_id:
@@ -241,7 +241,7 @@ def open_training(
 def resume_at_step(
     client, cfg: Config, step: int, dataset_hash: str, steps_per_epoch: int
 ) -> tuple[str, str]:
-    """The seed's integer --resume-from: the global step of a checkpoint of this training's
+    """Upstream's integer --resume-from: the global step of a checkpoint of this training's
     interrupted run, which must be its last (a run continues from where it stopped)."""
     run_id = interrupted(client, cfg)
     if run_id is None:

@@ -1,9 +1,9 @@
-"""The seed scripts' files on disk, both ways: a run's directory, SAVE_DIR/NAME/MODEL/DATA/SETTING/
+"""The upstream scripts' files on disk, both ways: a run's directory, SAVE_DIR/NAME/MODEL/DATA/SETTING/
 [noise-N-]seed-S, and its checkpoints there, `checkpoints.zip` (or, raw, a `checkpoints/` folder)
 of `checkpoint_STEP.pt` files (STEP: the global step) holding the network under "model".
 
-`export_checkpoints` writes a lipdd run's checkpoints so that the seed's compute_stats.py loads them
-as they are; `import_checkpoints` turns a seed run's directory into a FINISHED MLflow run with its
+`export_checkpoints` writes a lipdd run's checkpoints so that upstream's compute_stats.py loads them
+as they are; `import_checkpoints` turns an upstream run's directory into a FINISHED MLflow run with its
 params, checkpoints and an evaluation per checkpoint, so lipdd's stats, report and UI work on it.
 """
 
@@ -40,7 +40,7 @@ def _steps_per_epoch(run) -> int:
 
 
 def export_checkpoints(cfg: Config) -> Path:
-    """Every checkpoint of the run `lipdd stats` would analyse, as the seed's train.py leaves them."""
+    """Every checkpoint of the run `lipdd stats` would analyse, as upstream's train.py leaves them."""
     client, run, run_cfg, _ = runs.analysed_run(cfg)
     steps = _steps_per_epoch(run)
     name = "checkpoints" if cfg.raw_checkpoints else "checkpoints.zip"
@@ -71,7 +71,7 @@ def export_checkpoints(cfg: Config) -> Path:
 
 
 def _seed_checkpoints(folder: Path) -> list[tuple[int, bytes]]:
-    """(global step, file bytes) of the seed run's checkpoints, by step."""
+    """(global step, file bytes) of the upstream run's checkpoints, by step."""
     zipped, raw = folder / "checkpoints.zip", folder / "checkpoints"
     found = []
     if zipped.is_file():
@@ -89,24 +89,24 @@ def _seed_checkpoints(folder: Path) -> list[tuple[int, bytes]]:
         ]
     if not found:
         raise ConfigError(
-            f"import: no checkpoint_STEP.pt in {zipped} or {raw}; the flags must name the seed run "
+            f"import: no checkpoint_STEP.pt in {zipped} or {raw}; the flags must name the upstream run "
             "as its train.py was given them (save-dir, name, model, data, label noise, seed, ...)"
         )
     return sorted(found)
 
 
-def seed_weights(state: dict, model: torch.nn.Module) -> dict:
-    """A seed checkpoint's network as lipdd's model holds it: the seed's train.py keeps an unused stem
+def upstream_weights(state: dict, model: torch.nn.Module) -> dict:
+    """An upstream checkpoint's network as lipdd's model holds it: upstream's train.py keeps an unused stem
     batch norm in resnets without the batch_norm addition (its compute_stats.py builds none), dropped."""
     keys = set(model.state_dict())
     return {k: v for k, v in state.items() if k in keys or not k.startswith("bn1.")}
 
 
 def import_checkpoints(cfg: Config) -> str:
-    """A seed run's directory as a new FINISHED MLflow run of experiment NAME; returns its id."""
+    """An upstream run's directory as a new FINISHED MLflow run of experiment NAME; returns its id."""
     if cfg.label_noise and cfg.label_seed is None:
         raise ConfigError(
-            "label_seed: the seed drew this run's noisy labels from fresh randomness unless given "
+            "label_seed: upstream drew this run's noisy labels from fresh randomness unless given "
             "--label-seed; pass the one it was trained with, or its labels cannot be rebuilt"
         )
     device = runtime.setup(cfg)
@@ -133,7 +133,7 @@ def import_checkpoints(cfg: Config) -> str:
                 epoch = step // steps
                 try:
                     state = torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
-                    model.load_state_dict(seed_weights(state["model"], model))
+                    model.load_state_dict(upstream_weights(state["model"], model))
                 except Exception as e:
                     raise ConfigError(
                         f"import: checkpoint_{step}.pt does not load into {cfg.model_name} "

@@ -14,7 +14,7 @@ from .sources import Split
 def jitter(
     x: torch.Tensor, probability: float = 0.66, lower: float = 0.02, upper: float = 0.98
 ) -> torch.Tensor:
-    """The seed's "jitter" random dataset as its JitterTransform runs on a normalised image: values
+    """Upstream's "jitter" random dataset as its JitterTransform runs on a normalised image: values
     >= 0.66 become 0.98, then values <= 0.34 become 0.02 (the noise it draws is never used)."""
     x = torch.where(x >= probability, torch.full_like(x, upper), x)
     return torch.where(x <= 1 - probability, torch.full_like(x, lower), x)
@@ -81,7 +81,7 @@ class Loader:
     augment: bool = False
     shard: str | None = None
     channels_last: bool = False
-    jitter: bool = False  # the seed's "jitter" random dataset, after normalisation
+    jitter: bool = False  # upstream's "jitter" random dataset, after normalisation
 
     def __post_init__(self):
         assert self.shard in (None, "batch", "blocks"), self.shard

@@ -43,10 +43,10 @@ def draw_label_seed() -> int:
 def corrupt_labels(
     labels: np.ndarray, num_classes: int, label_noise: float, seed: int | None
 ) -> np.ndarray:
-    """The seed's `corrupt_labels`: with numpy.random.default_rng(seed), draw round(n * label_noise)
+    """Upstream's `corrupt_labels`: with numpy.random.default_rng(seed), draw round(n * label_noise)
     offsets in 1..K-1, give them the first positions of an all-zero offset vector, shuffle that vector by
     a permutation from the same generator, and add it to the labels modulo K. (With K = 2 the offsets
-    are all 1 and only the permutation is drawn.) The seed takes K from the classes present in the
+    are all 1 and only the permutation is drawn.) Upstream takes K from the classes present in the
     split; every class is present in any split of CIFAR or digits size."""
     if not 0 <= label_noise <= 1:
         raise DataError(f"label_noise={label_noise} must be in [0, 1]")
@@ -61,9 +61,9 @@ def corrupt_labels(
 
 
 def _validation_split(train: Split, train_split, val_split, seed: int) -> dict[str, Split]:
-    """The seed's split: torch.utils.data.random_split of the training set into (train_split,
+    """Upstream's split: torch.utils.data.random_split of the training set into (train_split,
     val_split) with a CPU generator seeded `seed`, i.e. the first train_split positions of
-    torch.randperm(n) train and the next val_split validate. The seed needs train_split + val_split
+    torch.randperm(n) train and the next val_split validate. Upstream needs train_split + val_split
     == n; a smaller sum leaves the rest of the permutation out."""
     n = len(train.labels)
     ts, vs = train_split or 0, val_split or 0
@@ -89,7 +89,7 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return mean.tolist(), std.tolist()
 
 
-# The seed's fixed normalisation constants (core/data.py), per channel of images / 255.
+# Upstream's fixed normalisation constants (core/data.py), per channel of images / 255.
 UPSTREAM_STATS = {
     "cifar10": ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]),
     "cifar100": ([0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023]),
@@ -100,7 +100,7 @@ def input_stats(
     kind: str, data: str, source_train: Split, train: Split
 ) -> tuple[list[float], list[float]]:
     """Per-channel (mean, std) the inputs are normalised with. "fixed": constants of the dataset,
-    the same for every split and noise level (the seed's for CIFAR; for digits, which the seed never
+    the same for every split and noise level (upstream's for CIFAR; for digits, which upstream never
     had, those of its whole training set); "split": those of the training split as prepared."""
     if kind == "split":
         return _channel_stats(train.images)
@@ -135,7 +135,7 @@ def prepare(
     """Write the prepared dataset into `out_dir` (replacing it atomically) and return its meta."""
     train, test, num_classes = load_source(data, data_dir, verify_checksums)
     if random_dataset in ("uniform", "normal", "hypersphere"):
-        # drawn around the dataset's fixed statistics; the seed does not normalise the hypersphere
+        # drawn around the dataset's fixed statistics; upstream does not normalise the hypersphere
         mean, std = input_stats("fixed", data, train, train)
         shape = train.images.shape[1:]
         train, test = (
@@ -219,7 +219,7 @@ def load_prepared(path, verify: bool = True) -> Prepared:
 
 def ensure_prepared(cfg: Config, expected_hash: str | None = None) -> Prepared:
     """The prepared data `cfg` asks for, prepared now if needed, so `lipdd train` and `lipdd
-    stats` also work without a separate prepare step (the seed scripts had none).
+    stats` also work without a separate prepare step (the upstream scripts had none).
 
     `<prepared_dir>/<data>` is the pipeline's copy (a DVC output): used when its parameters
     match, created when missing, never overwritten here. Other parameters get a folder of

@@ -131,22 +131,22 @@ def load_source(data: str, data_dir, verify_checksums: bool) -> tuple[Split, Spl
 def random_images(
     dist: str, n: int, shape: tuple, mean, std, num_classes: int, seed: int = 1234
 ) -> Split:
-    """The seed's random datasets (core/random_dataset.py), drawn as it draws them with
+    """Upstream's random datasets (core/random_dataset.py), drawn as it draws them with
     numpy.random.default_rng(seed): random_pixels, then labels uniform over the classes, drawn after
-    the pixels; stored as the seed's PIL images hold them, uint8(x * 255)."""
+    the pixels; stored as upstream's PIL images hold them, uint8(x * 255)."""
     rng = np.random.default_rng(seed)
     x = random_pixels(dist, n, shape, mean, std, rng)
     labels = rng.integers(0, num_classes, n).astype(np.int64)
     images = (x.transpose(0, 2, 3, 1) * 255).astype(
         np.uint8
-    )  # numpy's cast, wrapping as the seed's does
+    )  # numpy's cast, wrapping as upstream's does
     return _split(images, labels, np.arange(n))
 
 
 def random_pixels(
     dist: str, n: int, shape: tuple, mean, std, rng: np.random.Generator
 ) -> np.ndarray:
-    """n random images (n, C, H, W) in pixel space, as the seed's random datasets draw them: every
+    """n random images (n, C, H, W) in pixel space, as upstream's random datasets draw them: every
     pixel uniform in [mean - std, mean + std] or normal(mean, std) per channel, or standard normal and
     then, per sample and channel, rescaled to a point uniform in the unit ball ("hypersphere")."""
     from scipy.special import gammainc  # slow import, only needed here
@@ -163,7 +163,7 @@ def random_pixels(
         raise ValueError(f"unknown random distribution {dist!r}")
     x = x.T.reshape(c, n, h, w).transpose(
         1, 0, 2, 3
-    )  # channel-major, as the seed stacks its columns
+    )  # channel-major, as upstream stacks its columns
     if dist == "hypersphere":
         flat = x.reshape(n * c, h * w)
         ssq = np.square(flat).sum(axis=1)

@@ -75,7 +75,7 @@ def _arithmetic(device, precision):
 def _frozen_copy(model, channels_last):
     """A copy of the model whose parameters autograd does not track.
 
-    Autograd then tracks the input only: no parameter gradient is ever computed (the seed's backward
+    Autograd then tracks the input only: no parameter gradient is ever computed (upstream's backward
     passes spent about half their time on them), and the caller's model stays untouched. A copy, not
     torch.func.functional_call with detached tensors: functional_call swaps the module's own parameters
     in and out around each call, so chunks on several threads at once undid each other's swaps and

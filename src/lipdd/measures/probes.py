@@ -112,7 +112,7 @@ def between(points: Points, options, model=None) -> ProbeSet:
 
 
 @lru_cache(maxsize=None)
-def seed_shift(height: int, width: int, radius: int, angle: float) -> np.ndarray:
+def upstream_shift(height: int, width: int, radius: int, angle: float) -> np.ndarray:
     """The pixel each output pixel of the double_descent study's ShiftTransform reads, for a
     translation by `radius` pixels at `angle`: its very pipeline (torchvision on PIL: edge padding
     by 2 * radius, an affine translation by radius * (cos, sin) with nearest-pixel sampling, a
@@ -136,7 +136,7 @@ def seed_shift(height: int, width: int, radius: int, angle: float) -> np.ndarray
 
 def shifted(x: torch.Tensor, radius: int, angle: float) -> torch.Tensor:
     n, c, h, w = x.shape
-    index = torch.as_tensor(seed_shift(h, w, radius, angle), device=x.device)
+    index = torch.as_tensor(upstream_shift(h, w, radius, angle), device=x.device)
     return x.flatten(2)[:, :, index].view(n, c, h, w)
 
 
@@ -231,7 +231,7 @@ def random_inputs(kind: str) -> Callable:
         return ProbeSet(x, targets, {"draw": list(range(n))})
 
     probe.__doc__ = (
-        f"As many random inputs as training points, drawn as the seed's random dataset {kind!r} draws "
+        f"As many random inputs as training points, drawn as upstream's random dataset {kind!r} draws "
         "them (lipdd.data.random_pixels, in pixel space, with numpy.random.default_rng(probe_seed); "
         "not rounded to 8 bits), then normalised; labels uniform over the classes."
     )

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 def select_checkpoints(cfg: Config, available: list[tuple[int, str]], steps_per_epoch: int):
-    """[(key, epoch, artifact)] of the checkpoints --checkpoint names, keyed as the seed keys them:
+    """[(key, epoch, artifact)] of the checkpoints --checkpoint names, keyed as upstream keys them:
     by ordinal (0 = initial network); with --checkpoint-by-step by global step, or by
     step // --nsteps-per-epoch when that is given. No --checkpoint: every checkpoint, by ordinal."""
     s = cfg.stats
@@ -60,7 +60,7 @@ def select_checkpoints(cfg: Config, available: list[tuple[int, str]], steps_per_
 
 
 def sample_selection(cfg: Config, n_split: int) -> np.ndarray:
-    """Positions in the split, as the seed's sampler takes them: in order, from position skip on,
+    """Positions in the split, as upstream's sampler takes them: in order, from position skip on,
     num_samples of them (default: the rest of the split)."""
     s = cfg.stats
     start = s.skip or 0
@@ -235,8 +235,8 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
 
 
 def refuse_foreign_results(out_dir: Path, run_id: str) -> None:
-    """One directory, one run's results. The seed layout names a run's directory by the parameters
-    the seed's scripts name runs by, so runs that differ only in others (a learning rate, epochs)
+    """One directory, one run's results. The upstream layout names a run's directory by the parameters
+    upstream's scripts name runs by, so runs that differ only in others (a learning rate, epochs)
     share one, and one's files would overwrite the other's."""
     for path in sorted(out_dir.glob("*.json")):
         try:
@@ -259,14 +259,14 @@ def load_weights(model, state_dict: dict, run_id: str, artifact: str) -> None:
         first = next(iter(state_dict), "")
         raise ConfigError(
             f"checkpoint {artifact} of run {run_id} does not fit the network lipdd builds for it "
-            f"(first parameter {first!r}; networks saved before lipdd took the seed's parameter names "
+            f"(first parameter {first!r}; networks saved before lipdd took upstream's parameter names "
             f"cannot be read: retrain the run): {str(e).splitlines()[0]}"
         ) from None
 
 
 def list_checkpoints(cfg: Config) -> None:
-    """The seed's `--checkpoint` with no value: the run's checkpoints, by ordinal, with the global
-    step the seed lists them by."""
+    """Upstream's `--checkpoint` with no value: the run's checkpoints, by ordinal, with the global
+    step upstream lists them by."""
     client, run, _, _ = runs.analysed_run(cfg)
     steps = int(run.data.tags.get("steps_per_epoch", 0))
     for i, (epoch, path) in enumerate(tracking.list_checkpoints(client, run.info.run_id)):
