@@ -14,6 +14,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 repro: $(VENV)/.installed
 	PATH=$(BIN):$$PATH dvc repro
 
-# Test files run in parallel, each whole on one worker (a module's tests may build on each other).
+# The linter first, then the test files in parallel, each whole on one worker (a module's tests
+# may build on each other).
 test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	PATH=$(BIN):$$PATH python -m pytest -q -n auto --dist loadfile

@@ -1,16 +1,17 @@
 """The per-network measures against other ways to compute them, on the same networks and data.
 
 1. Curvature: time to the top Hessian eigenvalue of the mean cross-entropy at relative tolerance
-   1e-3, lipdd's (lipdd.lanczos on lipdd.curvature's Hessian-vector products) against PyHessian
+   1e-3, lipdd's (lipdd.measures.lanczos on lipdd.measures.curvature's Hessian-vector products)
+   against PyHessian
    0.1's power iteration (`pip install pyhessian==0.1`; skipped without it), cnn5 and resnet18 at
    widths 8 and 32, CIFAR-shaped inputs; paired rounds, median ratio. PyHessian's `tol` bounds the
    relative change between two iterations, not the error, so its answer at tol=1e-3 can be off by
    more than 1e-3: each value's error against a 1e-10 Lanczos reference is printed, and a second
    ratio times PyHessian at the first of tol = 1e-3, 1e-4, 1e-5, 1e-6 (maxIter 1000) whose answer
    is within 1e-3 of the reference (`curvature_vs_pyhessian_same_accuracy`).
-2. Upper bound: lipdd.lipschitz against the explicit sparse-matrix method (each map's matrix
-   built entry by entry as a scipy.sparse matrix, as Khromov & Singh do, its norm by svds): time
-   and relative difference of the bounds.
+2. Upper bound: lipdd.measures.lipschitz against the explicit sparse-matrix method (each map's
+   matrix built entry by entry as a scipy.sparse matrix, as Khromov & Singh do, its norm by svds):
+   time and relative difference of the bounds.
 3. Accuracy against float64 references on a tiny cnn5: Hessian eigenvalue against the explicit
    Hessian's, the bound against dense SVDs of every map.
 4. Probe sets: time per point of the per-sample measures on a probe set's points (between, 1-pixel
@@ -102,9 +103,10 @@ def bench_curvature(quick: bool) -> dict:
             "pyhessian": abs(theirs - reference) / reference,
         }
         print(
-            f"{family}_{width}: top eigenvalue {reference:.8g}; at tol 1e-3 ours {ours:.8g} (rel. error "
-            f"{error['ours']:.1e}), PyHessian {theirs:.8g} ({error['pyhessian']:.1e}); PyHessian time / ours "
-            f"{ratio:.2f} at the same tol, {accurate:.2f} at the same accuracy"
+            f"{family}_{width}: top eigenvalue {reference:.8g}; at tol 1e-3 ours {ours:.8g} (rel. "
+            f"error {error['ours']:.1e}), PyHessian {theirs:.8g} ({error['pyhessian']:.1e}); "
+            f"PyHessian time / ours {ratio:.2f} at the same tol, {accurate:.2f} at the same "
+            "accuracy"
         )
         out[f"curvature_{family}_{width}"] = {
             "reference": reference,
@@ -117,7 +119,7 @@ def bench_curvature(quick: bool) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- explicit sparse matrices
+# ------------------------------------------------------------------------- explicit sparse matrices
 
 
 def conv_matrix(conv: nn.Conv2d, shape) -> sp.csr_matrix:
@@ -225,8 +227,8 @@ def bench_upper_bound(quick: bool) -> dict:
         ratios.append(ratio)
         errors.append(error)
         print(
-            f"{family}_{width}: bound ours {ours:.8g}, sparse {theirs:.8g} (rel. diff {error:.1e}); "
-            f"sparse time / ours {ratio:.2f}"
+            f"{family}_{width}: bound ours {ours:.8g}, sparse {theirs:.8g} (rel. diff "
+            f"{error:.1e}); sparse time / ours {ratio:.2f}"
         )
         out[f"upper_bound_{family}_{width}"] = {
             "ours": ours,
@@ -306,7 +308,8 @@ def bench_probes(quick: bool) -> dict:
             pairs.append(per_probe_point / ((mid - start) / n))
         out[name] = round(statistics.median(pairs), 3)
         print(
-            f"probe {name}: {len(probe.targets)} points; time per point over the training points' {out[name]:.2f}"
+            f"probe {name}: {len(probe.targets)} points; time per point over the training points' "
+            f"{out[name]:.2f}"
         )
     return {"probe_vs_training_points": max(out.values()), "probes": out}
 

@@ -1,50 +1,58 @@
-"""Jacobian statistics: lipdd.jacobian against upstream's two algorithms, re-implemented here.
+"""Jacobian statistics: lipdd.measures.jacobian against upstream's two algorithms, re-implemented
+here.
 
     .venv/bin/python benchmarks/bench_stats.py [--device cpu|cuda] [--quick]
 
 For cnn5 and resnet18 at widths 16 and 64 (random init, K = 10 classes, CIFAR-shaped 3x32x32 inputs)
 it measures per-sample operator norms of the logit Jacobian, computed by
-  upstream_lowmem   upstream's default: one forward pass, then K backward passes on the retained graph, each
-                with a one-hot cotangent, filling an (N, D, K) Jacobian, then batched power iteration;
-  upstream_bigmem   upstream's --bigmem: the input tiled K times, one backward with an identity cotangent;
-  upstream_frozen   upstream_lowmem with the parameters frozen (upstream calls logits.backward(), so its backward
-                passes also build parameter gradients; this row shows how much of our gain is that);
-  ours          lipdd.measures.per_sample, bigmem=False (the default);
-  ours_bigmem   lipdd.measures.per_sample, bigmem=True.
-Upstream's power iteration: 10 steps from a random start, a sample stops once its estimate changes by
-less than 1e-2 (absolute), and its estimate stays at 0 if the first step is already below that.
+  upstream_lowmem  upstream's default: one forward pass, then K backward passes on the retained
+                   graph, each with a one-hot cotangent, filling an (N, D, K) Jacobian, then
+                   batched power iteration;
+  upstream_bigmem  upstream's --bigmem: the input tiled K times, one backward with an identity
+                   cotangent;
+  upstream_frozen  upstream_lowmem with the parameters frozen (upstream calls logits.backward(),
+                   so its backward passes also build parameter gradients; this row shows how much
+                   of our gain is that);
+  ours             lipdd.measures.per_sample, bigmem=False (the default);
+  ours_bigmem      lipdd.measures.per_sample, bigmem=True.
+Upstream's power iteration: 10 steps from a random start, a sample stops once its estimate changes
+by less than 1e-2 (absolute), and its estimate stays at 0 if the first step is already below that.
 
 On CPU the process first calls lipdd.runtime.retain_freed_memory, as lipdd stats does: every method
 runs with malloc keeping freed memory.
 
-Timing: all methods of a configuration in one process, round-robin, several rounds; each ratio is the
-median over rounds of the per-round ratio, so load from other jobs hits both sides of a ratio alike.
-Peak memory: one more call per method under torch.profiler with profile_memory, which records every
-allocation and free of torch's CPU allocator (oneDNN's buffers go through it too); the peak is the
-largest running sum of those events, i.e. the bytes live at the worst moment of the call beyond those
-live when it started. The profiler sees only its own thread's allocations, so these calls run on one
-thread, and ours (which runs one chunk per thread at once) is charged threads x its one-thread peak. (ru_maxrss in fresh subprocesses was tried first and dropped: under memory
-pressure from other jobs the kernel evicts the child's mapped torch libraries, so the resident size
-before the call fell below the import-time peak and every method showed the same number.)
-On CUDA: torch.cuda.max_memory_allocated minus the memory allocated before the call.
-Accuracy: against float64 singular values of a float64 Jacobian (K plain backward passes on a float64
-copy of the network), for the networks as initialised (operator norms ~1e-3) and with the last layer
-scaled so that the median norm is 10, the size seen on trained networks (the Jacobian scales exactly
-with the last layer). The float64 network can sit in another linear piece than an fp32 forward pass
-(a relu whose input is ~1e-8 from zero), where the Jacobian itself differs, so our estimates are
-compared with the float64 Jacobian of the linear piece our own fp32 pass took (its relu pattern
-recorded and replayed): that isolates the arithmetic of our Jacobian and norm. The comparison with the
-float64 network is printed too. On CUDA the error and speed of precision="tf32" and "bf16" (a CUDA-only
-option of lipdd.jacobian; fp32 is IEEE there too) are printed as well: keep one only within 1e-3.
+Timing: all methods of a configuration in one process, round-robin, several rounds; each ratio is
+the median over rounds of the per-round ratio, so load from other jobs hits both sides of a ratio
+alike. Peak memory: one more call per method under torch.profiler with profile_memory, which records
+every allocation and free of torch's CPU allocator (oneDNN's buffers go through it too); the peak is
+the largest running sum of those events, i.e. the bytes live at the worst moment of the call beyond
+those live when it started. The profiler sees only its own thread's allocations, so these calls run
+on one thread, and ours (which runs one chunk per thread at once) is charged threads x its
+one-thread peak. (ru_maxrss in fresh subprocesses was tried first and dropped: under memory pressure
+from other jobs the kernel evicts the child's mapped torch libraries, so the resident size before
+the call fell below the import-time peak and every method showed the same number.) On CUDA:
+torch.cuda.max_memory_allocated minus the memory allocated before the call. Accuracy: against
+float64 singular values of a float64 Jacobian (K plain backward passes on a float64 copy of the
+network), for the networks as initialised (operator norms ~1e-3) and with the last layer scaled so
+that the median norm is 10, the size seen on trained networks (the Jacobian scales exactly with the
+last layer). The float64 network can sit in another linear piece than an fp32 forward pass (a relu
+whose input is ~1e-8 from zero), where the Jacobian itself differs, so our estimates are compared
+with the float64 Jacobian of the linear piece our own fp32 pass took (its relu pattern recorded and
+replayed): that isolates the arithmetic of our Jacobian and norm. The comparison with the float64
+network is printed too. On CUDA the error and speed of precision="tf32" and "bf16" (a CUDA-only
+option of lipdd.measures.jacobian; fp32 is IEEE there too) are printed as well: keep one only within
+1e-3.
 
 The last line printed is one JSON object: the worst case over configurations of
   vs_upstream_lowmem            samples/s of ours over upstream_lowmem
   vs_upstream_bigmem            samples/s of ours_bigmem over upstream_bigmem
-  peak_mem_vs_upstream_bigmem   peak memory of ours and of ours_bigmem (the larger) over upstream_bigmem
+  peak_mem_vs_upstream_bigmem   peak memory of ours and of ours_bigmem (the larger) over
+  upstream_bigmem
   max_rel_err               max |ours - exact| / exact, both our paths, fp32, same linear piece
 and, for information, max_rel_err_vs_float64_net, vs_upstream_frozen, and upstream estimator's worst
-relative error and count of zero estimates. On CUDA also tf32_/bf16_max_rel_err and _min_speedup, and
-best_chunk_cuda: the lipdd.jacobian.CHUNK["cuda"] fastest on cnn5_64 and resnet18_64 (chunk_sweep).
+relative error and count of zero estimates. On CUDA also tf32_/bf16_max_rel_err and _min_speedup,
+and best_chunk_cuda: the lipdd.measures.jacobian.CHUNK["cuda"] fastest on cnn5_64 and resnet18_64
+(chunk_sweep).
 """
 
 import argparse
@@ -67,11 +75,12 @@ METHODS = ("upstream_lowmem", "upstream_bigmem", "upstream_frozen", "ours", "our
 MEM_METHODS = ("upstream_lowmem", "upstream_bigmem", "ours", "ours_bigmem")
 
 
-# ----------------------------------------------------------------------------- upstream's algorithms
+# ---------------------------------------------------------------------------- upstream's algorithms
 
 
 def upstream_jacobian_lowmem(model, x):
-    """(N, D, K): one forward pass, K backward passes with one-hot cotangents on the retained graph."""
+    """(N, D, K): one forward pass, K backward passes with one-hot cotangents on the retained
+    graph."""
     x = x.clone().requires_grad_(True)
     logits = model(x)
     J = torch.zeros(*x.shape, K, dtype=x.dtype, device=x.device)
@@ -89,7 +98,8 @@ def upstream_jacobian_lowmem(model, x):
 
 
 def upstream_jacobian_bigmem(model, x):
-    """(N, D, K): the input tiled K times, one forward and one backward with an identity cotangent."""
+    """(N, D, K): the input tiled K times, one forward and one backward with an identity
+    cotangent."""
     n = len(x)
     tiled = x.repeat_interleave(K, dim=0).requires_grad_(True)  # sample i, output k at row i*K + k
     logits = model(tiled)
@@ -99,7 +109,8 @@ def upstream_jacobian_bigmem(model, x):
 
 
 def upstream_operator_norm(J, steps=10, atol=1e-2, seed=0):
-    """(N,) batched power iteration on (N, D, K); a sample stops once its estimate moves by < atol."""
+    """(N,) batched power iteration on (N, D, K); a sample stops once its estimate moves by <
+    atol."""
     n = len(J)
     g = torch.Generator(device=J.device).manual_seed(seed)
     sigma = torch.zeros(n, dtype=J.dtype, device=J.device)
@@ -180,9 +191,10 @@ def paired_ratio(slow, fast):
 
 
 class ReluPattern(TorchFunctionMode):
-    """Inside it every relu either records which of its inputs are positive (no masks given) or, given
-    masks recorded before, multiplies its input by the next one: the network restricted to one linear
-    piece. (cnn5 and resnet18 are piecewise linear: convolutions, average pooling, relu, linear.)"""
+    """Inside it every relu either records which of its inputs are positive (no masks given) or,
+    given masks recorded before, multiplies its input by the next one: the network restricted to one
+    linear piece. (cnn5 and resnet18 are piecewise linear: convolutions, average pooling, relu,
+    linear.)"""
 
     RELUS = (F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
 
@@ -199,8 +211,9 @@ class ReluPattern(TorchFunctionMode):
 
 
 def norms64(model, x, masks=None):
-    """(N,) float64 largest singular values of float64 Jacobians (plain autograd, K backward passes),
-    and the relu pattern of that float64 forward pass; on the linear piece `masks` if given."""
+    """(N,) float64 largest singular values of float64 Jacobians (plain autograd, K backward
+    passes), and the relu pattern of that float64 forward pass; on the linear piece `masks` if
+    given."""
     model64 = frozen_copy(model).double()
     x = x.double().requires_grad_(True)
     with ReluPattern(masks) as pattern:
@@ -216,9 +229,9 @@ def norms64(model, x, masks=None):
 
 
 def ours_with_pattern(name, model, x, targets):
-    """Our estimates and the relu pattern of our own forward pass(es), chunks joined along the batch.
-    One thread, so the chunks run one after another where ReluPattern (a thread-local mode) sees them;
-    tests/test_jacobian.py checks that concurrent chunks give the same values."""
+    """Our estimates and the relu pattern of our own forward pass(es), chunks joined along the
+    batch. One thread, so the chunks run one after another where ReluPattern (a thread-local mode)
+    sees them; tests/unit/test_jacobian.py checks that concurrent chunks give the same values."""
     with ReluPattern() as one, torch.no_grad():
         model(x[:1])
     threads = torch.get_num_threads()
@@ -237,13 +250,14 @@ def rel_err(estimate, exact):
 
 
 def accuracy(model, x, targets, upstream_jacobian):
-    """Relative errors of both our paths and of upstream estimator, as initialised and rescaled to ~10.
+    """Relative errors of both our paths and of upstream estimator, as initialised and rescaled to
+    ~10.
 
     Our fp32 estimates are compared with float64 singular values of the float64 Jacobian of the same
-    linear piece as our fp32 forward pass (its relu pattern replayed), which measures the arithmetic of
-    our Jacobian and norm; and, for information, with those of the float64 network, whose relu pattern
-    can differ from any fp32 forward pass in a unit or two whose input is ~1e-8 from zero: the Jacobian
-    then genuinely differs (a 1e-5 input perturbation moves resnet18's by ~1%)."""
+    linear piece as our fp32 forward pass (its relu pattern replayed), which measures the arithmetic
+    of our Jacobian and norm; and, for information, with those of the float64 network, whose relu
+    pattern can differ from any fp32 forward pass in a unit or two whose input is ~1e-8 from zero:
+    the Jacobian then genuinely differs (a 1e-5 input perturbation moves resnet18's by ~1%)."""
     net, net_masks = norms64(model, x)
     scale = 10 / net.median().item()
     scaled = copy.deepcopy(model)
@@ -274,7 +288,8 @@ def accuracy(model, x, targets, upstream_jacobian):
 
 
 def reduced_precision(model, x, targets, device):
-    """CUDA only: {precision: (max relative error against the float64 network, speed-up over fp32)}."""
+    """CUDA only: {precision: (max relative error against the float64 network, speed-up over
+    fp32)}."""
     net = norms64(model, x)[0]
     out, fp32_seconds = {}, None
     for precision in ("fp32", "tf32", "bf16"):
@@ -290,8 +305,9 @@ def reduced_precision(model, x, targets, device):
 
 
 def chunk_sweep(device, sizes=(64, 128, 256, 512, 1024), n=1024, rounds=3):
-    """CUDA only: samples/s of ours for each lipdd.jacobian.CHUNK["cuda"], on the widest networks;
-    returns the chunk whose worst speed over the networks, relative to each network's best, is highest."""
+    """CUDA only: samples/s of ours for each lipdd.measures.jacobian.CHUNK["cuda"], on the widest
+    networks; returns the chunk whose worst speed over the networks, relative to each network's
+    best, is highest."""
     from lipdd.measures import jacobian
 
     saved, speeds = jacobian.CHUNK["cuda"], {}
@@ -332,9 +348,10 @@ def peak_memory(name, models, x, targets, device):
         return torch.cuda.max_memory_allocated() - before
     # Every allocation and free of torch's CPU allocator (oneDNN's buffers included: PyTorch hands
     # oneDNN that allocator), in time order; the peak is the largest running sum. The profiler sees
-    # the allocations of its own thread only (pytorch/pytorch#192290), so the call runs on one thread;
-    # with T threads ours runs up to T chunks at once, so its figure is T times the one-thread peak,
-    # a bound (the one-thread peak also holds the finished chunks' results, which are not repeated).
+    # the allocations of its own thread only (pytorch/pytorch#192290), so the call runs on one
+    # thread; with T threads ours runs up to T chunks at once, so its figure is T times the
+    # one-thread peak, a bound (the one-thread peak also holds the finished chunks' results, which
+    # are not repeated).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -372,7 +389,8 @@ def main():
 
         retain_freed_memory()
     print(
-        f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, K={K}, input {SHAPE}"
+        f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, K={K}, "
+        f"input {SHAPE}"
     )
     header = (
         f"{'model':12} {'N':>3} "
@@ -426,26 +444,32 @@ def main():
         )
 
     print(
-        "\nmax relative error of the operator norm against float64 singular values: ours against the float64"
+        "\n"
+        "max relative error of the operator norm against float64 singular values: ours against "
+        "the float64"
     )
     print(
-        "Jacobian of the same linear piece (relu pattern) as our fp32 forward pass, and against the float64"
+        "Jacobian of the same linear piece (relu pattern) as our fp32 forward pass, and against "
+        "the float64"
     )
     print(
-        "network, beside the number of samples whose fp32 relu pattern differs from the float64 network's;"
+        "network, beside the number of samples whose fp32 relu pattern differs from the float64 "
+        "network's;"
     )
     print(
-        "upstream's estimator (on its own fp32 Jacobian) against the float64 network, and its estimates of 0"
+        "upstream's estimator (on its own fp32 Jacobian) against the float64 network, and its "
+        "estimates of 0"
     )
     print(
-        f"{'model':12} {'weights':8} {'median':>9} {'ours':>9} {'ours/net':>9} {'other pc':>8} {'upstream':>9} "
-        f"{'upstream 0s':>11}"
+        f"{'model':12} {'weights':8} {'median':>9} {'ours':>9} {'ours/net':>9} {'other pc':>8} "
+        f"{'upstream':>9} {'upstream 0s':>11}"
     )
     for name, by_scale in errs.items():
         for label, e in by_scale.items():
             print(
-                f"{name:12} {label:8} {e['median_norm']:>9.3g} {e['ours']:>9.1e} {e['ours_net']:>9.1e} "
-                f"{e['other_piece']:>8} {e['upstream']:>9.1e} {e['upstream_zeros']:>7}"
+                f"{name:12} {label:8} {e['median_norm']:>9.3g} {e['ours']:>9.1e} "
+                f"{e['ours_net']:>9.1e} {e['other_piece']:>8} {e['upstream']:>9.1e} "
+                f"{e['upstream_zeros']:>7}"
             )
 
     if reduced:

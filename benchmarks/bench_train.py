@@ -4,34 +4,36 @@
 
 1. Images/s of training steps (SGD, momentum 0.9, batch 128, augmentation on) on CIFAR-shaped data
    (random uint8 3x32x32 images, 10 classes), for cnn5 width 4 (input-bound) and resnet18 width 64:
-     seed          a torchvision Dataset of PIL images, RandomCrop(32, padding=4), RandomHorizontalFlip,
-                   ToTensor, Normalize; a shuffling DataLoader; a plain loop. num_workers=0: on 2 cores
-                   worker processes only compete with the training (they were slower when measured).
-     ours          lipdd.train.train_epoch, the loop lipdd.train runs, over a lipdd.data.Loader: data
-                   resident on the device, a seeded permutation, lipdd.data.loader.random_crop_flip (one gather)
-                   and normalize on the whole batch, channels-last model and batches (where
-                   lipdd.runtime.channels_last allows), in-place ReLUs, one host sync per epoch.
-     ours_compiled the same with the network under torch.compile (lipdd train --compile); the one-off
-                   compile happens in the warm-up round and is not timed.
-   On CPU the process first calls lipdd.runtime.retain_freed_memory, as lipdd train does: the upstream runs
-   with malloc keeping freed memory too.
-   Each ratio is the median over rounds of the per-round ratio; methods alternate within a round.
-2. Evaluation: lipdd.train.evaluate over a Loader (batches of 1,024) against a seed-style evaluation
-   (DataLoader of PIL images, ToTensor, Normalize, batches of 128, no_grad).
+     upstream      a torchvision Dataset of PIL images, RandomCrop(32, padding=4),
+                   RandomHorizontalFlip, ToTensor, Normalize; a shuffling DataLoader; a plain
+                   loop. num_workers=0: on 2 cores worker processes only compete with the
+                   training (they were slower when measured).
+     ours          lipdd.train.train_epoch, the loop lipdd.train runs, over a lipdd.data.Loader:
+                   data resident on the device, a seeded permutation,
+                   lipdd.data.loader.random_crop_flip (one gather) and normalize on the whole
+                   batch, channels-last model and batches (where lipdd.runtime.channels_last
+                   allows), in-place ReLUs, one host sync per epoch.
+     ours_compiled the same with the network under torch.compile (lipdd train --compile); the
+                   one-off compile happens in the warm-up round and is not timed.
+   On CPU the process first calls lipdd.runtime.retain_freed_memory, as lipdd train does: the
+   upstream runs with malloc keeping freed memory too. Each ratio is the median over rounds of the
+   per-round ratio; methods alternate within a round.
+2. Evaluation: lipdd.train.evaluate over a Loader (batches of 1,024) against an upstream-style
+   evaluation (DataLoader of PIL images, ToTensor, Normalize, batches of 128, no_grad).
 3. MLflow logging overhead on the embedded default: lipdd.train.train with params.yaml as it stands
-   (digits, cnn5 width 8, 1,000 epochs, 1 thread) into a temporary SQLite store. Everything the trainer
-   spends in lipdd.tracking.BackgroundLogger is timed: starting the sender process, each log
-   (buffering, and pickling every 100 rows down the pipe), each flush (which waits until the sender has
-   written everything: at the end of the training) and the close. Checkpoints are saved by the trainer
-   and uploaded by the sender; saving one is the checkpoint's cost, not logging's, and is not timed
-   (it was not before the sender took the uploads either). The sender writes in parallel on the core
-   the 1-thread trainer leaves free; a trainer that uses every core shares them with the sender.
-   Timing the calls measures what logging adds without the noise of differencing two timings on a
-   shared machine. (The README's Performance section keeps the history of this figure.)
+   (digits, cnn5 width 8, 1,000 epochs, 1 thread) into a temporary SQLite store. Everything the
+   trainer spends in lipdd.tracking.BackgroundLogger is timed: starting the sender process, each log
+   (buffering, and pickling every 100 rows down the pipe), each flush (which waits until the sender
+   has written everything: at the end of the training) and the close. Checkpoints are saved by the
+   trainer and uploaded by the sender; saving one is the checkpoint's cost, not logging's, and is
+   not timed (it was not before the sender took the uploads either). The sender writes in parallel
+   on the core the 1-thread trainer leaves free; a trainer that uses every core shares them with the
+   sender. Timing the calls measures what logging adds without the noise of differencing two timings
+   on a shared machine.
 
-The last line is one JSON object: vs_upstream_pipeline_cnn5_4 and vs_upstream_pipeline_resnet18_64 (lipdd as
-configured by default over upstream; the _compiled keys with --compile), logging_overhead and
-eval_vs_upstream_cnn5_4.
+The last line is one JSON object: vs_upstream_pipeline_cnn5_4 and vs_upstream_pipeline_resnet18_64
+(lipdd as configured by default over upstream; the _compiled keys with --compile), logging_overhead
+and eval_vs_upstream_cnn5_4.
 """
 
 import argparse
@@ -148,7 +150,8 @@ def sync(device):
 
 
 def throughput(trainers, batches, rounds, device):
-    """{name: [images/s per round]}, trainers alternating within each round, after a one-batch warm-up."""
+    """{name: [images/s per round]}, trainers alternating within each round, after a one-batch
+    warm-up."""
     for t in trainers.values():
         t.run(1, device)
     out = {name: [] for name in trainers}
@@ -226,18 +229,20 @@ def bench_pipelines(args, device):
             times[name].append(len(split.labels) / (time.perf_counter() - start))
     ratios["eval_cnn5_4"] = paired(times["ours"], times["upstream"])
     print(
-        f"evaluation, cnn5_4: upstream {statistics.median(times['upstream']):.0f} img/s, lipdd.train.evaluate "
-        f"{statistics.median(times['ours']):.0f} img/s, ratio {ratios['eval_cnn5_4']:.2f}"
+        f"evaluation, cnn5_4: upstream {statistics.median(times['upstream']):.0f} img/s, "
+        f"lipdd.train.evaluate {statistics.median(times['ours']):.0f} img/s, ratio "
+        f"{ratios['eval_cnn5_4']:.2f}"
     )
     return ratios
 
 
-# ----------------------------------------------------------------------------- MLflow logging overhead
+# -------------------------------------------------------------------------- MLflow logging overhead
 
 
 class TimedLogger(tracking.BackgroundLogger):
-    """The logger lipdd.train.train uses, adding up the wall time the trainer spends in its calls (the
-    outermost ones only: log sends and close flushes), from starting its sender to closing it."""
+    """The logger lipdd.train.train uses, adding up the wall time the trainer spends in its calls
+    (the outermost ones only: log sends and close flushes), from starting its sender to closing it.
+    """
 
     seconds, depth = 0.0, 0
 
@@ -295,12 +300,14 @@ def bench_logging(args, device):
     inside = TimedLogger.seconds
     overhead = inside / (total - inside)
     print(
-        f"\nMLflow metric logging in lipdd.train.train, embedded default ({cfg.model}_{cfg.width} on {cfg.data}, "
-        f"{cfg.epochs} epochs, {cfg.workers} thread), SQLite store"
+        "\n"
+        f"MLflow metric logging in lipdd.train.train, embedded default ({cfg.model}_{cfg.width} "
+        f"on {cfg.data}, {cfg.epochs} epochs, {cfg.workers} thread), SQLite store"
     )
     print(f"{'metrics':>8} {'train s':>8} {'in logger s':>12} {'per metric':>11} {'overhead':>9}")
     print(
-        f"{logged:>8} {total:>8.2f} {inside:>12.3f} {inside / logged * 1e6:>9.0f}us {overhead:>9.2%}"
+        f"{logged:>8} {total:>8.2f} {inside:>12.3f} {inside / logged * 1e6:>9.0f}us "
+        f"{overhead:>9.2%}"
     )
     return overhead
 

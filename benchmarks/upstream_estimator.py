@@ -4,7 +4,7 @@ operator norm; and how far lipdd's is.
 On a trained run's training points (default: the pipeline's run, results/train/run.json, at its
 first and last checkpoints) it computes, per sample:
 - the reference: the largest singular value of the float64 Jacobian, by SVD;
-- lipdd's value (lipdd.jacobian, the path `lipdd stats` takes);
+- lipdd's value (lipdd.measures.jacobian, the path `lipdd stats` takes);
 - upstream's estimate as its core/metric_helpers.py computes it: the Jacobian stored as an
   (N, C, H, W, K) tensor (output k at index -k), then viewed as (N, C*H*W*K / H, H) before 10 power
   iterations from a random vector that stop, per sample, once the estimate moves by less than 0.01
@@ -124,12 +124,14 @@ def main():
             "upstream_bigmem": summary(bigmem, exact),
         }
         print(
-            f"epoch {epoch}: median norm {row['median_norm']:.4g}; relative error median [min, max]:"
+            f"epoch {epoch}: median norm {row['median_norm']:.4g}; relative error median [min, "
+            "max]:"
         )
         for name in ("lipdd", "upstream", "upstream_bigmem"):
             s = row[name]
             print(
-                f"  {name:12} {s['median']:+.3g} [{s['min']:+.3g}, {s['max']:+.3g}], {s['zeros']} zeros"
+                f"  {name:12} {s['median']:+.3g} [{s['min']:+.3g}, {s['max']:+.3g}], {s['zeros']} "
+                "zeros"
             )
         out[f"epoch_{epoch}"] = row
     print(json.dumps(out))

@@ -1,10 +1,10 @@
-"""Screenshots of the MLflow UI as a researcher opens it, for the README: the experiment page, a run
-page, three runs compared, and the chart view. Serves a store with `mlflow server` on loopback and
-photographs each page with headless Chromium (Debian's `chromium` package).
+"""Screenshots of the MLflow UI as a researcher opens it, for docs/mlflow.md: the experiment page, a
+run page, three runs compared, and the chart view. Serves a store with `mlflow server` on loopback
+and photographs each page with headless Chromium (Debian's `chromium` package).
 
     .venv/bin/python docs/screenshots.py [--store sqlite:///mlflow.db] [--out docs]
 
-The store needs finished training runs (a sweep: README, "Reproduce it on the bundled digits").
+The store needs finished training runs (a sweep: docs/results.md).
 """
 
 from __future__ import annotations
@@ -33,9 +33,24 @@ def free_port() -> int:
 
 
 def serve(store: str, port: int) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            store,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(120):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
@@ -52,10 +67,19 @@ def urls(client: MlflowClient, base: str, experiment: str) -> dict[str, str]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"no experiment {experiment!r} in the store")
-    runs = sorted((r for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
-                   if "width" in r.data.params), key=lambda r: int(r.data.params["width"]))
+    runs = sorted(
+        (
+            r
+            for r in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+            if "width" in r.data.params
+        ),
+        key=lambda r: int(r.data.params["width"]),
+    )
     if len(runs) < 3:
-        raise SystemExit(f"experiment {experiment!r} has {len(runs)} finished training runs; the compare page needs 3")
+        raise SystemExit(
+            f"experiment {experiment!r} has {len(runs)} finished training runs; the compare page "
+            "needs 3"
+        )
     chosen = [runs[0], runs[len(runs) // 2], runs[-1]]
     ids = urllib.parse.quote(json.dumps([r.info.run_id for r in chosen]))
     home = f"{base}/#/experiments/{exp.experiment_id}"
@@ -63,16 +87,33 @@ def urls(client: MlflowClient, base: str, experiment: str) -> dict[str, str]:
     # once (kept in its local storage); a fresh profile has not, and the URL says it instead.
     training = "workflowType=machine_learning"
     experiments = urllib.parse.quote(json.dumps([exp.experiment_id]))
-    return {"experiment": f"{home}/runs?{training}", "run": f"{home}/runs/{runs[-1].info.run_id}?{training}",
-            "compare": f"{base}/#/compare-runs?runs={ids}&experiments={experiments}&{training}",
-            "charts": f"{home}/runs?{training}&compareRunsMode=CHART"}
+    return {
+        "experiment": f"{home}/runs?{training}",
+        "run": f"{home}/runs/{runs[-1].info.run_id}?{training}",
+        "compare": f"{base}/#/compare-runs?runs={ids}&experiments={experiments}&{training}",
+        "charts": f"{home}/runs?{training}&compareRunsMode=CHART",
+    }
 
 
 def photograph(url: str, path: Path, browser: str) -> None:
     with tempfile.TemporaryDirectory() as profile:  # a fresh profile: no columns chosen before
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        f"--user-data-dir={profile}", "--window-size=1600,1000", "--virtual-time-budget=20000",
-                        f"--screenshot={path}", url], check=True, capture_output=True, timeout=180)
+        subprocess.run(
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                "--window-size=1600,1000",
+                "--virtual-time-budget=20000",
+                f"--screenshot={path}",
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
     if not path.exists():
         raise SystemExit(f"chromium wrote no screenshot of {url}")
 

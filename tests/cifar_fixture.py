@@ -1,4 +1,5 @@
-"""Tiny CIFAR-10/100 files in the real on-disk python-pickle format, for tests that must not download.
+"""Tiny CIFAR-10/100 files in the real on-disk python-pickle format, for tests that must not
+download.
 
 The pickles are dicts with byte-string keys, as the originals read with ``encoding="bytes"``:
 ``b"data"`` uint8 (N, 3072) rows holding the R, G, B planes (each 32x32 row-major) one after
@@ -67,7 +68,7 @@ def write_cifar10(root, n_train_per_batch=20, n_test=30, seed=0):
         {b"num_cases_per_batch": n_train_per_batch, b"label_names": names, b"num_vis": 3072},
     )
     return {
-        k: (np.concatenate([d for d, _ in v]), np.concatenate([l for _, l in v]))
+        k: (np.concatenate([d for d, _ in v]), np.concatenate([labels for _, labels in v]))
         for k, v in parts.items()
     }
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh working directory with its own real MLflow store."""
+"""Shared fixtures: a fresh working directory with its own real MLflow store, and a tiny trained run
+to measure."""
 
 import getpass
 import os
@@ -16,7 +17,8 @@ os.environ.setdefault(
     os.path.join(
         tempfile.gettempdir(),
         f"torchinductor_{getpass.getuser()}",
-        f"aten-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}-onednn-{os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}",
+        f"aten-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"
+        f"-onednn-{os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')}",
     ),
 )
 
@@ -38,3 +40,37 @@ def workdir(tmp_path, monkeypatch, empty_store):
         monkeypatch.delenv(var, raising=False)
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     return tmp_path
+
+
+# The tiny training most measure tests start from: cnn5 width 2 on digits, checkpoints at epochs 0
+# and 2.
+TINY_RUN = dict(
+    width=2, label_seed=0, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[0], device="cpu"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_once(tmp_path_factory, empty_store):
+    """TINY_RUN trained once per worker, in a project folder of its own."""
+    from lipdd import config, train
+
+    project = tmp_path_factory.mktemp("tiny_run")
+    shutil.copy(empty_store, project / "mlflow.db")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME"):
+            mp.delenv(var, raising=False)
+        run_id = train.train(config.build(TINY_RUN, environ={}))
+    return project, run_id
+
+
+@pytest.fixture
+def tiny_run(tiny_run_once, workdir):
+    """The id of TINY_RUN, its store and prepared data copied into this test's working directory.
+    Its artifacts stay in the session's folder (the store names them there): a test may add to them
+    (stats tables), never rely on what another test added."""
+    project, run_id = tiny_run_once
+    shutil.copytree(
+        project, workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("mlartifacts")
+    )
+    return run_id

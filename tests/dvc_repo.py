@@ -73,13 +73,17 @@ class Repo:
         if check and proc.returncode != 0:
             pytest.fail(
                 f"`{' '.join(cmd)}` exited with status {proc.returncode}\n"
-                f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}",
+                "--- stdout ---\n"
+                f"{proc.stdout}\n"
+                "--- stderr ---\n"
+                f"{proc.stderr}",
                 pytrace=False,
             )
         return proc
 
     def finish_queue(self, timeout: float = 300) -> None:
-        """Waits until no queued experiment is queued or running; fails with the log of one that failed."""
+        """Waits until no queued experiment is queued or running; fails with the log of one that
+        failed."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             status = self.run("dvc", "queue", "status").stdout
@@ -100,7 +104,8 @@ class Repo:
         return client.search_runs(ids, order_by=["attributes.start_time ASC"]) if ids else []
 
     def training_runs(self):
-        """The runs of `lipdd train`: all but those of the report stage (tagged lipdd.kind=report)."""
+        """The runs of `lipdd train`: all but those of the report stage (tagged
+        lipdd.kind=report)."""
         return [r for r in self.runs() if r.data.tags.get(KIND) != "report"]
 
     def params(self) -> dict:

@@ -64,7 +64,8 @@ class MlflowServer:
                 if self.proc.poll() is not None or time.time() > deadline:
                     self.stop()
                     raise RuntimeError(
-                        f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}"
+                        "mlflow server did not start:\n"
+                        f"{(self.root / 'server.log').read_text()[-3000:]}"
                     )
                 time.sleep(0.3)
 

@@ -26,14 +26,18 @@ GROUPS = {
     "report": ("data", "model", "run"),
 }
 DESCRIPTIONS = {
-    "report": "Figures and tables across the finished runs of one data / model / label-noise setting, "
-    "by width and by epoch; logged to a report run.",
-    "export-checkpoints": "Write a run's checkpoints as upstream's train.py does, to SAVE_DIR/NAME/MODEL/DATA/SETTING/"
-    "[noise-N-]seed-S/checkpoints.zip (checkpoints/ with --raw-checkpoints).",
-    "import-checkpoints": "Turn the upstream run these flags name (its checkpoints.zip or checkpoints/) into a finished "
-    "MLflow run with its params, checkpoints and an evaluation per checkpoint.",
-    "prepare": "Turn a dataset into the prepared format: uint8 arrays, clean and noisy labels, splits, meta.json.",
-    "train": "Train one network; log params, per-batch loss, evaluations and checkpoints to one MLflow run.",
+    "report": "Figures and tables across the finished runs of one data / model / label-noise "
+    "setting, by width and by epoch; logged to a report run.",
+    "export-checkpoints": "Write a run's checkpoints as upstream's train.py does, to "
+    "SAVE_DIR/NAME/MODEL/DATA/SETTING/[noise-N-]seed-S/checkpoints.zip (checkpoints/ with "
+    "--raw-checkpoints).",
+    "import-checkpoints": "Turn the upstream run these flags name (its checkpoints.zip or "
+    "checkpoints/) into a finished MLflow run with its params, checkpoints and an evaluation per "
+    "checkpoint.",
+    "prepare": "Turn a dataset into the prepared format: uint8 arrays, clean and noisy labels, "
+    "splits, meta.json.",
+    "train": "Train one network; log params, per-batch loss, evaluations and checkpoints to one "
+    "MLflow run.",
     "stats": "Compute per-sample statistics (Jacobian operator norm, ...) of a run's checkpoints.",
 }
 
@@ -132,7 +136,8 @@ def registries() -> dict[str, tuple[str, ...]]:
 
 def setup_logging(cfg: Config) -> None:
     """Upstream's --log-level and --logfile: Python's logging at that level, to stderr and, with a
-    log file, to that file in the run's upstream layout directory; neither given, nothing changes."""
+    log file, to that file in the run's upstream layout directory; neither given, nothing changes.
+    """
     if cfg.log_level is None and cfg.logfile is None:
         return
     handlers = [logging.StreamHandler()]
@@ -155,8 +160,8 @@ def cmd_prepare(cfg: Config) -> None:
         cfg.label_seed = draw_label_seed()
     meta = prepare_for(cfg)
     print(
-        f"prepared {cfg.data} in {cfg.prepared_path}: {meta['splits']}, "
-        f"{meta['n_corrupted']} corrupted training labels"
+        f"prepared {cfg.data} in {cfg.prepared_path}: {meta['splits']}, {meta['n_corrupted']} "
+        "corrupted training labels"
     )
 
 

@@ -80,23 +80,23 @@ class StatsConfig:
     dataset_split: str = opt("train", "split the samples come from", "stats", choices=SPLITS)
     num_samples: int | None = opt(
         None,
-        "how many samples, from position SKIP on, a multiple of batch_size "
-        "(default: the rest of the split)",
+        "how many samples, from position SKIP on, a multiple of batch_size (default: the rest of "
+        "the split)",
         "stats",
         kind=int,
     )
     batch_size: int = opt(100, "samples per batch (one result file per shard)", "stats")
     skip: int | None = opt(
         None,
-        "start at sample SKIP of the split, a multiple of batch_size (manual data "
-        "parallelism); given, the result files are named -id-SKIP/BATCH_SIZE",
+        "start at sample SKIP of the split, a multiple of batch_size (manual data parallelism); "
+        "given, the result files are named -id-SKIP/BATCH_SIZE",
         "stats",
         kind=int,
     )
     mc_sample_seed: int = opt(
         4321,
-        "recorded only, as in upstream, whose stats loader never shuffles: the "
-        "samples are the split's, in order",
+        "recorded only, as in upstream, whose stats loader never shuffles: the samples are the "
+        "split's, in order",
         "stats",
     )
     checkpoint: list[int] | None = opt(
@@ -137,7 +137,7 @@ class StatsConfig:
     probes: list[str] = opt(
         [],
         "probe sets the per-sample measures are also evaluated on, off the training points "
-        "(lipdd.probes.PROBES)",
+        "(lipdd.measures.probes.PROBES)",
         "stats",
         choices="probes",
         kind=str,
@@ -185,15 +185,15 @@ class StatsConfig:
     )
     run_id: str | None = opt(
         None,
-        "MLflow run to analyse (default: results/train/run.json, else the "
-        "latest finished run matching the identifying flags)",
+        "MLflow run to analyse (default: results/train/run.json, else the latest finished run "
+        "matching the identifying flags)",
         "stats",
         kind=str,
     )
     merge: bool = opt(
         False,
-        "compute nothing; join the shard files of --skip runs in the output directory "
-        "into the file one run would have written",
+        "compute nothing; join the shard files of --skip runs in the output directory into the "
+        "file one run would have written",
         "stats",
     )
 
@@ -242,10 +242,10 @@ class Config:
     data_split_seed: int = opt(42, "seed of the train/validation split", "data", role="identity")
     random_dataset: str | None = opt(
         None,
-        "upstream's random data in place of the images: uniform (within the "
-        "per-channel mean +- std) / normal (that mean and std) / hypersphere (each "
-        "channel in the unit ball) images with random labels, drawn with seed 1234; "
-        "jitter: the real images, thresholded after normalisation",
+        "upstream's random data in place of the images: uniform (within the per-channel mean +- "
+        "std) / normal (that mean and std) / hypersphere (each channel in the unit ball) images "
+        "with random labels, drawn with seed 1234; jitter: the real images, thresholded after "
+        "normalisation",
         "data",
         choices=RANDOM_DATASETS,
         kind=str,
@@ -253,8 +253,8 @@ class Config:
     )
     input_stats: str = opt(
         "fixed",
-        "per-channel mean/std inputs are normalised with: fixed (upstream's CIFAR "
-        "constants; digits: its whole training set's) or split (the prepared training split's)",
+        "per-channel mean/std inputs are normalised with: fixed (upstream's CIFAR constants; "
+        "digits: its whole training set's) or split (the prepared training split's)",
         "data",
         choices=INPUT_STATS,
     )
@@ -270,8 +270,8 @@ class Config:
     )
     model_additions: list[str] = opt(
         [],
-        "extra layers: batch_norm after every convolution; dropout (rate "
-        "--dropout) on the pooled features before the last linear layer",
+        "extra layers: batch_norm after every convolution; dropout (rate --dropout) on the pooled "
+        "features before the last linear layer",
         "model",
         choices=MODEL_ADDITIONS,
         kind=str,
@@ -326,8 +326,8 @@ class Config:
     loss_checkpoint: int = opt(1, "log the training loss every N batches", "train")
     resume_from: str | None = opt(
         None,
-        "MLflow run id whose last checkpoint training continues from; a number "
-        "is upstream's global step of the last checkpoint of this training's interrupted run",
+        "MLflow run id whose last checkpoint training continues from; a number is upstream's "
+        "global step of the last checkpoint of this training's interrupted run",
         "train",
         kind=str,
         role="place",
@@ -339,30 +339,30 @@ class Config:
     device: str = opt("auto", "cpu | cuda | cuda:N | auto (env DEVICE)", "run", role="place")
     runs_per_gpu: int = opt(
         1,
-        "processes that share one GPU: each `cuda` (or `auto`) training or stats process "
-        "leases a GPU slot for its life, waiting while all are taken",
+        "processes that share one GPU: each `cuda` (or `auto`) training or stats process leases a "
+        "GPU slot for its life, waiting while all are taken",
         "run",
         role="place",
     )
     workers: int = opt(
         1,
-        "CPU threads for the math (env WORKERS): training splits each op over them, stats "
-        "runs that many 32-sample chunks at once; data is device-resident, so no loader workers",
+        "CPU threads for the math (env WORKERS): training splits each op over them, stats runs "
+        "that many 32-sample chunks at once; data is device-resident, so no loader workers",
         "run",
         role="place",
     )
     compile: bool = opt(
         False,
-        "torch.compile the network for training: a one-off compile (needs a C++ "
-        "compiler on CPU), then fused kernels; measure it on a short run first (README, Performance)",
+        "torch.compile the network for training: a one-off compile (needs a C++ compiler on CPU), "
+        "then fused kernels; measure it on a short run first (docs/performance.md)",
         "run",
         role="place",
     )
     name: str = opt("lipdd", "MLflow experiment name (env NAME)", "run", role="place")
     log_level: str | None = opt(
         None,
-        "level of Python's logging (lipdd, MLflow, torch): debug | info | warning | "
-        "error | critical (default: each library's own)",
+        "level of Python's logging (lipdd, MLflow, torch): debug | info | warning | error | "
+        "critical (default: each library's own)",
         "run",
         choices=LOG_LEVELS,
         kind=str,
@@ -384,8 +384,8 @@ class Config:
     )
     raw_checkpoints: bool = opt(
         False,
-        "export-checkpoints writes a checkpoints/ folder, not checkpoints.zip "
-        "(upstream's flag takes a value: --raw-checkpoints=1)",
+        "export-checkpoints writes a checkpoints/ folder, not checkpoints.zip (upstream's flag "
+        "takes a value: --raw-checkpoints=1)",
         "run",
         role="place",
     )
@@ -394,25 +394,24 @@ class Config:
     )
     tracking_uri: str | None = opt(
         None,
-        "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else "
-        "sqlite:///<project root>/mlflow.db)",
+        "MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else sqlite:///<project "
+        "root>/mlflow.db)",
         "run",
         kind=str,
         role="place",
     )
     tracking_outage_limit: float = opt(
         86400.0,
-        "seconds a training goes on while the tracking server is "
-        "unreachable, its metrics and checkpoints kept on disk and written once the "
-        "server is back; past it the training stops, to be resumed",
+        "seconds a training goes on while the tracking server is unreachable, its metrics and "
+        "checkpoints kept on disk and written once the server is back; past it the training "
+        "stops, to be resumed",
         "run",
         role="place",
     )
     system_metrics: bool = opt(
         True,
-        "log the training's CPU, memory, disk and network use (GPU with nvidia-ml-py) "
-        "as MLflow's system/ metrics, sampled every 10 s (env "
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)",
+        "log the training's CPU, memory, disk and network use (GPU with nvidia-ml-py) as MLflow's "
+        "system/ metrics, sampled every 10 s (env MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)",
         "run",
         role="place",
     )
@@ -448,10 +447,12 @@ def parse_model_name(name: str, width: int | None = None) -> tuple[str, int]:
     if family not in MODEL_FAMILIES:
         raise ConfigError(f"model: unknown model {name!r}; {allowed}")
     if sep:
-        # isascii+isdigit rejects '+8', ' 8', '1_6' and non-ASCII digits, all of which int() would accept
+        # isascii+isdigit rejects '+8', ' 8', '1_6' and non-ASCII digits, all of which int() would
+        # accept
         if not (suffix.isascii() and suffix.isdigit()):
             raise ConfigError(
-                f"model: {name!r} has unparsable width {suffix!r}; expected <family>_<width>, {allowed}"
+                f"model: {name!r} has unparsable width {suffix!r}; expected <family>_<width>, "
+                f"{allowed}"
             )
         named = int(suffix)
         if width is not None and width != named:
@@ -710,7 +711,10 @@ def validate(cfg: Config, registries: dict[str, tuple[str, ...]] | None = None) 
         )
     s = cfg.stats
     if s.skip is not None:
-        why = f"a multiple of stats.batch_size={s.batch_size} (the result file's id is skip / batch_size)"
+        why = (
+            f"a multiple of stats.batch_size={s.batch_size} (the result file's id is skip / "
+            "batch_size)"
+        )
         _check(s.skip >= 0 and s.skip % s.batch_size == 0, "stats.skip", s.skip, why)
     if s.num_samples is not None:
         why = f"a positive multiple of stats.batch_size={s.batch_size}"

@@ -101,7 +101,8 @@ def on_rank0(fn, *args):
 
 
 class _Nothing:
-    """Stands in for rank 0's objects on the other ranks: every method does nothing, returns None."""
+    """Stands in for rank 0's objects on the other ranks: every method does nothing, returns
+    None."""
 
     def __getattr__(self, name):
         return lambda *args, **kwargs: None

@@ -26,11 +26,11 @@ _LEASES: list[int] = []  # file descriptors of the slots this process holds, ope
 def lease_gpu(
     gpus: list[str], runs_per_gpu: int, directory: Path | None = None, poll: float = 1.0
 ) -> int:
-    """Index in `gpus` of a GPU this process now holds one of `runs_per_gpu` slots of, for the rest of
-    its life; waits while every slot is taken. A slot is an flock on a file named after the GPU in a
-    directory every process of the host shares (lease_directory): the kernel releases it when its
-    holder exits, however it exits (SIGKILL included), so no lease outlives its process and no stale
-    file needs cleaning. First slots fill before second ones: runs spread over the GPUs."""
+    """Index in `gpus` of a GPU this process now holds one of `runs_per_gpu` slots of, for the rest
+    of its life; waits while every slot is taken. A slot is an flock on a file named after the GPU
+    in a directory every process of the host shares (lease_directory): the kernel releases it when
+    its holder exits, however it exits (SIGKILL included), so no lease outlives its process and no
+    stale file needs cleaning. First slots fill before second ones: runs spread over the GPUs."""
     directory = directory or lease_directory()
     if not directory.is_dir():
         directory.mkdir(parents=True, exist_ok=True)
@@ -53,8 +53,8 @@ def lease_gpu(
                 return index
         if not waiting:
             print(
-                f"waiting for a GPU: all {len(gpus)} visible hold runs_per_gpu={runs_per_gpu} processes "
-                f"(leases in {directory})",
+                f"waiting for a GPU: all {len(gpus)} visible hold runs_per_gpu={runs_per_gpu} "
+                f"processes (leases in {directory})",
                 file=sys.stderr,
             )
             waiting = True

@@ -1,12 +1,14 @@
-"""Width-parameterised model families: the 5-layer CNN of Nakkiran et al. (2019) and CIFAR-style ResNets.
+"""Width-parameterised model families: the 5-layer CNN of Nakkiran et al. (2019) and CIFAR-style
+ResNets.
 
 Width k scales every layer's channel count (k, 2k, 4k, 8k); k = 64 gives the standard networks.
-ReLUs run in place on tensors nothing else reads (a conv's or batch norm's output, whose backward needs
-only its input): fewer memory passes on CPU, and autograd accepts it.
+ReLUs run in place on tensors nothing else reads (a conv's or batch norm's output, whose backward
+needs only its input): fewer memory passes on CPU, and autograd accepts it.
 
 Each network describes its own linear pieces for the Lipschitz upper bound (`linear_pieces`, read by
 lipdd.measures.lipschitz): ("chain", name, layers), linear layers with nn.ReLU() between the maps,
-and ("residual", name, shortcut or None, first, second) for relu(second(relu(first(x))) + shortcut(x)).
+and ("residual", name, shortcut or None, first, second) for relu(second(relu(first(x))) +
+shortcut(x)).
 """
 
 import math
@@ -148,10 +150,10 @@ def _init_nkaiming(model):
 
 
 # Fixup (Zhang et al. 2019) as upstream initialises it: the first conv of each residual branch is
-# normal with the Kaiming fan_out std times L^-0.5 (L: the number of blocks); under "fixup" the second
-# conv and the linear layer start at zero, so each block starts as its shortcut and the output is 0;
-# "mfixup" (modified) draws them normal with std 1e-6 instead, so the network starts non-degenerate.
-# Every other layer keeps PyTorch's default initialisation; no extra parameters.
+# normal with the Kaiming fan_out std times L^-0.5 (L: the number of blocks); under "fixup" the
+# second conv and the linear layer start at zero, so each block starts as its shortcut and the
+# output is 0; "mfixup" (modified) draws them normal with std 1e-6 instead, so the network starts
+# non-degenerate. Every other layer keeps PyTorch's default initialisation; no extra parameters.
 def _init_fixup(model, modified):
     blocks = [m for m in model.modules() if isinstance(m, BasicBlock)]
     for m in model.modules():

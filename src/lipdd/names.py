@@ -22,7 +22,8 @@ BATCH_LOSS = "batch_loss"
 EPOCH_LOSS = "epoch_loss"
 LR = "lr"
 EVALUATED = ("loss", "accuracy", "error")
-# accuracy on the corrupted training samples against their noisy labels: how much noise was memorised
+# accuracy on the corrupted training samples against their noisy labels: how much noise was
+# memorised
 NOISE = ("train_corrupted_accuracy", "train_clean_accuracy")
 
 
@@ -72,8 +73,8 @@ def summary_key(split: str, stat_name: str, summary: str) -> str:
 
 
 def probe_key(probe: str, stat_name: str, summary: str) -> str:
-    """The MLflow metric of one summary of one statistic on one probe set (lipdd.probes), e.g.
-    probe_between_jacobian_operator_norm_none_mean."""
+    """The MLflow metric of one summary of one statistic on one probe set (lipdd.measures.probes),
+    e.g. probe_between_jacobian_operator_norm_none_mean."""
     return f"probe_{probe}_{stat_name}_{summary}"
 
 

@@ -191,8 +191,8 @@ def resume_checkpoint(client, run_id: str, cfg: Config, dataset_hash: str) -> st
     key = differing_param(run.data.params, cfg)
     if key is not None:
         raise ConfigError(
-            f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this "
-            f"training asks for {str(getattr(cfg, key))!r}; resume with the run's parameters"
+            f"resume_from: run {run_id} has {key}={run.data.params.get(key)!r} but this training "
+            f"asks for {str(getattr(cfg, key))!r}; resume with the run's parameters"
         )
     if run.data.tags.get("dataset_hash", dataset_hash) != dataset_hash:
         raise ConfigError(
@@ -202,8 +202,8 @@ def resume_checkpoint(client, run_id: str, cfg: Config, dataset_hash: str) -> st
         )
     if "imported_from" in run.data.tags:
         raise ConfigError(
-            f"resume_from: run {run_id} was imported from upstream's files, whose checkpoints do not "
-            "hold the batch order and augmentation state to continue exactly; train a new run"
+            f"resume_from: run {run_id} was imported from upstream's files, whose checkpoints do "
+            "not hold the batch order and augmentation state to continue exactly; train a new run"
         )
     checkpoints = tracking.list_checkpoints(client, run_id)
     if not checkpoints:
@@ -247,7 +247,8 @@ def resume_at_step(
     if run_id is None:
         raise ConfigError(
             f"resume_from: step {step} names a checkpoint of this training's interrupted run, and "
-            f"experiment {cfg.name!r} has none with these parameters; pass an MLflow run id instead"
+            f"experiment {cfg.name!r} has none with these parameters; pass an MLflow run id "
+            "instead"
         )
     artifact = resume_checkpoint(client, run_id, cfg, dataset_hash)
     last = tracking.list_checkpoints(client, run_id)[-1][0] * steps_per_epoch
@@ -343,8 +344,8 @@ def for_report(client, cfg: Config, usable) -> list:
     exp = client.get_experiment_by_name(cfg.name)
     if exp is None:
         raise ConfigError(
-            f"name: experiment {cfg.name!r} does not exist in {client.tracking_uri}; "
-            "train some runs first"
+            f"name: experiment {cfg.name!r} does not exist in {client.tracking_uri}; train some "
+            "runs first"
         )
     training = [
         r
@@ -369,9 +370,9 @@ def for_report(client, cfg: Config, usable) -> list:
         found = Counter("/".join(r.data.params.get(k, "?") for k in wanted) for r in training)
         have = ", ".join(f"{n} x {k}" for k, n in found.most_common())
         raise ConfigError(
-            f"report: no finished run with test_error or Jacobian stats in experiment {cfg.name!r} "
-            f"has {', '.join(f'{k}={v}' for k, v in wanted.items())}; it has {len(training)} "
-            f"training runs ({'/'.join(wanted)}: {have or 'none'})"
+            "report: no finished run with test_error or Jacobian stats in experiment "
+            f"{cfg.name!r} has {', '.join(f'{k}={v}' for k, v in wanted.items())}; it has "
+            f"{len(training)} training runs ({'/'.join(wanted)}: {have or 'none'})"
         )
     for key, value in cfg.params("identity", "training").items():
         if key in REPORT_AXES:
@@ -385,12 +386,13 @@ def for_report(client, cfg: Config, usable) -> list:
         kept = [r for r in runs if r.data.params.get(key, str(value)) == str(value)]
         if not kept:
             raise ConfigError(
-                f"report: the runs of {cfg.model} on {cfg.data} at label noise {cfg.label_noise:g} differ "
-                f"in {key} ({found}) and none has {key}={value}; pass --{key.replace('_', '-')} with "
-                "one of those values"
+                f"report: the runs of {cfg.model} on {cfg.data} at label noise "
+                f"{cfg.label_noise:g} differ in {key} ({found}) and none has {key}={value}; pass "
+                f"--{key.replace('_', '-')} with one of those values"
             )
         print(
-            f"report: the runs differ in {key} ({found}); keeping the {len(kept)} with {key}={value}",
+            f"report: the runs differ in {key} ({found}); keeping the {len(kept)} with "
+            f"{key}={value}",
             file=sys.stderr,
         )
         runs = kept

@@ -33,8 +33,8 @@ def resolve_device(name: str, runs_per_gpu: int = 1) -> torch.device:
         return torch.device("cuda", lease_gpu(visible_gpus(), runs_per_gpu))
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise ConfigError(
-            f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} "
-            "CUDA devices"
+            f"device: {name!r} does not exist; this machine has {torch.cuda.device_count()} CUDA "
+            "devices"
         )
     return torch.device(name)
 
@@ -53,10 +53,10 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters in glibc's <
 
 
 def retain_freed_memory() -> None:
-    """Has glibc's malloc keep freed memory for the process's next allocations. By default it
-    maps every large block (a batch's activations, their gradients) afresh and unmaps it when
-    freed, so each CPU training step page-faults all of them in again (README, Performance).
-    The price: the process keeps its peak memory. A no-op without glibc."""
+    """Has glibc's malloc keep freed memory for the process's next allocations. By default it maps
+    every large block (a batch's activations, their gradients) afresh and unmaps it when freed, so
+    each CPU training step page-faults all of them in again (docs/performance.md). The price: the
+    process keeps its peak memory. A no-op without glibc."""
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is not None:
         mallopt(M_MMAP_THRESHOLD, 1 << 30)  # blocks below 1 GiB come from the heap,

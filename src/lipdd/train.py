@@ -50,8 +50,8 @@ def train(cfg: Config) -> str:
         and not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++")))
     ):
         raise ConfigError(
-            "compile: torch.compile on the CPU needs a C++ compiler (g++ or c++ on PATH, or $CXX); "
-            "install one or train with compile: false"
+            "compile: torch.compile on the CPU needs a C++ compiler (g++ or c++ on PATH, or "
+            "$CXX); install one or train with compile: false"
         )
     with distributed.process_group(device):
         return _train(cfg, device)
@@ -215,7 +215,8 @@ class Recorder:
             if self.start_epoch:
                 runs.reopen(self.client, self.run_id)
                 print(f"resuming run {self.run_id} from epoch {self.start_epoch}", file=sys.stderr)
-            # Every split un-augmented and in order; training's shares the training loader's tensors.
+            # Every split un-augmented and in order; training's shares the training loader's
+            # tensors.
             device, meta, cl = (
                 self.loader.images.device,
                 self.prepared.meta,
@@ -310,7 +311,8 @@ class Recorder:
 
 
 def load_state(client, run_id: str, artifact: str, model, optimizer, loader) -> tuple[int, int]:
-    """Model, optimizer and the loader's generators as the checkpoint left them; returns (epoch, global step)."""
+    """Model, optimizer and the loader's generators as the checkpoint left them; returns (epoch,
+    global step)."""
     state = tracking.load_checkpoint(client, run_id, artifact)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -353,7 +355,8 @@ def learning_rate(cfg: Config, epoch: int) -> float:
 
 
 def checkpoint_epochs(save_checkpoint: list[int], epochs: int) -> set[int]:
-    """0 -> initial and final; [N] -> every N epochs plus initial and final; a list -> exactly it."""
+    """0 -> initial and final; [N] -> every N epochs plus initial and final; a list -> exactly
+    it."""
     if len(save_checkpoint) > 1:
         return set(save_checkpoint)
     period = save_checkpoint[0]

@@ -1,10 +1,12 @@
-"""The upstream scripts' files on disk, both ways: a run's directory, SAVE_DIR/NAME/MODEL/DATA/SETTING/
-[noise-N-]seed-S, and its checkpoints there, `checkpoints.zip` (or, raw, a `checkpoints/` folder)
-of `checkpoint_STEP.pt` files (STEP: the global step) holding the network under "model".
+"""The upstream scripts' files on disk, both ways: a run's directory,
+SAVE_DIR/NAME/MODEL/DATA/SETTING/ [noise-N-]seed-S, and its checkpoints there, `checkpoints.zip`
+(or, raw, a `checkpoints/` folder) of `checkpoint_STEP.pt` files (STEP: the global step) holding the
+network under "model".
 
 `export_checkpoints` writes a lipdd run's checkpoints so that upstream's compute_stats.py loads them
-as they are; `import_checkpoints` turns an upstream run's directory into a FINISHED MLflow run with its
-params, checkpoints and an evaluation per checkpoint, so lipdd's stats, report and UI work on it.
+as they are; `import_checkpoints` turns an upstream run's directory into a FINISHED MLflow run with
+its params, checkpoints and an evaluation per checkpoint, so lipdd's stats, report and UI work on
+it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _steps_per_epoch(run) -> int:
 
 
 def export_checkpoints(cfg: Config) -> Path:
-    """Every checkpoint of the run `lipdd stats` would analyse, as upstream's train.py leaves them."""
+    """Every checkpoint of the run `lipdd stats` would analyse, as upstream's train.py leaves
+    them."""
     client, run, run_cfg, _ = runs.analysed_run(cfg)
     steps = _steps_per_epoch(run)
     name = "checkpoints" if cfg.raw_checkpoints else "checkpoints.zip"
@@ -89,21 +92,24 @@ def _seed_checkpoints(folder: Path) -> list[tuple[int, bytes]]:
         ]
     if not found:
         raise ConfigError(
-            f"import: no checkpoint_STEP.pt in {zipped} or {raw}; the flags must name the upstream run "
-            "as its train.py was given them (save-dir, name, model, data, label noise, seed, ...)"
+            f"import: no checkpoint_STEP.pt in {zipped} or {raw}; the flags must name the "
+            "upstream run as its train.py was given them (save-dir, name, model, data, label "
+            "noise, seed, ...)"
         )
     return sorted(found)
 
 
 def upstream_weights(state: dict, model: torch.nn.Module) -> dict:
-    """An upstream checkpoint's network as lipdd's model holds it: upstream's train.py keeps an unused stem
-    batch norm in resnets without the batch_norm addition (its compute_stats.py builds none), dropped."""
+    """An upstream checkpoint's network as lipdd's model holds it: upstream's train.py keeps an
+    unused stem batch norm in resnets without the batch_norm addition (its compute_stats.py builds
+    none), dropped."""
     keys = set(model.state_dict())
     return {k: v for k, v in state.items() if k in keys or not k.startswith("bn1.")}
 
 
 def import_checkpoints(cfg: Config) -> str:
-    """An upstream run's directory as a new FINISHED MLflow run of experiment NAME; returns its id."""
+    """An upstream run's directory as a new FINISHED MLflow run of experiment NAME; returns its
+    id."""
     if cfg.label_noise and cfg.label_seed is None:
         raise ConfigError(
             "label_seed: upstream drew this run's noisy labels from fresh randomness unless given "
@@ -116,8 +122,9 @@ def import_checkpoints(cfg: Config) -> str:
     bad = [s for s, _ in checkpoints if s % steps]
     if bad:
         raise ConfigError(
-            f"import: checkpoint_{bad[0]}.pt is no epoch's end at {steps} steps an epoch (train_split "
-            f"{prepared.meta['splits']['train']}, batch_size {cfg.batch_size}); pass the run's batch size"
+            f"import: checkpoint_{bad[0]}.pt is no epoch's end at {steps} steps an epoch "
+            f"(train_split {prepared.meta['splits']['train']}, batch_size {cfg.batch_size}); pass "
+            "the run's batch size"
         )
     model = model_for(cfg, prepared.meta).to(device).eval()
     loaders = {

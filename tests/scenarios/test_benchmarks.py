@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_measures  # noqa: E402
 import bench_stats  # noqa: E402
 import bench_train  # noqa: E402
@@ -24,7 +24,7 @@ def exact_jacobians(model, x):
 
 
 @pytest.mark.parametrize("family", ["cnn5", "resnet18"])
-def test_seed_jacobians_are_the_jacobian(family):
+def test_upstream_jacobians_are_the_jacobian(family):
     torch.manual_seed(0)
     model = build_model(family, 2, 3, bench_stats.K).double().eval()
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
@@ -38,7 +38,7 @@ def test_seed_jacobians_are_the_jacobian(family):
         assert all(p.grad is None for p in model.parameters())
 
 
-def test_seed_power_iteration_as_the_seed_had_it():
+def test_upstream_power_iteration_as_the_seed_had_it():
     """Zero for every sample whose norm is below its 1e-2 tolerance; otherwise a Rayleigh
     quotient of unit vectors, so never above the largest singular value."""
     g = torch.Generator().manual_seed(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lipdd import cli, config, train
+from lipdd import cli, config
 from lipdd.tracking import get_client, list_checkpoints
 
 BIN = Path(sys.executable).parent
@@ -83,22 +83,8 @@ def assert_same_results(got: dict, want: dict):
 
 
 @pytest.fixture
-def run_id(workdir):
-    """A tiny trained network with checkpoints at epochs 0 and 2."""
-    return train.train(
-        config.build(
-            dict(
-                width=2,
-                label_seed=0,
-                epochs=2,
-                batch_size=256,
-                eval_every=1,
-                save_checkpoint=[0],
-                device="cpu",
-            ),
-            environ={},
-        )
-    )
+def run_id(tiny_run):
+    return tiny_run
 
 
 def test_stats_under_torchrun_equal_one_process(workdir, run_id):

@@ -41,7 +41,8 @@ def test_two_hosts_one_server_and_a_third_that_reports(tmp_path):
         a.run("git", "push", "-q", "origin", "HEAD:main")
         b = clone(tmp_path, "b", remote, host(tmp_path, "b", server))
 
-        # Each host trains a width and pushes its experiment (results live in MLflow, so no DVC cache).
+        # Each host trains a width and pushes its experiment (results live in MLflow, so no DVC
+        # cache).
         for repo, width in ((a, 2), (b, 3)):
             repo.run("dvc", "exp", "run", "-n", f"width-{width}", "-S", f"width={width}")
             repo.run("dvc", "exp", "push", "--no-cache", "origin", f"width-{width}")

@@ -1,4 +1,5 @@
-"""A tracking server that asks who you are (MLflow's basic-auth app): a wrong password ends a command
+"""A tracking server that asks who you are (MLflow's basic-auth app): a wrong password ends a
+command
 at once, in one line; the right one works for the pipeline and the queue, whether it comes in
 MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or inside the URI, and is written nowhere."""
 
@@ -20,11 +21,14 @@ PASSWORD = "lipdd-Pa55word-never-written"
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("auth")
     # MLflow's own settings, but with its login cache on: without it every request pays a PBKDF2
-    # hash, which makes the pipeline about twice as slow (README, Scaling out).
+    # hash, which makes the pipeline about twice as slow (docs/scaling.md).
     ini = root / "basic_auth.ini"
     ini.write_text(
-        "[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///basic_auth.db\n"
-        "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        "database_uri = sqlite:///basic_auth.db\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         "auth_cache_ttl_seconds = 600\n"
     )
     env = {
@@ -73,8 +77,8 @@ def test_a_wrong_password_is_one_line_and_status_2_before_any_training(tmp_path,
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == [
-        f"lipdd train: error: tracking_uri: the MLflow server {server.uri} refused user 'admin' (HTTP 401); "
-        "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        f"lipdd train: error: tracking_uri: the MLflow server {server.uri} refused user 'admin' "
+        "(HTTP 401); check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
     ]
     assert as_admin(server).get_experiment_by_name("wrong-login") is None
     assert not (tmp_path / "data").exists()  # nothing prepared, nothing trained

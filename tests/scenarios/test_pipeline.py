@@ -45,7 +45,8 @@ def snapshot(*dirs: Path) -> dict[str, tuple[int, bytes]]:
 
 
 def statistics(stats: dict) -> list[tuple[str, str | None]]:
-    """(measure, normalization) of every statistic of the per-sample measures params.yaml asks for."""
+    """(measure, normalization) of every statistic of the per-sample measures params.yaml asks
+    for."""
     return [
         (m, n)
         for m in stats["metric"]
@@ -55,7 +56,8 @@ def statistics(stats: dict) -> list[tuple[str, str | None]]:
 
 
 def expected_sample_files(stats: dict) -> set[str]:
-    """The result files of every checkpoint (by ordinal): per statistic of the per-sample measures, on
+    """The result files of every checkpoint (by ordinal): per statistic of the per-sample measures,
+    on
     the split and on each probe set; per network measure."""
     per_network = [m for m in stats["metric"] if MEASURES[m].kind == "network"]
     ordinals = range(len(CHECKPOINT_EPOCHS))
@@ -273,7 +275,8 @@ def test_exp_run_label_noise_makes_a_second_run(repo, first_run, experiment):
     assert int((train.labels != train.clean_labels).sum()) == round(0.4 * n_train)
     assert run.data.tags["dataset_hash"] == meta["content_hash"]
 
-    # `dvc exp show` lists the experiment (named in the run's tag) and the workspace, with test_error.
+    # `dvc exp show` lists the experiment (named in the run's tag) and the workspace, with
+    # test_error.
     name = run.data.tags.get("dvc_exp_name")
     assert name, run.data.tags
     rows = list(csv.DictReader(io.StringIO(repo.run("dvc", "exp", "show", "--csv").stdout)))

@@ -35,7 +35,8 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A directory with prepared digits, a store and one finished run (3 epochs, checkpoints 0..3)."""
+    """A directory with prepared digits, a store and one finished run (3 epochs, checkpoints
+    0..3)."""
     root = tmp_path_factory.mktemp("robust")
     cwd = os.getcwd()
     os.chdir(root)
@@ -122,13 +123,14 @@ BAD = [
     ),
     (
         "stats --num-samples 150 --batch-size 100",
-        "stats.num_samples: 150 is not allowed; expected a positive multiple of stats.batch_size=100",
+        "stats.num_samples: 150 is not allowed; expected a positive multiple of "
+        "stats.batch_size=100",
     ),
     ("stats --skip 50 --batch-size 100", "stats.skip: 50 is not allowed"),
     (
         "stats --num-samples 200 --batch-size 100 --skip 1200",
-        "stats.num_samples: 200 samples from position 1200 are "
-        "more than the 1297 samples of split 'train'",
+        "stats.num_samples: 200 samples from position 1200 are more than the 1297 samples of "
+        "split 'train'",
     ),
     (
         "stats --checkpoint 9",
@@ -149,8 +151,8 @@ BAD = [
     ("stats --seed 7", "stats.run_id: no finished run in experiment 'lipdd' has"),
     (
         "import-checkpoints --label-noise 0",
-        "import: no checkpoint_STEP.pt in results/runs/lipdd/cnn5_2/digits/default/"
-        "seed-42/checkpoints.zip",
+        "import: no checkpoint_STEP.pt in "
+        "results/runs/lipdd/cnn5_2/digits/default/seed-42/checkpoints.zip",
     ),
     (
         "import-checkpoints",
@@ -291,7 +293,8 @@ def test_four_concurrent_trainings_share_one_sqlite_store(workdir):
 
 
 def test_stats_never_overwrite_another_runs_results(workdir, capsys):
-    """Runs that differ only in a parameter the upstream layout does not name (here the learning rate)
+    """Runs that differ only in a parameter the upstream layout does not name (here the learning
+    rate)
     share its directory: the second run's stats are refused there, and written where asked."""
     run = [
         train.train(

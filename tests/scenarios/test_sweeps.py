@@ -51,7 +51,8 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
         test_error = data["metrics"]["results/train/metrics.json"]["data"]["test_error"]
         assert test_error == repo.client().get_run(r.info.run_id).data.metrics["test_error"]
 
-    # The README's `dvc exp show` fits 120 columns and shows each experiment's run id and test error.
+    # The README's `dvc exp show` fits 120 columns and shows each experiment's run id and test
+    # error.
     command = next(
         line.split("#")[0].split()
         for line in (ROOT / "README.md").read_text().splitlines()

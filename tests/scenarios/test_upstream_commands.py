@@ -46,8 +46,10 @@ UPSTREAM_METADATA = (
 
 # Seed values kept, except: --epochs, --train-split, --val-split, width and --num-samples
 # (smaller), and --no-verify-checksums (the fixture's bytes are not the real files').
-TRAIN = """train --device=cuda --name='test' --save-dir='checkpoints' --data-dir="./data" --workers=4
-  --data="cifar10" --label-noise=0.2 --model="resnet18_2" --optimizer=sgd --batch-size=128 --epochs=2
+TRAIN = """train --device=cuda --name='test' --save-dir='checkpoints' --data-dir="./data"
+--workers=4
+  --data="cifar10" --label-noise=0.2 --model="resnet18_2" --optimizer=sgd --batch-size=128
+  --epochs=2
   --augmentation --momentum=0.9 --weight-decay=0 --learning-rate=0.005 --lr-warmup-epochs=5
   --lr-warmup-initial=0.001 --seed=42 --train-split=80 --val-split=20 --eval-every=10
   --no-verify-checksums"""
@@ -82,7 +84,7 @@ def trained(trained_once, workdir):
     return client, run
 
 
-def test_seed_train_command(trained, workdir):
+def test_upstream_train_command(trained, workdir):
     client, run = trained
     assert run.info.status == "FINISHED"
     assert run.data.params["model"] == "resnet18" and run.data.params["width"] == "2"
@@ -111,7 +113,7 @@ def upstream_facts(workdir, run):
     return train
 
 
-def test_seed_stats_command(trained, workdir):
+def test_upstream_stats_command(trained, workdir):
     client, run = trained
     assert cli.main(shlex.split(STATS)) == 0
     result = json.loads(
@@ -144,7 +146,8 @@ def test_seed_stats_command(trained, workdir):
         "sampling-strategy": "none",
     }
     assert (meta["run_id"], meta["checkpoint_epoch"]) == (run.info.run_id, 2)
-    # Upstream's sampler: the split in order, the first --num-samples; targets noisy, ground truths clean.
+    # Upstream's sampler: the split in order, the first --num-samples; targets noisy, ground truths
+    # clean.
     train = upstream_facts(workdir, run)
     positions = upstream_sample_positions(80, 20, 40)
     assert result["sample_ids"] == train.index[positions].tolist()
@@ -325,7 +328,8 @@ def test_a_named_experiment_is_never_overridden_by_the_pipelines_run(trained, wo
 def test_narrow_resnets_train_under_onednn_avx2(trained_once, tmp_path):
     """oneDNN's AVX2 kernel of a strided 1x1 convolution's weight gradient writes out of bounds on
     channels-last inputs of fewer than 8 channels (oneDNN #6035): this training crashed or hung
-    under ONEDNN_MAX_CPU_ISA=AVX2, as it would on an AVX2 CPU, until training left channels-last there."""
+    under ONEDNN_MAX_CPU_ISA=AVX2, as it would on an AVX2 CPU, until training left channels-last
+    there."""
     shutil.copytree(trained_once, tmp_path / "project")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(

@@ -10,16 +10,20 @@ from lipdd import cli, config, upstream
 from lipdd.errors import ConfigError
 from upstream_reference import UPSTREAM_COMMON_FLAGS, UPSTREAM_STATS_FLAGS, UPSTREAM_TRAIN_FLAGS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UPSTREAM_README = ROOT.parent / "shared" / "seed" / "000_03ccb4bad7cd7e9b.txt"
 
 # The upstream README's commands, with `python train.py` -> `lipdd train`.
-UPSTREAM_TRAIN = """lipdd train --device=cuda --name='test' --save-dir='checkpoints' --data-dir="./data" --workers=4
-  --data="cifar10" --label-noise=0.2 --model="resnet18_64" --optimizer=sgd --batch-size=128 --epochs=300
+UPSTREAM_TRAIN = """lipdd train --device=cuda --name='test' --save-dir='checkpoints'
+--data-dir="./data" --workers=4
+  --data="cifar10" --label-noise=0.2 --model="resnet18_64" --optimizer=sgd --batch-size=128
+  --epochs=300
   --augmentation --momentum=0.9 --weight-decay=0 --learning-rate=0.005 --lr-warmup-epochs=5
   --lr-warmup-initial=0.001 --seed=42 --train-split=49000 --val-split=1000 --eval-every=10"""
-UPSTREAM_STATS = """lipdd stats --device="cuda" --name=NAME --save-dir=SAVE_DIR --workers=4 --data-dir=DATA_DIR
-  --data=cifar10 --dataset-split=train --label-noise=0.2 --model=resnet18_64 --augmentation --seed 42
+UPSTREAM_STATS = """lipdd stats --device="cuda" --name=NAME --save-dir=SAVE_DIR --workers=4
+--data-dir=DATA_DIR
+  --data=cifar10 --dataset-split=train --label-noise=0.2 --model=resnet18_64 --augmentation --seed
+  42
   --checkpoint=1 --train-split=49000 --val-split=1000 --num-samples=49000 --batch-size=140
   --metric=jacobian_operator_norm"""
 
@@ -31,7 +35,7 @@ def parse(command: str, environ=None) -> config.Config:
     return config.build(overrides, params_file=args.params, environ=environ or {})
 
 
-def test_seed_train_command_parses_with_seed_semantics():
+def test_upstream_train_command_parses_with_upstream_semantics():
     cfg = parse(UPSTREAM_TRAIN)
     assert (cfg.model, cfg.width, cfg.data, cfg.label_noise) == ("resnet18", 64, "cifar10", 0.2)
     assert (cfg.optimizer, cfg.batch_size, cfg.epochs, cfg.learning_rate) == (
@@ -50,7 +54,7 @@ def test_seed_train_command_parses_with_seed_semantics():
     assert (cfg.name, cfg.save_dir, cfg.data_dir) == ("test", "checkpoints", "./data")
 
 
-def test_seed_stats_command_parses_batch_size_as_the_stats_batch_size():
+def test_upstream_stats_command_parses_batch_size_as_the_stats_batch_size():
     cfg = parse(UPSTREAM_STATS)
     s = cfg.stats
     assert (s.num_samples, s.batch_size, s.checkpoint, s.metric) == (
@@ -63,7 +67,7 @@ def test_seed_stats_command_parses_batch_size_as_the_stats_batch_size():
     assert (cfg.model, cfg.width, cfg.seed, cfg.augmentation) == ("resnet18", 64, 42, True)
 
 
-def test_seed_readme_commands_are_the_ones_tested():
+def test_upstream_readme_commands_are_the_ones_tested():
     """The commands above are the upstream README's, script name aside."""
     if not UPSTREAM_README.exists():
         pytest.skip("upstream README not beside the checkout")
@@ -192,7 +196,7 @@ def test_unknown_params_file_key(tmp_path):
         ("stats", {**UPSTREAM_COMMON_FLAGS, **UPSTREAM_STATS_FLAGS}),
     ],
 )
-def test_every_seed_flag_is_accepted(command, flags):
+def test_every_upstream_flag_is_accepted(command, flags):
     """Each flag of upstream's scripts parses alone; all together they validate as a config."""
     argv = [command]
     for flag, value in flags.items():
@@ -214,7 +218,7 @@ def test_every_seed_flag_is_accepted(command, flags):
         )
 
 
-def test_seed_run_directory_names():
+def test_upstream_run_directory_names():
     def run_dir(**kw):
         return upstream.run_subdir(
             config.build({"model": "resnet18_64", "data": "cifar10", **kw}, environ={})

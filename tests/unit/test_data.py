@@ -65,13 +65,13 @@ def test_corrupt_labels_rejects_bad_noise(noise):
         corrupt_labels(np.zeros(10, dtype=np.int64), 10, noise, 0)
 
 
-# ----------------------------------------------------------------------------- upstream's data, as facts
+# ------------------------------------------------------------------------ upstream's data, as facts
 
 
 @pytest.mark.parametrize(
     "n, ts, vs, seed", [(1297, 1000, 297, 42), (100, 80, 20, 3), (50000, 49000, 1000, 42)]
 )
-def test_split_is_the_seeds_random_split(n, ts, vs, seed):
+def test_split_is_upstreams_random_split(n, ts, vs, seed):
     index = np.arange(n) + 7
     splits = _validation_split(
         Split(np.zeros((n, 1, 1, 1), np.uint8), index % 10, index % 10, index), ts, vs, seed
@@ -84,19 +84,19 @@ def test_split_is_the_seeds_random_split(n, ts, vs, seed):
 @pytest.mark.parametrize(
     "n, noise, seed", [(1000, 0.2, 0), (49000, 0.2, 42), (80, 0.5, 3), (333, 1.0, 9)]
 )
-def test_label_noise_is_the_seeds(n, noise, seed):
+def test_label_noise_is_upstreams(n, noise, seed):
     clean = np.random.default_rng(n).integers(0, 10, n)
     assert corrupt_labels(clean, 10, noise, seed).tolist() == upstream_corrupt(
         clean.tolist(), noise, seed
     )
 
 
-def test_label_noise_two_classes_is_the_seeds():
+def test_label_noise_two_classes_is_upstreams():
     clean = np.arange(101) % 2
     assert corrupt_labels(clean, 2, 0.3, 5).tolist() == upstream_corrupt(clean.tolist(), 0.3, 5)
 
 
-def test_seed_normalisation_constants(tmp_path):
+def test_upstream_normalisation_constants(tmp_path):
     assert UPSTREAM_STATS["cifar10"] == ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
     assert UPSTREAM_STATS["cifar100"] == ([0.5071, 0.4865, 0.4409], [0.2009, 0.1984, 0.2023])
     write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
@@ -232,7 +232,7 @@ def test_prepare_bad_noise_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-# ----------------------------------------------------------------------------- CIFAR through the real reader
+# -------------------------------------------------------------------- CIFAR through the real reader
 
 
 def pixel(row, h, w, c):
@@ -327,7 +327,8 @@ def test_random_crop_flip_flips_half_and_is_seeded():
 
 
 def test_random_crop_flip_outputs_are_padded_crops():
-    # Each output must be one of the 9 x 9 x 2 crops/flips of its zero-padded input, computed by slicing.
+    # Each output must be one of the 9 x 9 x 2 crops/flips of its zero-padded input, computed by
+    # slicing.
     x = torch.randint(
         1, 256, (32, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
     )
@@ -391,7 +392,8 @@ def test_loader_order_and_augmentation_are_seeded_and_resumable(digits_dir):
 @pytest.mark.parametrize("world", [2, 3])
 def test_loader_shards_are_one_process_batches(digits_dir, monkeypatch, world):
     """Under torchrun each rank takes its part of every augmented batch ("batch": DDP training) or a
-    block of whole batches ("blocks": stats); the ranks together see exactly one process's batches."""
+    block of whole batches ("blocks": stats); the ranks together see exactly one process's
+    batches."""
     for shard in ("batch", "blocks"):
         single = list(loader_of(digits_dir, batch_size=100, seed=1, augment=shard == "batch")[0])
         monkeypatch.setenv("WORLD_SIZE", str(world))

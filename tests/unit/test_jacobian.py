@@ -106,7 +106,8 @@ def test_bigmem_matches_chunked(target_logit_only):
             input_jacobian(model, x, targets, normalization, target_logit_only, bigmem=True),
             input_jacobian(model, x, targets, normalization, target_logit_only, bigmem=False),
         )
-    # all normalisations at once take the shared logit-Jacobian route when they need more than K rows
+    # all normalisations at once take the shared logit-Jacobian route when they need more than K
+    # rows
     big = per_sample(model, x, targets, METRICS, NORMALIZATIONS, target_logit_only, bigmem=True)
     small = per_sample(model, x, targets, METRICS, NORMALIZATIONS, target_logit_only, bigmem=False)
     assert big.keys() == small.keys()

@@ -1,4 +1,4 @@
-"""lipdd.lanczos against the eigenvalues of explicit symmetric matrices (float64)."""
+"""lipdd.measures.lanczos against the eigenvalues of explicit symmetric matrices (float64)."""
 
 import numpy as np
 import pytest
@@ -26,7 +26,8 @@ def products(a):
 @pytest.mark.parametrize("tol", [1e-3, 1e-10])
 @pytest.mark.parametrize("k", [1, 3])
 def test_largest_eigenvalues_to_the_tolerance(tol, k):
-    # The largest algebraically, not in magnitude (-8 is the largest in magnitude); a close pair on top.
+    # The largest algebraically, not in magnitude (-8 is the largest in magnitude); a close pair on
+    # top.
     spectrum = np.concatenate(
         [[2.0, 1.999, 1.5, -8.0], np.random.default_rng(1).uniform(-1, 1, 396)]
     )
@@ -84,7 +85,8 @@ def test_a_start_near_the_top_eigenvector_saves_steps_and_a_bad_one_costs_no_acc
         products(a)[0], 500, tol=1e-8, start=top + 0.1 * torch.from_numpy(q[:, 1])
     )
     assert guessed_steps < plain_steps
-    # A start orthogonal to the top eigenvector (here: the next one) is still met by the Gaussian half.
+    # A start orthogonal to the top eigenvector (here: the next one) is still met by the Gaussian
+    # half.
     misled, _ = top_eigenvalues(products(a)[0], 500, tol=1e-8, start=torch.from_numpy(q[:, 1]))
     ignored = top_eigenvalues(products(a)[0], 500, tol=1e-8, start=torch.zeros(500))
     for values in (plain, guessed, misled):

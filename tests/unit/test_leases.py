@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def holder(
     directory: Path, gpus: list[str], runs_per_gpu: int, hold: float, log: Path
 ) -> subprocess.Popen:
-    """A process that leases a GPU, notes when it holds it, holds it for `hold` seconds and exits."""
+    """A process that leases a GPU, notes when it holds it, holds it for `hold` seconds and
+    exits."""
     code = (
         f"import sys, time; sys.path.insert(0, {str(SRC)!r}); from lipdd.leases import lease_gpu\n"
-        f"i = lease_gpu({gpus!r}, {runs_per_gpu}, __import__('pathlib').Path({str(directory)!r}), poll=0.02)\n"
+        f"i = lease_gpu({gpus!r}, {runs_per_gpu}, __import__('pathlib').Path({str(directory)!r}),"
+        " poll=0.02)\n"
         f"start = time.monotonic(); print(i, flush=True); time.sleep({hold})\n"
         f"open({str(log)!r}, 'a').write(f'{{i}} {{start}} {{time.monotonic()}}\\n')"
     )

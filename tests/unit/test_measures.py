@@ -17,22 +17,8 @@ STATS = ["--num-samples=100", "--batch-size=50", "--output-dir=out", "--device=c
 
 
 @pytest.fixture
-def run_id(workdir):
-    """A tiny trained network with checkpoints at epochs 0 and 2."""
-    return train.train(
-        config.build(
-            dict(
-                width=2,
-                label_seed=0,
-                epochs=2,
-                batch_size=256,
-                eval_every=1,
-                save_checkpoint=[0],
-                device="cpu",
-            ),
-            environ={},
-        )
-    )
+def run_id(tiny_run):
+    return tiny_run
 
 
 def test_distance_from_init_against_two_downloaded_checkpoints(workdir, run_id):
@@ -172,7 +158,8 @@ def test_network_measure_needs_the_initial_checkpoint(workdir, capsys):
 
 
 def explicit_norm(affine, shape) -> float:
-    """Largest singular value of the matrix of affine's linear part, built column by column (float64)."""
+    """Largest singular value of the matrix of affine's linear part, built column by column
+    (float64)."""
     matrix = torch.autograd.functional.jacobian(
         lambda x: affine(x[None])[0], torch.zeros(shape, dtype=torch.float64)
     )
@@ -290,11 +277,12 @@ def test_upper_bound_holds_at_every_checkpoint(workdir, run_id):
     assert metrics["lipschitz_upper_bound_over_max"] >= 1
 
 
-# --- loss curvature --------------------------------------------------------------------------------
+# --- loss curvature -------------------------------------------------------------------------------
 
 
 def explicit_loss_hessian(model, x, y):
-    """(gradient, Hessian) of the mean cross-entropy w.r.t. the flat parameters, built whole (float64)."""
+    """(gradient, Hessian) of the mean cross-entropy w.r.t. the flat parameters, built whole
+    (float64)."""
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])

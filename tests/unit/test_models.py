@@ -49,7 +49,8 @@ def test_batch_norm_replaces_conv_bias(family, num_bn):
     normed = build_model(family, 4, 3, 10, batch_norm=True)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in normed.modules()) == num_bn
-    # 3x3 convolutions have a bias exactly without batch norm; upstream's 1x1 shortcuts never have one
+    # 3x3 convolutions have a bias exactly without batch norm; upstream's 1x1 shortcuts never have
+    # one
     for model, bias in ((plain, True), (normed, False)):
         assert all(
             (m.bias is not None) == (bias and m.kernel_size == (3, 3))
@@ -60,7 +61,7 @@ def test_batch_norm_replaces_conv_bias(family, num_bn):
 
 @pytest.mark.parametrize("family", MODEL_FAMILIES)
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_seed_parameter_names_and_weights(family, batch_norm):
+def test_upstream_parameter_names_and_weights(family, batch_norm):
     """Same seed, same network as upstream's: its parameter names (strict load both ways), and
     bitwise the same default initialisation, because the weights are drawn in upstream's order."""
     torch.manual_seed(7)
@@ -73,7 +74,7 @@ def test_seed_parameter_names_and_weights(family, batch_norm):
     assert torch.allclose(ours.eval()(x), seed.eval()(x), atol=1e-6)
 
 
-def test_seed_parameter_names_spelled_out():
+def test_upstream_parameter_names_spelled_out():
     cnn5 = list(build_model("cnn5", 2, 3, 10).state_dict())
     assert cnn5 == [f"layer{i}.conv.{p}" for i in range(1, 5) for p in ("weight", "bias")] + [
         "fc.weight",
@@ -141,7 +142,7 @@ def test_fixup_starts_at_zero():
 
 
 @pytest.mark.parametrize("weight_init", ["fixup", "mfixup"])
-def test_fixup_as_the_seed_draws_it(weight_init):
+def test_fixup_as_upstream_draws_it(weight_init):
     """Upstream's Fixup re-draws only the residual branches and the linear layer, after PyTorch's
     default draws: the stem and the shortcuts are the default network's; no extra parameters."""
     torch.manual_seed(3)
@@ -167,7 +168,8 @@ def test_fixup_as_the_seed_draws_it(weight_init):
 
 
 def test_fixup_scales_first_conv():
-    # conv1 of the widest block: std should be the Kaiming fan_out std times L^-0.5, with L = 16 blocks
+    # conv1 of the widest block: std should be the Kaiming fan_out std times L^-0.5, with L = 16
+    # blocks
     model = build_model("resnet34", 16, 3, 10, weight_init="fixup")
     w = model.layer4[-1].conv1.weight
     expected = math.sqrt(2 / (w.shape[0] * 9)) / 4

@@ -11,7 +11,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from lipdd import cli, config, train
+from lipdd import cli, config
 from lipdd.data import random_pixels
 from lipdd.data.loader import normalize
 from lipdd.measures.jacobian import input_jacobian
@@ -101,7 +101,8 @@ def study_shift(image_u8: torch.Tensor, radius: int, angle: float) -> torch.Tens
 
 @pytest.mark.parametrize("name, radius, directions", [("shift1", 1, 6), ("shift4", 4, 12)])
 def test_shifts_are_the_studys_translations(images, points, name, radius, directions):
-    # 6 and 12 directions include angles whose translations fall on half pixels (cos 60 degrees = 0.5).
+    # 6 and 12 directions include angles whose translations fall on half pixels (cos 60 degrees =
+    # 0.5).
     probe = PROBES[name](points, options(probe_directions=directions))
     x = probe.x.view(20, directions + 1, 3, 12, 12)
     assert torch.equal(x[:, 0], points.x)
@@ -145,7 +146,7 @@ def test_shift_paths_integrate_along_the_path(images, points):
 
 
 @pytest.mark.parametrize("kind", ["uniform", "normal", "ball"])
-def test_random_inputs_are_drawn_like_the_seeds_random_datasets(points, kind):
+def test_random_inputs_are_drawn_like_upstreams_random_datasets(points, kind):
     probe = PROBES[f"random_{kind}"](points, options(probe_seed=7))
     rng = np.random.default_rng(7)
     pixels = random_pixels(
@@ -184,21 +185,8 @@ STATS = ["--num-samples=100", "--batch-size=50", "--output-dir=out", "--device=c
 
 
 @pytest.fixture
-def run_id(workdir):
-    return train.train(
-        config.build(
-            dict(
-                width=2,
-                label_seed=0,
-                epochs=2,
-                batch_size=256,
-                eval_every=1,
-                save_checkpoint=[0],
-                device="cpu",
-            ),
-            environ={},
-        )
-    )
+def run_id(tiny_run):
+    return tiny_run
 
 
 def read(workdir, name):

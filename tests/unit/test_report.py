@@ -110,7 +110,8 @@ def test_report(store, tmp_path, capsys):
     )
     client.set_terminated(empty, "FINISHED")
 
-    # `lipdd stats` rerun on the width-4 run: at each step the newer (here smaller) value wins, as in MLflow.
+    # `lipdd stats` rerun on the width-4 run: at each step the newer (here smaller) value wins, as
+    # in MLflow.
     run_id, logged = runs[4][0]
     later = int(time.time() * 1000) + 1000
     for key in OPNORM:
@@ -266,8 +267,8 @@ def test_another_sweep_at_the_same_noise_is_left_out(store, tmp_path, capsys):
     assert [(int(r["width"]), r["run_ids"]) for r in rows] == [(w, adam[w][0]) for w in (1, 2)]
     err = capsys.readouterr().err
     assert (
-        "the runs differ in optimizer (adam: 2 runs, sgd: 3 runs); keeping the 2 with optimizer=adam"
-        in err
+        "the runs differ in optimizer (adam: 2 runs, sgd: 3 runs); keeping the 2 with "
+        "optimizer=adam" in err
     )
 
     for lr in (0.01, 0.001):
@@ -290,7 +291,8 @@ def test_interpolation_threshold_and_correlation_by_hand():
     rows = [{"width": w, "train_error": e} for w, e in ((1, 0.3), (2, 0.1), (4, 0.0), (8, 0.0))]
     assert interpolation_threshold(rows) == 4
     assert interpolation_threshold(rows[:2]) is None
-    # test error 0.3, 0.2, 0.4, 0.1 (ranks 3, 2, 4, 1) against a measure 1, 2, 3, 4 (ranks 1, 2, 3, 4)
+    # test error 0.3, 0.2, 0.4, 0.1 (ranks 3, 2, 4, 1) against a measure 1, 2, 3, 4 (ranks 1, 2, 3,
+    # 4)
     by_width = {
         w: [("r", {"test_error": t, "m": m}, {})]
         for w, t, m in ((1, 0.3, 1), (2, 0.2, 2), (4, 0.4, 3), (8, 0.1, 4))

@@ -147,8 +147,11 @@ def test_resume_after_interruption_is_bitwise_identical(workdir, monkeypatch):
     assert e1 == e2 == 6
     assert all(torch.equal(ref["model"][k], resumed["model"][k]) for k in ref["model"])
     assert client.get_run(run_id).info.status == "FINISHED"
+
     # No duplicated steps, and the same loss history as the uninterrupted run.
-    hist = lambda rid, key: [(m.step, m.value) for m in client.get_metric_history(rid, key)]
+    def hist(rid, key):
+        return [(m.step, m.value) for m in client.get_metric_history(rid, key)]
+
     for key in ("batch_loss", "train_loss", "test_accuracy"):
         assert sorted(hist(run_id, key)) == sorted(hist(reference, key))
 

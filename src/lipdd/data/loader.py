@@ -30,7 +30,8 @@ def to_device(split: Split, device) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def normalize(images_u8: torch.Tensor, mean, std) -> torch.Tensor:
-    """images/255, minus the per-channel mean, over the per-channel std (mean/std: lists or tensors)."""
+    """images/255, minus the per-channel mean, over the per-channel std (mean/std: lists or
+    tensors)."""
     mean = torch.as_tensor(mean, dtype=torch.float32, device=images_u8.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32, device=images_u8.device).view(1, -1, 1, 1)
     return (images_u8.float() / 255 - mean) / std

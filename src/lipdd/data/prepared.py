@@ -44,10 +44,10 @@ def corrupt_labels(
     labels: np.ndarray, num_classes: int, label_noise: float, seed: int | None
 ) -> np.ndarray:
     """Upstream's `corrupt_labels`: with numpy.random.default_rng(seed), draw round(n * label_noise)
-    offsets in 1..K-1, give them the first positions of an all-zero offset vector, shuffle that vector by
-    a permutation from the same generator, and add it to the labels modulo K. (With K = 2 the offsets
-    are all 1 and only the permutation is drawn.) Upstream takes K from the classes present in the
-    split; every class is present in any split of CIFAR or digits size."""
+    offsets in 1..K-1, give them the first positions of an all-zero offset vector, shuffle that
+    vector by a permutation from the same generator, and add it to the labels modulo K. (With K = 2
+    the offsets are all 1 and only the permutation is drawn.) Upstream takes K from the classes
+    present in the split; every class is present in any split of CIFAR or digits size."""
     if not 0 <= label_noise <= 1:
         raise DataError(f"label_noise={label_noise} must be in [0, 1]")
     n_corrupt = int(round(len(labels) * label_noise))
@@ -81,7 +81,8 @@ def _validation_split(train: Split, train_split, val_split, seed: int) -> dict[s
 def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of images/255, without a float copy of the whole set (CIFAR: 1.2 GB)."""
     x = images.reshape(-1, images.shape[-1])
-    # Sums of integers below 2**53 are exact in float64; only the final E[x^2] - E[x]^2 rounds (~1e-16).
+    # Sums of integers below 2**53 are exact in float64; only the final E[x^2] - E[x]^2 rounds
+    # (~1e-16).
     s = x.sum(0, dtype=np.float64)
     ss = np.einsum("ij,ij->j", x, x, dtype=np.float64, casting="unsafe")
     mean = s / len(x) / 255
@@ -109,7 +110,8 @@ def input_stats(
 
 def content_hash(splits: dict[str, Split], mean: list[float], std: list[float]) -> str:
     """sha256 over each split (sorted by name): its name, then the raw bytes of its arrays in ARRAYS
-    order; then the normalisation constants, which decide what the network sees as much as the bytes."""
+    order; then the normalisation constants, which decide what the network sees as much as the
+    bytes."""
     h = hashlib.sha256()
     h.update(json.dumps([mean, std]).encode())
     for name in sorted(splits):
@@ -194,7 +196,8 @@ def prepare_for(cfg: Config, path=None) -> dict:
 
 
 def load_prepared(path, verify: bool = True) -> Prepared:
-    """Read a directory written by `prepare`; with `verify`, refuse arrays that don't match meta.json."""
+    """Read a directory written by `prepare`; with `verify`, refuse arrays that don't match
+    meta.json."""
     path = Path(path)
     meta_path = path / "meta.json"
     if not meta_path.is_file():
@@ -212,7 +215,8 @@ def load_prepared(path, verify: bool = True) -> Prepared:
             raise DataError(f"cannot read {f} ({type(e).__name__}: {e}); {PREPARE_HINT}") from e
     if verify and content_hash(splits, meta.get("mean"), meta.get("std")) != meta["content_hash"]:
         raise DataError(
-            f"prepared data in {path} does not match its meta.json content hash; re-run `lipdd prepare`"
+            f"prepared data in {path} does not match its meta.json content hash; re-run `lipdd "
+            "prepare`"
         )
     return Prepared(meta, splits)
 
@@ -245,9 +249,9 @@ def ensure_prepared(cfg: Config, expected_hash: str | None = None) -> Prepared:
     prepared = load_prepared(path)
     if expected_hash and prepared.meta["content_hash"] != expected_hash:
         raise DataError(
-            f"data: the prepared data in {path} (hash {prepared.meta['content_hash'][:12]}) is not "
-            f"the data the run was trained on (hash {expected_hash[:12]}); the source files in "
-            f"{cfg.data_dir} or the code that prepares them changed"
+            f"data: the prepared data in {path} (hash {prepared.meta['content_hash'][:12]}) is "
+            f"not the data the run was trained on (hash {expected_hash[:12]}); the source files "
+            f"in {cfg.data_dir} or the code that prepares them changed"
         )
     return prepared
 

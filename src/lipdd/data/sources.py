@@ -1,4 +1,5 @@
-"""Where images come from: the sources a prepared dataset is made of, and upstream's random datasets.
+"""Where images come from: the sources a prepared dataset is made of, and upstream's random
+datasets.
 
 Sources
 -------
@@ -54,7 +55,8 @@ def _load_digits() -> tuple[Split, Split, int]:
 
 
 def _read_cifar(paths: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate CIFAR python pickles: rows of 3072 bytes (R, G, B planes, each 32x32 row-major)."""
+    """Concatenate CIFAR python pickles: rows of 3072 bytes (R, G, B planes, each 32x32
+    row-major)."""
     data, labels = [], []
     for path in paths:
         with open(path, "rb") as f:
@@ -68,10 +70,14 @@ def _read_cifar(paths: list[Path], label_key: str) -> tuple[np.ndarray, np.ndarr
 
 
 def _ensure_cifar_verified(cls, name: str, data_dir: Path, folder: Path, files: list) -> None:
-    """Make sure the original files are in `folder` with the right md5, downloading if any is missing."""
+    """Make sure the original files are in `folder` with the right md5, downloading if any is
+    missing."""
     from torchvision.datasets.utils import check_integrity
 
-    without_check = "or pass --no-verify-checksums (verify_checksums: false) to read derived files without the md5 check"
+    without_check = (
+        "or pass --no-verify-checksums (verify_checksums: false) to read derived files without "
+        "the md5 check"
+    )
     names = ", ".join(f for f, _ in files)
     if any(not (folder / f).is_file() for f, _ in files):
         try:
@@ -80,14 +86,15 @@ def _ensure_cifar_verified(cls, name: str, data_dir: Path, folder: Path, files: 
             Exception
         ) as e:  # any failure (no network, disk, bad archive) ends in the same manual fix
             raise DataError(
-                f"{name} files are missing in {folder} and could not be downloaded ({type(e).__name__}): "
-                f"extract {cls.url} into {data_dir} so that {folder} holds {names}; {without_check}"
+                f"{name} files are missing in {folder} and could not be downloaded "
+                f"({type(e).__name__}): extract {cls.url} into {data_dir} so that {folder} holds "
+                f"{names}; {without_check}"
             ) from e
     bad = [f for f, md5 in files if not check_integrity(str(folder / f), md5)]
     if bad:
         raise DataError(
-            f"{name} files in {folder} fail the md5 checksum check ({', '.join(bad)}): "
-            f"replace them with the originals from {cls.url}; {without_check}"
+            f"{name} files in {folder} fail the md5 checksum check ({', '.join(bad)}): replace "
+            f"them with the originals from {cls.url}; {without_check}"
         )
 
 
@@ -107,7 +114,8 @@ def _load_cifar(data: str, data_dir: Path, verify_checksums: bool) -> tuple[Spli
         if missing:
             names = ", ".join(f for f, _ in files)
             raise DataError(
-                f"{name} file {missing[0]} not found; put the python-format files {names} in {folder}"
+                f"{name} file {missing[0]} not found; put the python-format files {names} in "
+                f"{folder}"
             )
     out = []
     for files in (cls.train_list, cls.test_list):
@@ -147,8 +155,9 @@ def random_pixels(
     dist: str, n: int, shape: tuple, mean, std, rng: np.random.Generator
 ) -> np.ndarray:
     """n random images (n, C, H, W) in pixel space, as upstream's random datasets draw them: every
-    pixel uniform in [mean - std, mean + std] or normal(mean, std) per channel, or standard normal and
-    then, per sample and channel, rescaled to a point uniform in the unit ball ("hypersphere")."""
+    pixel uniform in [mean - std, mean + std] or normal(mean, std) per channel, or standard normal
+    and then, per sample and channel, rescaled to a point uniform in the unit ball ("hypersphere").
+    """
     from scipy.special import gammainc  # slow import, only needed here
 
     h, w, c = shape

@@ -49,9 +49,9 @@ class Hessian:
         return total.double()
 
     def top_eigenvalues(self, k: int, tol: float, seed: int) -> tuple[list[float], int]:
-        """(the k largest eigenvalues, the products taken) by lipdd.lanczos, started from the
-        gradient as well as a seeded Gaussian: the gradient lies mostly in the top eigenspace (Gur-Ari
-        et al. 2018, "Gradient descent happens in a tiny subspace"), which saves steps."""
+        """(the k largest eigenvalues, the products taken) by lipdd.measures.lanczos, started from
+        the gradient as well as a seeded Gaussian: the gradient lies mostly in the top eigenspace
+        (Gur-Ari et al. 2018, "Gradient descent happens in a tiny subspace"), which saves steps."""
         return top_eigenvalues(
             self.matvec, self.size, k, tol, device=self.device, seed=seed, start=self.gradient
         )

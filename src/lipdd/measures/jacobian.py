@@ -1,14 +1,15 @@
 """Input-output Jacobians of a classifier, per sample, and their exact operator norm.
 
-Every Jacobian here comes from one forward pass and backward passes of the *logits* for a whole batch of
-samples at once: a normalisation (softmax, log_softmax, cross-entropy, picking the target entry) is a
-small per-sample map A (K' x K) applied to the logits, so by the chain rule its Jacobian is A @ J_logits.
-Backpropagating the rows of A directly costs K' backward rows; computing J_logits once (K rows) and
-multiplying serves any number of normalisations. We take whichever needs fewer rows.
+Every Jacobian here comes from one forward pass and backward passes of the *logits* for a whole
+batch of samples at once: a normalisation (softmax, log_softmax, cross-entropy, picking the target
+entry) is a small per-sample map A (K' x K) applied to the logits, so by the chain rule its Jacobian
+is A @ J_logits. Backpropagating the rows of A directly costs K' backward rows; computing J_logits
+once (K rows) and multiplying serves any number of normalisations. We take whichever needs fewer
+rows.
 
-The arithmetic is IEEE float32 unless asked otherwise (`precision`), so the norms are exact to float32
-rounding: the operator norm comes from the singular values of the small K' x D matrix, not from power
-iteration.
+The arithmetic is IEEE float32 unless asked otherwise (`precision`), so the norms are exact to
+float32 rounding: the operator norm comes from the singular values of the small K' x D matrix, not
+from power iteration.
 """
 
 import contextlib
@@ -22,8 +23,8 @@ from ..names import NORMALIZATIONS
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Samples per forward pass when bigmem is off (see jacobians). On CPU a chunk's activations stay in
-# cache. On a GPU small chunks leave it idle between kernel launches, so they are larger there, still
-# a bounded fraction of its memory; not yet measured.
+# cache. On a GPU small chunks leave it idle between kernel launches, so they are larger there,
+# still a bounded fraction of its memory; not yet measured.
 CHUNK = {"cpu": 32, "cuda": 256}
 
 
@@ -49,10 +50,10 @@ def _logit_map(logits, targets, normalization, target_logit_only):
 
 @contextlib.contextmanager
 def _arithmetic(device, precision):
-    """IEEE float32 by default, also on CUDA, where cuDNN convolutions otherwise run in TF32 on Ampere and
-    later GPUs (torch.backends.cudnn.conv.fp32_precision defaults to "tf32"). "tf32" (TF32 convolutions and
-    matmuls) and "bf16" (autocast) are CUDA-only options that trade exactness for speed; see
-    benchmarks/bench_stats.py --device cuda for their error against float64."""
+    """IEEE float32 by default, also on CUDA, where cuDNN convolutions otherwise run in TF32 on
+    Ampere and later GPUs (torch.backends.cudnn.conv.fp32_precision defaults to "tf32"). "tf32"
+    (TF32 convolutions and matmuls) and "bf16" (autocast) are CUDA-only options that trade exactness
+    for speed; see benchmarks/bench_stats.py --device cuda for their error against float64."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}, expected one of {PRECISIONS}")
     if device.type != "cuda":
@@ -77,10 +78,10 @@ def _frozen_copy(model, channels_last):
 
     Autograd then tracks the input only: no parameter gradient is ever computed (upstream's backward
     passes spent about half their time on them), and the caller's model stays untouched. A copy, not
-    torch.func.functional_call with detached tensors: functional_call swaps the module's own parameters
-    in and out around each call, so chunks on several threads at once undid each other's swaps and
-    left the caller's model holding the detached tensors. On CPU, weights go channels-last (inputs in
-    _chunk_jacobians): oneDNN's convolutions then run without layout reorders.
+    torch.func.functional_call with detached tensors: functional_call swaps the module's own
+    parameters in and out around each call, so chunks on several threads at once undid each other's
+    swaps and left the caller's model holding the detached tensors. On CPU, weights go channels-last
+    (inputs in _chunk_jacobians): oneDNN's convolutions then run without layout reorders.
     """
     frozen = copy.deepcopy(model).requires_grad_(False)
     return frozen.to(memory_format=torch.channels_last) if channels_last else frozen
@@ -89,13 +90,13 @@ def _frozen_copy(model, channels_last):
 def _backward_rows(logits, x, rows, bigmem):
     """(B, R, D) rows @ J_logits per sample, from the graph of one forward pass.
 
-    Samples are independent (eval mode), so backpropagating the (B, K) cotangent rows[:, r] gives every
-    sample's row r at once. bigmem=False runs the R backward passes one after another on the retained
-    graph: peak memory is the forward activations plus one plain backward. bigmem=True sends all R rows
-    through one vectorised backward (autograd's is_grads_batched, a vmap over the cotangents): R times
-    the backward's transient memory, fewer, larger kernels. On CPU the row loop is the faster of the two
-    (benchmarks/bench_stats.py measures both); a vmap over the rows with chunk_size=1 costs the same
-    kernels plus vmap's per-op overhead.
+    Samples are independent (eval mode), so backpropagating the (B, K) cotangent rows[:, r] gives
+    every sample's row r at once. bigmem=False runs the R backward passes one after another on the
+    retained graph: peak memory is the forward activations plus one plain backward. bigmem=True
+    sends all R rows through one vectorised backward (autograd's is_grads_batched, a vmap over the
+    cotangents): R times the backward's transient memory, fewer, larger kernels. On CPU the row loop
+    is the faster of the two (benchmarks/bench_stats.py measures both); a vmap over the rows with
+    chunk_size=1 costs the same kernels plus vmap's per-op overhead.
     """
     B, R, _ = rows.shape
     out = torch.empty(B, R, *x.shape[1:], dtype=x.dtype, device=x.device)
@@ -111,14 +112,14 @@ def _backward_rows(logits, x, rows, bigmem):
 def jacobians(
     model, x, targets, normalizations, target_logit_only=False, bigmem=False, precision="fp32"
 ):
-    """logits (B, K) and {normalization: (B, K', D) Jacobian}: per chunk of samples, one forward pass and
-    K' or K backward rows, whichever is fewer.
+    """logits (B, K) and {normalization: (B, K', D) Jacobian}: per chunk of samples, one forward
+    pass and K' or K backward rows, whichever is fewer.
 
-    bigmem=False works on chunks of at most CHUNK samples, so peak memory is that of a chunk (per CPU
-    thread) whatever the batch size; on CPU it is also faster, since a chunk's activations stay in
-    cache. On a multi-threaded CPU the chunks run
-    concurrently (_concurrently), and a batch of fewer than CHUNK samples per thread is split so that
-    every thread gets one. bigmem=True takes the batch at once.
+    bigmem=False works on chunks of at most CHUNK samples, so peak memory is that of a chunk (per
+    CPU thread) whatever the batch size; on CPU it is also faster, since a chunk's activations stay
+    in cache. On a multi-threaded CPU the chunks run concurrently (_concurrently), and a batch of
+    fewer than CHUNK samples per thread is split so that every thread gets one. bigmem=True takes
+    the batch at once.
     """
     cpu = x.device.type == "cpu"
     threads = torch.get_num_threads() if cpu else 1
@@ -145,10 +146,11 @@ def jacobians(
 
 
 def _concurrently(fn, *iterables, workers):
-    """[fn(*args) for args in zip(*iterables)], `workers` calls at a time, each on a thread of its own whose
-    ops run single-threaded. A chunk's convolutions are too small to split well across cores; whole
-    chunks in parallel keep every core busy (README, Performance).
-    Autograd runs a CPU backward on the thread that calls it, so the chunks' graphs never meet. Memory:
+    """[fn(*args) for args in zip(*iterables)], `workers` calls at a time, each on a thread of its
+    own whose ops run single-threaded. A chunk's convolutions are too small to split well across
+    cores; whole chunks in parallel keep every core busy (docs/performance.md). Autograd runs a CPU
+    backward on the thread that calls it, so the chunks' graphs never meet.
+    Memory:
     `workers` chunks at a time."""
     threads = torch.get_num_threads()
     # OpenMP's thread count is a per-thread setting: each worker sets its own, and the caller's is

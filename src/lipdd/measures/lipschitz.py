@@ -6,8 +6,8 @@ convolutions with their own stride and padding (no circular approximation), pool
 eval mode, flatten and the final linear layer, composed; biases drop out (they shift, they do not
 stretch). ReLU is 1-Lipschitz. A residual block, relu(branch(x) + shortcut(x)), is bounded by
 ||shortcut|| + ||second map|| * ||first map|| of its branch. Each norm is the square root of the
-top eigenvalue of A^T A, found by Lanczos iteration (lipdd.lanczos) on products computed in float64
-by autograd: A v by the forward pass, A^T w by its backward pass.
+top eigenvalue of A^T A, found by Lanczos iteration (lipdd.measures.lanczos) on products computed in
+float64 by autograd: A v by the forward pass, A^T w by its backward pass.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ LINEAR = (
 
 
 def spectral_norm(affine, shape: tuple[int, ...], device="cpu") -> float:
-    """Largest singular value of the linear part A of `affine` (x -> A x + b) on inputs of `shape`."""
+    """Largest singular value of the linear part A of `affine` (x -> A x + b) on inputs of
+    `shape`."""
     n = math.prod(shape)
     zero = torch.zeros(1, *shape, dtype=torch.float64, device=device)
     with torch.no_grad():

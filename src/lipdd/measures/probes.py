@@ -45,7 +45,8 @@ class ProbeSet:
     x: torch.Tensor  # (P, C, H, W) normalised
     targets: torch.Tensor  # (P,) the label each point inherits
     provenance: dict[str, list]  # per point: where it comes from
-    # Named subsets of the points (or, with reduce, of the training points) that get a mean of their own.
+    # Named subsets of the points (or, with reduce, of the training points) that get a mean of their
+    # own.
     groups: dict[str, np.ndarray] = field(default_factory=dict)
     # values at the P points -> {reduction: one value per training point}; the first reduction is
     # the one summarised; None: every point is summarised as it is.
@@ -168,9 +169,9 @@ def shifts(radius: int) -> Callable:
         )
 
     probe.__doc__ = (
-        f"Each training point and its translations by {radius} pixel(s) along probe_directions evenly "
-        f"spaced directions (the study's {radius}px-shifts); per training point, the mean over "
-        "directions of (f(x) + f(x_k)) / 2, the study's integral."
+        f"Each training point and its translations by {radius} pixel(s) along probe_directions "
+        f"evenly spaced directions (the study's {radius}px-shifts); per training point, the mean "
+        "over directions of (f(x) + f(x_k)) / 2, the study's integral."
     )
     return probe
 
@@ -216,7 +217,7 @@ def shift_paths(points: Points, options, model=None) -> ProbeSet:
     )
 
 
-# --- away from the data ----------------------------------------------------------------------------
+# --- away from the data ---------------------------------------------------------------------------
 
 
 def random_inputs(kind: str) -> Callable:
@@ -231,14 +232,15 @@ def random_inputs(kind: str) -> Callable:
         return ProbeSet(x, targets, {"draw": list(range(n))})
 
     probe.__doc__ = (
-        f"As many random inputs as training points, drawn as upstream's random dataset {kind!r} draws "
-        "them (lipdd.data.random_pixels, in pixel space, with numpy.random.default_rng(probe_seed); "
-        "not rounded to 8 bits), then normalised; labels uniform over the classes."
+        f"As many random inputs as training points, drawn as upstream's random dataset {kind!r} "
+        "draws them (lipdd.data.random_pixels, in pixel space, with "
+        "numpy.random.default_rng(probe_seed); not rounded to 8 bits), then normalised; labels "
+        "uniform over the classes."
     )
     return probe
 
 
-# --- the worst input found -------------------------------------------------------------------------
+# --- the worst input found ------------------------------------------------------------------------
 
 SOFTPLUS_BETA = 10.0  # sharpness of the smooth ReLU the ascent differentiates
 

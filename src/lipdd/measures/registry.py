@@ -81,7 +81,8 @@ class Batch:
 
     @property
     def jacobians(self) -> dict[str, torch.Tensor]:
-        """{normalization: (B, K', D) Jacobian of each sample's normalised output w.r.t. its input}."""
+        """{normalization: (B, K', D) Jacobian of each sample's normalised output w.r.t. its
+        input}."""
         return self._outputs[1]
 
 
@@ -98,7 +99,7 @@ class Network:
     options: object = None  # config.StatsConfig
 
 
-# --- per sample ------------------------------------------------------------------------------------
+# --- per sample -----------------------------------------------------------------------------------
 
 
 def jacobian_operator_norm(batch: Batch, normalization: str) -> torch.Tensor:
@@ -126,7 +127,7 @@ def confidence(batch: Batch) -> torch.Tensor:
     return torch.linalg.vector_norm(batch.logits.softmax(-1) - onehot, dim=-1)
 
 
-# --- per network -----------------------------------------------------------------------------------
+# --- per network ----------------------------------------------------------------------------------
 
 
 def distance_from_init(network: Network) -> tuple[dict[str, float], dict]:
@@ -150,8 +151,8 @@ def distance_from_init(network: Network) -> tuple[dict[str, float], dict]:
 
 def lipschitz_upper_bound(network: Network) -> tuple[dict[str, float], dict]:
     """Upper bound on the l2 Lipschitz constant of the logits w.r.t. the normalised input: the
-    product of the exact spectral norms of the linear maps between ReLUs (lipdd.lipschitz), each
-    map's norm in the details. The softmax outputs' bound is half of it: softmax's Jacobian
+    product of the exact spectral norms of the linear maps between ReLUs (lipdd.measures.lipschitz),
+    each map's norm in the details. The softmax outputs' bound is half of it: softmax's Jacobian
     diag(p) - p p^T has spectral norm at most 1/2."""
     bound, maps = lipschitz.upper_bound(network.model, network.input_shape)
     return {"lipschitz_upper_bound": bound, "lipschitz_upper_bound_softmax": bound / 2}, {
@@ -174,7 +175,7 @@ def bound_over_max(summary: dict, values: dict, options) -> dict[str, float]:
 
 def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
     """Curvature of the mean cross-entropy L(theta) on the training subset (the labels trained on,
-    the network in eval mode): the top-k eigenvalues of the Hessian (lipdd.lanczos on
+    the network in eval mode): the top-k eigenvalues of the Hessian (lipdd.measures.lanczos on
     Hessian-vector products, to the relative tolerance stats.curvature_tolerance), its trace by
     Hutchinson's estimator (mean of v^T H v over stats.hutchinson_probes seeded Rademacher v) with
     its standard error, and the gradient norm ||grad L||."""
@@ -269,7 +270,8 @@ def per_sample(
     chosen = [MEASURES[name] for name in selected if MEASURES[name].kind == "sample"]
     if any("normalization" in m.options for m in chosen) and not normalizations:
         raise ValueError(
-            f"{', '.join(m.name for m in chosen)}: Jacobian measures need at least one normalization"
+            f"{', '.join(m.name for m in chosen)}: Jacobian measures need at least one "
+            "normalization"
         )
     needed = normalizations if any("normalization" in m.options for m in chosen) else ()
     batch = Batch(model, x, targets, needed, target_logit_only, bigmem, precision)

@@ -44,8 +44,8 @@ def report(cfg: Config) -> list[Path]:
     epochs = sorted({int(r.data.params["epochs"]) for r in drawn if "epochs" in r.data.params})
     length = f"{epochs[0]}" if len(epochs) == 1 else f"{epochs[0]}-{epochs[-1]}" if epochs else "?"
     title = (
-        f"{cfg.model} on {cfg.data}, label noise {cfg.label_noise:g}, {length} epochs, {len(drawn)} runs "
-        f"({len(by_width)} widths)"
+        f"{cfg.model} on {cfg.data}, label noise {cfg.label_noise:g}, {length} epochs, "
+        f"{len(drawn)} runs ({len(by_width)} widths)"
     )
     written = [
         files.write_csv(out / "by_width.csv", width_rows),

@@ -53,8 +53,8 @@ def drawn_measures(keys: list[str]) -> list[str]:
 
 
 def width_colour(i: int, n: int):
-    """The i-th of n widths' colour: matplotlib's ten distinct colours, or twenty when there are more
-    (beyond that colours repeat, and the legend's order tells them apart)."""
+    """The i-th of n widths' colour: matplotlib's ten distinct colours, or twenty when there are
+    more (beyond that colours repeat, and the legend's order tells them apart)."""
     return matplotlib.colormaps["tab10" if n <= 10 else "tab20"](i % (10 if n <= 10 else 20))
 
 

@@ -3,10 +3,10 @@
 What to measure is selected first (the run, its checkpoints, the samples: `select_checkpoints`,
 `sample_selection`), then each checkpoint is measured (`measure_samples`, `measure_network`,
 `measure_probes`: the measures of lipdd.measures, on the split and on the probe sets of
-lipdd.probes), then written (`Writer`: per-sample result files with their per-batch
-means, summaries, MLflow metrics at step = epoch, a log). Under torchrun the ranks measure
-contiguous blocks of batches and rank 0 writes what one process would. Listing a run's checkpoints,
-and joining the shard files of independent --skip jobs are commands of their own.
+lipdd.measures.probes), then written (`Writer`: per-sample result files with their per-batch means,
+summaries, MLflow metrics at step = epoch, a log). Under torchrun the ranks measure contiguous
+blocks of batches and rank 0 writes what one process would. Listing a run's checkpoints, and joining
+the shard files of independent --skip jobs are commands of their own.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def sample_selection(cfg: Config, n_split: int) -> np.ndarray:
     n = n_split - start if s.num_samples is None else s.num_samples
     if n <= 0 or start + n > n_split:
         raise ConfigError(
-            f"stats.num_samples: {s.num_samples or n} samples from position {start} are more than the "
-            f"{n_split} samples of split {s.dataset_split!r}"
+            f"stats.num_samples: {s.num_samples or n} samples from position {start} are more than "
+            f"the {n_split} samples of split {s.dataset_split!r}"
         )
     return np.arange(start, start + n)
 
@@ -90,7 +90,7 @@ def training_subset(prepared: datalib.Prepared, device, n: int, seed: int) -> Po
     )
 
 
-# --- measuring -------------------------------------------------------------------------------------
+# --- measuring ------------------------------------------------------------------------------------
 
 
 def interactive() -> bool:
@@ -235,9 +235,9 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
 
 
 def refuse_foreign_results(out_dir: Path, run_id: str) -> None:
-    """One directory, one run's results. The upstream layout names a run's directory by the parameters
-    upstream's scripts name runs by, so runs that differ only in others (a learning rate, epochs)
-    share one, and one's files would overwrite the other's."""
+    """One directory, one run's results. The upstream layout names a run's directory by the
+    parameters upstream's scripts name runs by, so runs that differ only in others (a learning rate,
+    epochs) share one, and one's files would overwrite the other's."""
     for path in sorted(out_dir.glob("*.json")):
         try:
             found = json.loads(path.read_text())
@@ -259,8 +259,8 @@ def load_weights(model, state_dict: dict, run_id: str, artifact: str) -> None:
         first = next(iter(state_dict), "")
         raise ConfigError(
             f"checkpoint {artifact} of run {run_id} does not fit the network lipdd builds for it "
-            f"(first parameter {first!r}; networks saved before lipdd took upstream's parameter names "
-            f"cannot be read: retrain the run): {str(e).splitlines()[0]}"
+            f"(first parameter {first!r}; networks saved before lipdd took upstream's parameter "
+            f"names cannot be read: retrain the run): {str(e).splitlines()[0]}"
         ) from None
 
 

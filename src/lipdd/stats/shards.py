@@ -49,9 +49,9 @@ def merge_shards(out_dir: Path) -> list[Path]:
             end = ma["skip"] + ma["nsamples"]
             if end != mb["skip"]:
                 raise ConfigError(
-                    f"stats.merge: {pa.name} holds samples {ma['skip']}..{end - 1} but {pb.name} starts "
-                    f"at {mb['skip']}; shards must be contiguous and must not overlap (each job: "
-                    "--skip=START --num-samples=COUNT of its own range)"
+                    f"stats.merge: {pa.name} holds samples {ma['skip']}..{end - 1} but {pb.name} "
+                    f"starts at {mb['skip']}; shards must be contiguous and must not overlap "
+                    "(each job: --skip=START --num-samples=COUNT of its own range)"
                 )
         merged = {
             k: [x for r, _ in shards for x in r[k]]

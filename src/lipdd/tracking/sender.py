@@ -30,7 +30,7 @@ class BackgroundLogger(MetricLogger):
     process of its own, in the order they were asked for.
 
     MLflow's ORM holds the GIL while it writes, so a thread of the trainer would slow a small
-    model's steps as much as writing inline (README, Performance). Here the trainer only pickles
+    model's steps as much as writing inline (docs/performance.md). Here the trainer only pickles
     batches of SEND_EVERY rows down a pipe, and saves checkpoints to a spool folder, and a sender
     process writes and uploads them while the training goes on. Order makes a checkpoint safe to
     resume from: it is uploaded after every step logged before it.
@@ -212,16 +212,18 @@ class Patience:
                 if self.down_since is None:
                     self.down_since = now
                     print(
-                        f"lipdd: the tracking server {self.uri} does not answer ({cause(e)}); the training goes on "
-                        f"and its metrics and checkpoints wait in {self.spool}, for up to {self.limit:g} s",
+                        f"lipdd: the tracking server {self.uri} does not answer ({cause(e)}); the "
+                        f"training goes on and its metrics and checkpoints wait in {self.spool}, "
+                        f"for up to {self.limit:g} s",
                         file=sys.stderr,
                         flush=True,
                     )
                 if now - self.down_since > self.limit:
                     raise TrackingUnavailable(
-                        f"the tracking server {self.uri} did not answer for {now - self.down_since:.0f} s "
-                        f"(tracking_outage_limit: {self.limit:g}); the run stays resumable from its last "
-                        "uploaded checkpoint: run the same command again once the server is back"
+                        f"the tracking server {self.uri} did not answer for "
+                        f"{now - self.down_since:.0f} s (tracking_outage_limit: {self.limit:g}); "
+                        "the run stays resumable from its last uploaded checkpoint: run the same "
+                        "command again once the server is back"
                     ) from None
                 time.sleep(pause)
                 pause = min(2 * pause, 30.0)

@@ -43,7 +43,8 @@ def project_root() -> Path:
 def tracking_uri(configured: str | None = None) -> str:
     """The store's URI, without credentials. A user:password@ in it moves to MLflow's own
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD of this process (and so of its children):
-    MLflow puts the URI into its error messages, and lipdd into run.json; neither may carry a secret."""
+    MLflow puts the URI into its error messages, and lipdd into run.json; neither may carry a
+    secret."""
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return f"sqlite:///{project_root() / 'mlflow.db'}"
@@ -80,8 +81,8 @@ def get_client(uri: str, create: bool = True) -> MlflowClient:
     db = Path(uri[len("sqlite:///") :])
     if not create and not db.exists():
         raise ConfigError(
-            f"tracking_uri: the MLflow store {db} does not exist; point MLFLOW_TRACKING_URI "
-            "(or tracking_uri in params.yaml) at the store that holds the runs"
+            f"tracking_uri: the MLflow store {db} does not exist; point MLFLOW_TRACKING_URI (or "
+            "tracking_uri in params.yaml) at the store that holds the runs"
         )
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
@@ -99,8 +100,8 @@ def check_server(client: MlflowClient) -> None:
     except Exception as e:
         if transient(e):
             raise TrackingUnavailable(
-                f"the tracking server {client.tracking_uri} does not answer ({cause(e)}); "
-                "start it or point tracking_uri at one, then run the same command again"
+                f"the tracking server {client.tracking_uri} does not answer ({cause(e)}); start "
+                "it or point tracking_uri at one, then run the same command again"
             ) from None
         status = e.get_http_status_code() if isinstance(e, MlflowException) else None
         if status not in (401, 403):
@@ -108,8 +109,8 @@ def check_server(client: MlflowClient) -> None:
         user = os.environ.get("MLFLOW_TRACKING_USERNAME")
         who = f"user {user!r}" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
         raise ConfigError(
-            f"tracking_uri: the MLflow server {client.tracking_uri} refused {who} (HTTP {status}); "
-            "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+            f"tracking_uri: the MLflow server {client.tracking_uri} refused {who} (HTTP "
+            f"{status}); check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
         ) from None
 
 
