@@ -118,16 +118,21 @@ class Repo:
         )
 
 
-def make_repo(path: Path, env: dict[str, str]) -> Repo:
-    """git + DVC repository holding the project's dvc.yaml, params.yaml (patched) and src/
-    (the stages' code dependencies), committed."""
+# The stats of a scenario about where runs land (hosts, logins), not about what is measured: one
+# per-sample measure, no per-network measure or probe set, so the report draws a few panels.
+LEAN_STATS = dict(metric=["jacobian_operator_norm", "accuracy"], normalization=["none"], probes=[])
+
+
+def make_repo(path: Path, env: dict[str, str], stats: dict | None = None) -> Repo:
+    """git + DVC repository holding the project's dvc.yaml, params.yaml (patched, `stats` on top
+    of STATS_PATCH) and src/ (the stages' code dependencies), committed."""
     path.mkdir(parents=True)
     shutil.copy(ROOT / "dvc.yaml", path / "dvc.yaml")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     missing = sorted(set(PATCH) - set(params)) + sorted(set(STATS_PATCH) - set(params["stats"]))
     assert not missing, f"params.yaml lacks {missing}"
     params.update(PATCH)
-    params["stats"].update(STATS_PATCH)
+    params["stats"].update(STATS_PATCH, **(stats or {}))
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(
         ROOT / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")

@@ -2,7 +2,7 @@
 
 Precedence: built-in defaults <- `--params FILE` (params.yaml) <- environment (SAVE_DIR,
 NAME, DATA_DIR, DEVICE, WORKERS) <- command-line flags. Each field declares its help text,
-its seed-README flag spellings and its choices once; the CLI and the validation are built
+its upstream flag spellings and its choices once; the CLI and the validation are built
 from those declarations, so a params.yaml key and its flag cannot drift apart.
 """
 

@@ -9,7 +9,7 @@ import json
 
 from mlflow.tracking import MlflowClient
 
-from dvc_repo import Repo, clean_env, make_repo
+from dvc_repo import LEAN_STATS, Repo, clean_env, make_repo
 from lipdd.tracking import list_checkpoints
 from mlflow_server import MlflowServer
 
@@ -34,7 +34,7 @@ def clone(tmp_path, name: str, remote, env) -> Repo:
 
 def test_two_hosts_one_server_and_a_third_that_reports(tmp_path):
     with MlflowServer(tmp_path / "server", clean_env(tmp_path)) as server:
-        a = make_repo(tmp_path / "a" / "project", host(tmp_path, "a", server))
+        a = make_repo(tmp_path / "a" / "project", host(tmp_path, "a", server), LEAN_STATS)
         remote = tmp_path / "origin.git"
         a.run("git", "init", "-q", "--bare", "--initial-branch", "main", str(remote))
         a.run("git", "remote", "add", "origin", str(remote))

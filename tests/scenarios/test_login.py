@@ -11,7 +11,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dvc_repo import clean_env, make_repo
+from dvc_repo import LEAN_STATS, clean_env, make_repo
 from mlflow_server import MlflowServer
 
 PASSWORD = "lipdd-Pa55word-never-written"
@@ -105,7 +105,7 @@ def test_a_password_in_a_params_file_is_refused_without_echoing_it(tmp_path):
 
 
 def test_the_pipeline_and_the_queue_log_in_and_write_the_password_nowhere(tmp_path, server):
-    repo = make_repo(tmp_path / "project", login_env(tmp_path, server))
+    repo = make_repo(tmp_path / "project", login_env(tmp_path, server), LEAN_STATS)
     repo.run("dvc", "exp", "run", "--queue", "-S", "width=2,3")  # the whole pipeline, twice
     repo.run("dvc", "queue", "start", "-j", "2")
     repo.finish_queue()

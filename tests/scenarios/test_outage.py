@@ -131,9 +131,11 @@ def test_past_its_outage_limit_a_training_stops_and_the_same_command_resumes_it(
 
 
 @pytest.mark.parametrize("command", [["train", *TINY], ["stats", "--run-id", "0" * 32], ["report"]])
-def test_a_command_whose_server_is_down_says_so_in_one_line_and_does_nothing(setup, command):
-    server, work, env, _ = setup
-    server.stop()
+def test_a_command_whose_server_is_down_says_so_in_one_line_and_does_nothing(tmp_path, command):
+    server = MlflowServer(tmp_path / "server", clean_env(tmp_path))  # never started: down
+    work = tmp_path / "work"
+    work.mkdir()
+    env = client_env(tmp_path, server)
     proc = subprocess.run(
         [sys.executable, "-m", "lipdd", *command],
         cwd=work,
