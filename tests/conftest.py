@@ -9,6 +9,8 @@ import tempfile
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tiny import TINY_RUN
+
 # torch.compile's kernel cache does not key on the instruction set ATen and oneDNN are held to:
 # under ATEN_CPU_CAPABILITY=avx2 a kernel cached by a native run crashes the process. Each
 # setting gets a cache of its own.
@@ -40,13 +42,6 @@ def workdir(tmp_path, monkeypatch, empty_store):
         monkeypatch.delenv(var, raising=False)
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     return tmp_path
-
-
-# The tiny training most measure tests start from: cnn5 width 2 on digits, checkpoints at epochs 0
-# and 2.
-TINY_RUN = dict(
-    width=2, label_seed=0, epochs=2, batch_size=256, eval_every=1, save_checkpoint=[0], device="cpu"
-)
 
 
 @pytest.fixture(scope="session")

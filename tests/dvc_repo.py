@@ -81,18 +81,27 @@ class Repo:
             )
         return proc
 
-    def finish_queue(self, timeout: float = 300) -> None:
-        """Waits until no queued experiment is queued or running; fails with the log of one that
-        failed."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            status = self.run("dvc", "queue", "status").stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(2)
-        failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
-        assert not failed, self.run("dvc", "queue", "logs", failed[0], check=False).stdout
-        assert "Queued" not in status and "Running" not in status, status
+    def sweep(self, *params: str, jobs: int = 2, timeout: float = 300) -> None:
+        """`dvc exp run --queue -S ...`, then `dvc queue start -j JOBS`, and wait until no queued
+        experiment is queued or running; fails with the log of one that failed. The queue's
+        daemon keeps what it inherits open until its last worker exits, so `queue start` writes to
+        a file, not to pipes this process would wait on; `dvc queue stop` ends the workers."""
+        self.run("dvc", "exp", "run", "--queue", *(a for p in params for a in ("-S", p)))
+        with open(self.path.parent / "queue.log", "a") as log:
+            start = ["dvc", "queue", "start", "-j", str(jobs)]
+            subprocess.run(start, cwd=self.path, env=self.env, stdout=log, stderr=log, check=True)
+        try:
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                status = self.run("dvc", "queue", "status").stdout
+                if "Queued" not in status and "Running" not in status:
+                    break
+                time.sleep(2)
+            failed = [line.split()[0] for line in status.splitlines() if "Failed" in line]
+            assert not failed, self.run("dvc", "queue", "logs", failed[0], check=False).stdout
+            assert "Queued" not in status and "Running" not in status, status
+        finally:
+            self.run("dvc", "queue", "stop", check=False)
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.uri)

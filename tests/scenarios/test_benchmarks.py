@@ -38,7 +38,7 @@ def test_upstream_jacobians_are_the_jacobian(family):
         assert all(p.grad is None for p in model.parameters())
 
 
-def test_upstream_power_iteration_as_the_seed_had_it():
+def test_upstream_power_iteration_as_upstream_has_it():
     """Zero for every sample whose norm is below its 1e-2 tolerance; otherwise a Rayleigh
     quotient of unit vectors, so never above the largest singular value."""
     g = torch.Generator().manual_seed(0)

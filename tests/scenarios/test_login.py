@@ -106,9 +106,7 @@ def test_a_password_in_a_params_file_is_refused_without_echoing_it(tmp_path):
 
 def test_the_pipeline_and_the_queue_log_in_and_write_the_password_nowhere(tmp_path, server):
     repo = make_repo(tmp_path / "project", login_env(tmp_path, server), LEAN_STATS)
-    repo.run("dvc", "exp", "run", "--queue", "-S", "width=2,3")  # the whole pipeline, twice
-    repo.run("dvc", "queue", "start", "-j", "2")
-    repo.finish_queue()
+    repo.sweep("width=2,3")  # the whole pipeline, twice
     # The login inside the URI, as some clusters hand it out: the same, and kept out of files too.
     inside = {
         **clean_env(tmp_path),

@@ -14,26 +14,10 @@ from mlflow.tracking import MlflowClient
 from dvc_repo import clean_env
 from lipdd.tracking import list_checkpoints
 from mlflow_server import MlflowServer
+from tiny import TINY_FLAGS
 
 STEPS_PER_EPOCH = 6  # ceil(1297 / 256)
-TINY = [
-    "--width",
-    "2",
-    "--label-seed",
-    "0",
-    "--batch-size",
-    "256",
-    "--device",
-    "cpu",
-    "--optimizer",
-    "sgd",
-    "--learning-rate",
-    "0.05",
-    "--save-checkpoint",
-    "10",
-    "--eval-every",
-    "10",
-]
+TINY = [*TINY_FLAGS, "--save-checkpoint", "10", "--eval-every", "10"]
 
 
 def client_env(tmp_path, server) -> dict[str, str]:

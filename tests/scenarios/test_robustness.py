@@ -16,21 +16,7 @@ import torch
 
 from lipdd import cli, config, train
 from lipdd.tracking import get_client, list_checkpoints
-
-TINY = [
-    "--width",
-    "2",
-    "--label-seed",
-    "0",
-    "--batch-size",
-    "256",
-    "--device",
-    "cpu",
-    "--optimizer",
-    "sgd",
-    "--learning-rate",
-    "0.05",
-]
+from tiny import TINY_FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +199,7 @@ def last_weights(client, run_id):
 def test_sigkill_mid_epoch_then_the_same_command_finishes_the_same_run(workdir):
     args = [
         "train",
-        *TINY,
+        *TINY_FLAGS,
         "--epochs",
         "12",
         "--save-checkpoint",
@@ -268,7 +254,7 @@ def test_four_concurrent_trainings_share_one_sqlite_store(workdir):
     procs = [
         lipdd(
             "train",
-            *TINY,
+            *TINY_FLAGS,
             "--epochs",
             "3",
             "--loss-checkpoint",

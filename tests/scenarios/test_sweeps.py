@@ -18,9 +18,7 @@ def repo(tmp_path):
 def test_queued_width_sweep_lands_in_the_workspace_store(repo):
     """Queued experiments run in temporary copies under .dvc/tmp/exps; their runs must still
     land in the workspace's store, tagged with their DVC experiment names."""
-    repo.run("dvc", "exp", "run", "--queue", "-S", "width=1,2,3")
-    repo.run("dvc", "queue", "start", "-j", "2")
-    repo.finish_queue()
+    repo.sweep("width=1,2,3")
 
     runs = repo.training_runs()
     assert sorted(r.data.params["width"] for r in runs) == ["1", "2", "3"]

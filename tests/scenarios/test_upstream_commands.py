@@ -218,7 +218,7 @@ def export(workdir, *extra):
     assert cli.main(["export-checkpoints", *keep, *extra]) == 0
 
 
-def test_exported_checkpoints_load_into_the_seeds_network(trained, workdir):
+def test_exported_checkpoints_load_into_upstreams_network(trained, workdir):
     export(workdir)
     with zipfile.ZipFile(workdir / UPSTREAM_DIR / "checkpoints.zip") as z:
         assert sorted(z.namelist()) == [
@@ -360,7 +360,7 @@ def restored_logging():
     root.handlers[:], root.level = handlers, level
 
 
-def test_logfile_and_the_seeds_jacobian_normalization(trained, workdir, restored_logging):
+def test_logfile_and_upstreams_jacobian_normalization(trained, workdir, restored_logging):
     argv = shlex.split(STATS) + [
         "--normalization",
         "none",

@@ -435,7 +435,7 @@ def test_random_datasets_are_the_seeds(tmp_path, dist):
     assert (meta["mean"], meta["std"], meta["random_dataset"]) == (mean, std, dist)
 
 
-def test_jitter_is_the_seeds_threshold_after_normalisation(tmp_path):
+def test_jitter_is_upstreams_threshold_after_normalisation(tmp_path):
     write_cifar10(tmp_path / "raw", n_train_per_batch=20, n_test=10)
     prepare(
         tmp_path / "j", "cifar10", tmp_path / "raw", verify_checksums=False, random_dataset="jitter"
