@@ -231,7 +231,8 @@ def norms64(model, x, masks=None):
 def ours_with_pattern(name, model, x, targets):
     """Our estimates and the relu pattern of our own forward pass(es), chunks joined along the
     batch. One thread, so the chunks run one after another where ReluPattern (a thread-local mode)
-    sees them; tests/unit/test_jacobian.py checks that concurrent chunks give the same values."""
+    sees them; tests/unit/measures/test_jacobian.py checks that concurrent chunks give the same
+    values."""
     with ReluPattern() as one, torch.no_grad():
         model(x[:1])
     threads = torch.get_num_threads()
