@@ -85,5 +85,10 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
     ):
         assert correlation[measure]["n_widths"] == "3", measure
         assert correlation[measure]["spearman_rho"] != "", measure
-    for figure in ("measures_vs_width.png", "smoothness_vs_width.png"):
+    for figure in (
+        "sample_measures_vs_width.png",
+        "network_measures_vs_width.png",
+        "probe_measures_vs_width.png",
+        "smoothness_vs_width.png",
+    ):
         assert (repo.path / "results/report" / figure).stat().st_size > 10_000

@@ -37,19 +37,43 @@ def width_axis(
         ax.legend()
 
 
-def drawn_measures(keys: list[str]) -> list[str]:
-    """The measures a figure gets a panel for: each statistic's mean (and the operator norm's
-    max), each per-network measure but standard errors."""
+PANELS = 12  # at most per figure: panels large enough to read
+GROUPS = {
+    "sample": "per-sample statistics on the training points",
+    "network": "per-network measures",
+    "probe": "off the training points, mean over each probe set",
+}
+LINE_LABELS = {**LABELS, "max": "max", "p99": "99th percentile"}
 
-    def wanted(key):
-        parsed = names.parse_summary_key(key)
-        if parsed is None and (probe := probe_summary(key)):
-            parsed = probe
-        if parsed is None:
-            return not key.endswith("_se")
-        return parsed[2] in ("mean", "max")  # stats logs a max only where it matters
 
-    return [k for k in keys if wanted(k)]
+def panels_of(keys: list[str]) -> dict[str, dict[str, dict[str, str]]]:
+    """group -> panel -> line -> column of the measures drawn: a panel per statistic on the
+    training points (a line per summary: all, clean, corrupted, and the max where stats logs it),
+    one per per-network measure, and one per statistic on the probe sets (a line per probe set;
+    the operator norm's are drawn beside the training points' in smoothness_vs_width.png).
+    Standard errors and other summaries stay in the CSVs."""
+    drawn: dict[str, dict[str, dict[str, str]]] = {g: {} for g in GROUPS}
+    for key in keys:
+        if parsed := names.parse_summary_key(key):
+            _, stat, summary = parsed
+            if summary in LINE_LABELS:
+                drawn["sample"].setdefault(stat, {})[summary] = key
+        elif found := probe_summary(key):
+            probe, stat, summary = found
+            if summary == "mean" and not stat.startswith(names.OPNORM):
+                drawn["probe"].setdefault(stat, {})[probe] = key
+        elif not key.endswith("_se"):
+            drawn["network"][key] = {key: key}
+    order = list(LINE_LABELS)  # all, clean, corrupted, max, ...; probe sets by name
+    for by_panel in drawn.values():
+        for panel, lines in by_panel.items():
+            by_panel[panel] = dict(
+                sorted(
+                    lines.items(),
+                    key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]),
+                )
+            )
+    return {group: by_panel for group, by_panel in drawn.items() if by_panel}
 
 
 def width_colour(i: int, n: int):
@@ -61,39 +85,69 @@ def width_colour(i: int, n: int):
 def grid(n: int, title: str) -> tuple[Figure, list]:
     cols = min(4, max(1, n))
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
+    fig = Figure(figsize=(4 * cols, 3.2 * rows))
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.85, bottom=0.12, wspace=0.35, hspace=0.55)
     fig.suptitle(title)
-    return fig, list(fig.subplots(rows, cols, squeeze=False).flat)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def pages(by_panel: dict) -> list[tuple[str, list]]:
+    """(file name suffix, panels) of each figure: PANELS at most to a figure."""
+    items = list(by_panel.items())
+    chunks = [items[i : i + PANELS] for i in range(0, len(items), PANELS)]
+    return [("" if i == 0 else f"_{i + 1}", chunk) for i, chunk in enumerate(chunks)]
 
 
 def draw_measures(
     out: Path, title: str, keys: list[str], width_rows, epoch_rows, correlation
 ) -> list[Path]:
+    """A figure of each group of measures (panels_of) against width, and of the training points'
+    and per-network ones against epoch (the first line of each panel, one curve per width);
+    the correlation of each measure with test error."""
     threshold = interpolation_threshold(width_rows)
-    keys = drawn_measures(keys)
-    fig, axes = grid(len(keys), f"{title}, last checkpoint")
-    for ax, key in zip(axes, keys):
-        ax.plot(*points(width_rows, "width", key), "o-")
-        width_axis(ax, "", key, threshold, legend=False)
-        ax.title.set_fontsize(9)
-    written = [save(fig, out / "measures_vs_width.png")]
-
-    fig, axes = grid(len(keys), title)
     widths = [row["width"] for row in width_rows]
-    for ax, key in zip(axes, keys):
-        for i, width in enumerate(widths):
-            rows = [row for row in epoch_rows if row["width"] == width]
-            ax.plot(
-                *points(rows, "epoch", key),
-                color=width_colour(i, len(widths)),
-                label=f"width {width}",
-            )
-        ax.set(xlabel="epoch", title=key)
-        ax.title.set_fontsize(9)
-    if keys:
-        axes[0].legend(fontsize=7)
-    written.append(save(fig, out / "measures_vs_epoch.png"))
+    written, drawn = [], panels_of(keys)
+    for group, by_panel in drawn.items():
+        for suffix, chunk in pages(by_panel):
+            fig, axes = grid(len(chunk), f"{title}, last checkpoint: {GROUPS[group]}")
+            for ax, (panel, lines) in zip(axes, chunk):
+                for i, (line, key) in enumerate(lines.items()):
+                    ax.plot(
+                        *points(width_rows, "width", key),
+                        "os^vD<>px"[i % 9] + "-",
+                        label=LINE_LABELS.get(line, line),
+                        markerfacecolor="none",
+                    )
+                log_if_decades(ax, [row.get(key) for row in width_rows for key in lines.values()])
+                width_axis(ax, "", panel, threshold, legend=False)
+                ax.title.set_fontsize(9)
+            most = max(range(len(chunk)), key=lambda i: len(chunk[i][1]))  # one legend, the fullest
+            axes[most].legend(fontsize=7)
+            written.append(save(fig, out / f"{group}_measures_vs_width{suffix}.png"))
+            if group == "probe":
+                continue
+            fig, axes = grid(len(chunk), f"{title}: {GROUPS[group]}")
+            for ax, (panel, lines) in zip(axes, chunk):
+                key = next(iter(lines.values()))
+                for i, width in enumerate(widths):
+                    rows = [row for row in epoch_rows if row["width"] == width]
+                    ax.plot(
+                        *points(rows, "epoch", key),
+                        color=width_colour(i, len(widths)),
+                        label=f"width {width}",
+                    )
+                log_if_decades(ax, [row.get(key) for row in epoch_rows])
+                ax.set(xlabel="epoch", title=key)
+                ax.title.set_fontsize(9)
+            axes[0].legend(fontsize=7)
+            written.append(save(fig, out / f"{group}_measures_vs_epoch{suffix}.png"))
 
+    keys = {
+        key for by_panel in drawn.values() for lines in by_panel.values() for key in lines.values()
+    }
     shown = [r for r in correlation if r["measure"] in keys and not math.isnan(r["spearman_rho"])]
     fig = Figure(figsize=(7, 0.3 * len(shown) + 1.5), layout="constrained")
     ax = fig.subplots()

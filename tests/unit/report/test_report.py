@@ -37,8 +37,10 @@ FILES = {
     "measures_by_width.csv",
     "measures_by_epoch.csv",
     "correlation.csv",
-    "measures_vs_width.png",
-    "measures_vs_epoch.png",
+    "sample_measures_vs_width.png",
+    "sample_measures_vs_epoch.png",
+    "network_measures_vs_width.png",
+    "network_measures_vs_epoch.png",
     "correlation.png",
 }
 NETWORK = ["hessian_top_eigenvalue", "lipschitz_upper_bound"]
