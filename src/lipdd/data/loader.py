@@ -41,13 +41,15 @@ def random_crop_flip(
     images_u8: torch.Tensor, generator: torch.Generator, pad: int = 4
 ) -> torch.Tensor:
     """Random HxW crop of the zero-padded batch and a random horizontal flip, per sample, as one
-    gather over the flattened padded pixels (faster than 4-way advanced indexing)."""
+    gather over the flattened padded pixels (faster than 4-way advanced indexing). The offsets
+    are drawn by a CPU generator whatever the device (3n numbers, one copy): CPU and CUDA
+    generators give different streams, and a checkpoint's generator state must resume on either."""
     n, c, h, w = images_u8.shape
     dev = images_u8.device
     padded = F.pad(images_u8, (pad, pad, pad, pad)).flatten(2)
-    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator, device=dev)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator, device=dev)
-    flip = torch.rand(n, 1, 1, generator=generator, device=dev) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator).to(dev)
+    flip = (torch.rand(n, 1, 1, generator=generator) < 0.5).to(dev)
     cols = torch.arange(w, device=dev).view(1, 1, w)
     cols = (
         torch.where(flip, cols.flip(2), cols) + dx
@@ -64,8 +66,9 @@ class Loader:
     Images stay uint8 on the device (4x less memory than float); each batch is gathered, augmented
     and normalised there, so no per-sample Python or PIL work runs in the loop.
     - seed: None serves the split in order; an int draws a fresh permutation every epoch from a
-      generator seeded with it (and augments from a second one, seeded seed + 1); `generators`
-      are what a checkpoint saves to resume the very same stream.
+      generator seeded with it (and augments from a second one, seeded seed + 1); `generators`,
+      both on the CPU whatever the device, are what a checkpoint saves to resume the very same
+      stream, on a CPU or a GPU.
     - shard, under torchrun: "batch" gives each rank its part of every batch, after the whole
       batch is augmented, so the ranks together train on one process's batches (DDP); "blocks"
       a contiguous block of whole batches (stats); None every batch (rank 0's evaluation).
@@ -91,7 +94,7 @@ class Loader:
             if self.seed is None
             else {
                 "batches": torch.Generator().manual_seed(self.seed),
-                "augment": torch.Generator(self.images.device).manual_seed(self.seed + 1),
+                "augment": torch.Generator().manual_seed(self.seed + 1),
             }
         )
 

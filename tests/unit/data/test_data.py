@@ -389,6 +389,26 @@ def test_loader_order_and_augmentation_are_seeded_and_resumable(digits_dir):
     assert torch.equal(epochs(c, 1)[0], first[1])
 
 
+def test_the_loaders_generators_live_on_the_cpu_whatever_the_device(digits_dir):
+    """A loader on another device (here "meta": shapes without values, as a CUDA loader's would
+    be without a GPU) draws from CPU generators: it consumes the same stream as a CPU loader, and
+    either's checkpointed state resumes the other."""
+    p = load_prepared(digits_dir)
+    cpu, _ = loader_of(digits_dir, batch_size=128, seed=5, augment=True)
+    meta = Loader.of(p.splits["train"], p.meta, "meta", batch_size=128, seed=5, augment=True)
+    assert meta.images.device.type == "meta"
+    assert all(g.device.type == "cpu" for g in meta.generators.values())
+    for loader in (cpu, meta):
+        assert all(x.shape[1:] == (1, 8, 8) for x, _ in loader)
+    for k, g in meta.generators.items():
+        assert torch.equal(g.get_state(), cpu.generators[k].get_state()), k
+    resumed, _ = loader_of(digits_dir, batch_size=128, seed=5, augment=True)
+    for k, g in resumed.generators.items():
+        g.set_state(meta.generators[k].get_state())
+    expected = [x for x, _ in cpu]  # the epoch after the one both served
+    assert all(torch.equal(a, b) for a, b in zip((x for x, _ in resumed), expected))
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_loader_shards_are_one_process_batches(digits_dir, monkeypatch, world):
     """Under torchrun each rank takes its part of every augmented batch ("batch": DDP training) or a
