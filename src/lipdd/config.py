@@ -26,6 +26,7 @@ from .names import (
     MODEL_FAMILIES,
     NORMALIZATIONS,
     OPTIMIZERS,
+    PRECISIONS,
     RANDOM_DATASETS,
     SOURCES,
     SPLITS,
@@ -130,6 +131,12 @@ class StatsConfig:
     )
     curvature_tolerance: float = opt(
         1e-3, "loss_curvature: relative tolerance of those eigenvalues (Lanczos)", "stats"
+    )
+    curvature_memory: int = opt(
+        1024,
+        "loss_curvature: MiB the Lanczos basis may take on the device; past it Lanczos restarts "
+        "(more products, same tolerance)",
+        "stats",
     )
     hutchinson_probes: int = opt(
         100, "loss_curvature: Rademacher probes of the Hessian trace estimate", "stats"
@@ -304,6 +311,13 @@ class Config:
     epochs: int = opt(100, "training epochs", "train")
     augmentation: bool = opt(
         False, "random crop (4-pixel zero padding) and horizontal flip", "train", role="identity"
+    )
+    precision: str = opt(
+        "fp32",
+        "arithmetic of the training steps on a GPU: fp32 (IEEE), tf32 (TensorFloat-32 matrix "
+        "products and convolutions) or bf16 (autocast); evaluation and measures run in IEEE fp32",
+        "train",
+        choices=PRECISIONS,
     )
     eval_every: int = opt(
         10, "evaluate train/val/test loss and accuracy every N epochs (and at the end)", "train"
@@ -650,6 +664,7 @@ RULES = {
     "stats.normalization": (len, "at least one normalization"),
     "stats.curvature_samples": POSITIVE_COUNT,
     "stats.curvature_top_k": POSITIVE_COUNT,
+    "stats.curvature_memory": POSITIVE_COUNT,
     "stats.hutchinson_probes": (lambda v: v >= 2, "an integer >= 2 (the standard error needs two)"),
     "stats.curvature_tolerance": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "stats.probe_samples": (lambda v: v >= 2, "an integer >= 2 (pairs need two)"),

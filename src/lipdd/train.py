@@ -140,8 +140,12 @@ def train_epoch(cfg: Config, net, model, optimizer, loader: datalib.Loader) -> t
     torchrun its one all-reduce), and every rank gets the same values."""
     world, loss_sums = distributed.world_size(), []
     sizes = loader.sizes()
+    device = loader.images.device
+    runtime.matmul_precision(cfg.precision)
     for (x, y), n in zip(loader, sizes):
-        loss_sum = F.cross_entropy(net(x), y, reduction="sum")
+        # Autocast covers the forward pass only; backward runs each op in its forward's dtype.
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss_sum = F.cross_entropy(net(x), y, reduction="sum")
         loss_sums.append(loss_sum.detach())
         # DDP averages the ranks' gradients: world * (this rank's sum) / (global batch size)
         # makes that average the gradient of the global batch's mean loss, even when the
@@ -150,7 +154,7 @@ def train_epoch(cfg: Config, net, model, optimizer, loader: datalib.Loader) -> t
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    device = loader.images.device
+    runtime.matmul_precision("fp32")  # evaluation and checkpoints' measures: IEEE fp32
     return distributed.all_sum(torch.stack(loss_sums)) / torch.tensor(sizes, device=device)
 
 
@@ -215,13 +219,12 @@ class Recorder:
             if self.start_epoch:
                 runs.reopen(self.client, self.run_id)
                 print(f"resuming run {self.run_id} from epoch {self.start_epoch}", file=sys.stderr)
+            device = self.loader.images.device  # this process's; a resumed run's latest
+            tags = runtime.device_tags(device, self.cfg.device)
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             # Every split un-augmented and in order; training's shares the training loader's
             # tensors.
-            device, meta, cl = (
-                self.loader.images.device,
-                self.prepared.meta,
-                self.loader.channels_last,
-            )
+            meta, cl = self.prepared.meta, self.loader.channels_last
             self.eval_loaders = {
                 split: dataclasses.replace(
                     self.loader, batch_size=self.EVAL_BATCH, seed=None, augment=False, shard=None

@@ -91,6 +91,11 @@ BAD = [
     ("train --label-seed -1", "label_seed: -1 is not allowed; expected an integer >= 0"),
     ("train --dropout 1", "dropout: 1.0 is not allowed; expected a rate in [0, 1)"),
     ("train --device tpu", "device: 'tpu' is not allowed; expected cpu, cuda, cuda:N or auto"),
+    *(
+        []
+        if torch.cuda.is_available()
+        else [("train --device cuda", "device: 'cuda' asked for, but CUDA is not available here")]
+    ),
     (
         "train --save-checkpoint 3 20 --epochs 10",
         "save_checkpoint: [3, 20] is not allowed; expected epochs within 0..10",

@@ -58,6 +58,11 @@ STATS = """stats --device="cuda" --name=test --save-dir=checkpoints --workers=4 
   --checkpoint=1 --train-split=80 --val-split=20 --num-samples=40 --batch-size=20
   --metric=jacobian_operator_norm --no-verify-checksums"""
 UPSTREAM_DIR = "checkpoints/test/resnet18_2/cifar10/augmentation/noise-0.2000-seed-42"
+if not torch.cuda.is_available():  # asking for CUDA where there is none is an error, exit 2
+    TRAIN, STATS = (
+        c.replace("--device=cuda", "--device=cpu").replace('--device="cuda"', "--device=cpu")
+        for c in (TRAIN, STATS)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -279,3 +279,41 @@ def test_system_metrics_are_mlflows_own_and_can_be_turned_off(workdir, monkeypat
     assert "system/system_memory_usage_megabytes" in client.get_run(run_id).data.metrics
     quiet = train.train(make(epochs=40, width=8, system_metrics=False, seed=1))
     assert not any(k.startswith("system/") for k in client.get_run(quiet).data.metrics)
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_precision_applies_to_the_training_steps_only(workdir, precision):
+    """Seen from inside every forward pass of the network: bf16 autocasts the training steps, tf32
+    sets CUDA's float32 products and convolutions to TF32 during them; evaluations run in IEEE
+    fp32 without autocast, and so does whatever runs after the training."""
+    seen = []
+
+    def record(module, args, output):
+        if type(module).__name__ == "CNN5":
+            seen.append(
+                (
+                    torch.is_grad_enabled(),  # training step, not an evaluation
+                    torch.is_autocast_enabled("cpu"),
+                    torch.backends.cudnn.conv.fp32_precision,
+                    torch.backends.cuda.matmul.fp32_precision,
+                )
+            )
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run_id = train.train(make(epochs=2, precision=precision))
+    finally:
+        handle.remove()
+    steps = {s[1:] for s in seen if s[0]}
+    evaluations = {s[1:] for s in seen if not s[0]}
+    mode = "tf32" if precision == "tf32" else "ieee"
+    assert steps == {(precision == "bf16", mode, mode)}
+    assert evaluations == {(False, "ieee", "ieee")}
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.data.params["precision"] == precision
+    assert (run.data.tags["device_requested"], run.data.tags["device"]) == ("cpu", "cpu")
+    if precision == "bf16":  # bf16 rounds: another trajectory than fp32's
+        fp32 = client.get_run(train.train(make(epochs=2)))
+        assert run.data.metrics["epoch_loss"] != fp32.data.metrics["epoch_loss"]

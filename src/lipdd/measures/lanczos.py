@@ -13,8 +13,11 @@ Each step costs one product, one reorthogonalisation pass against the kept vecto
 and the top of the tridiagonal's spectrum (LAPACK's bisection and inverse iteration, linear in the
 steps, where a full eigendecomposition every step grew to cost more than the product on small
 operators).
-Memory: every Lanczos vector is kept (steps x n float64 values), the price of reorthogonalising
-against all of them, which keeps the iteration free of spurious copies of converged eigenvalues.
+Memory: every Lanczos vector of a cycle is kept (steps x n float64 values), the price of
+reorthogonalising against all of them, which keeps the iteration free of spurious copies of
+converged eigenvalues. `memory` bounds them: the basis is allocated once at that size, and a cycle
+that fills it restarts from the sum of its top-k Ritz vectors (explicit restart): memory stays
+fixed, at the price of more products (a restart discards the Krylov space but its best vectors).
 """
 
 from __future__ import annotations
@@ -35,25 +38,46 @@ def top_eigenvalues(
     device="cpu",
     seed: int = 0,
     start: torch.Tensor | None = None,
+    memory: int | None = None,
 ) -> tuple[list[float], int]:
     """(the k largest eigenvalues, largest first; the number of products taken) of the symmetric
     n x n operator `matvec`, which takes and returns float64 vectors on `device`. The start vector
     is Gaussian, drawn on the CPU from `seed`, so the result is reproducible; a `start` guessed near
     the wanted eigenvectors is added to it with equal weight: it saves steps when the guess is good
-    and, with the Gaussian half, still reaches every eigenvector when it is not."""
+    and, with the Gaussian half, still reaches every eigenvector when it is not. `memory`: bytes
+    the basis may take (None: max_steps vectors); at least k + 2 vectors are kept."""
     k = min(k, n)
+    rows = min(n, max_steps)
+    if memory is not None:
+        rows = min(rows, max(k + 2, memory // (8 * n)))
     q = torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(
         device
     )
     q /= torch.linalg.vector_norm(q)
     if start is not None and float(torch.linalg.vector_norm(start)) > 0:
         q += start.to(device, torch.float64) / torch.linalg.vector_norm(start)
-    basis = torch.empty(
-        min(n, max_steps, 16), n, dtype=torch.float64, device=device
-    )  # grows by doubling
-    basis[0] = q / torch.linalg.vector_norm(q)
+    basis = torch.empty(rows, n, dtype=torch.float64, device=device)
+    taken = 0
+    while True:
+        basis[0] = q / torch.linalg.vector_norm(q)
+        ritz, coefficients, steps, converged = cycle(matvec, basis, n, k, tol, max_steps - taken)
+        taken += steps
+        if converged:
+            return ritz.tolist(), taken
+        if taken >= max_steps:
+            raise RuntimeError(
+                f"Lanczos did not reach relative tolerance {tol:g} in {max_steps} steps "
+                f"(largest Ritz values {ritz.tolist()})"
+            )
+        q = basis[:steps].T @ torch.from_numpy(coefficients.sum(1)).to(device)
+
+
+def cycle(matvec, basis: torch.Tensor, n: int, k: int, tol: float, limit: int) -> tuple:
+    """One Lanczos cycle from basis[0], for at most len(basis) and `limit` products: (the top Ritz
+    values, largest first; their vectors' coefficients in the basis, a column each; the products
+    taken; whether they converged)."""
     alphas, betas = [], []
-    for step in range(1, min(n, max_steps) + 1):
+    for step in range(1, min(len(basis), limit) + 1):
         q = basis[step - 1]
         w = matvec(q)
         alpha = w @ q
@@ -84,18 +108,13 @@ def top_eigenvalues(
             select_range=(step - min(k, step), step - 1),
             check_finite=False,
         )
-        ritz, residuals = ritz[::-1], beta * np.abs(vectors[-1, ::-1])  # largest first
-        if (
-            beta <= 1e-12 * np.abs(ritz).max()
-            or step == n
-            or np.all(residuals <= tol * np.abs(ritz))
-        ):
-            return ritz.tolist(), step
-        betas.append(beta)
+        ritz, vectors = ritz[::-1], vectors[:, ::-1]  # largest first
+        residuals = beta * np.abs(vectors[-1])
+        invariant = beta <= 1e-12 * np.abs(ritz).max() or step == n
+        if invariant or np.all(residuals <= tol * np.abs(ritz)):
+            return ritz, vectors, step, True
         if step == len(basis):
-            basis = torch.cat([basis, torch.empty_like(basis)])
+            break
+        betas.append(beta)
         basis[step] = w / beta
-    raise RuntimeError(
-        f"Lanczos did not reach relative tolerance {tol:g} in {max_steps} steps "
-        f"(largest Ritz values {ritz.tolist()})"
-    )
+    return ritz, vectors, step, False

@@ -182,7 +182,7 @@ def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
     s = network.options
     hessian = curvature.Hessian(network.model, *network.training_points())
     eigenvalues, steps = hessian.top_eigenvalues(
-        s.curvature_top_k, s.curvature_tolerance, s.curvature_seed
+        s.curvature_top_k, s.curvature_tolerance, s.curvature_seed, s.curvature_memory << 20
     )
     quadratic = hessian.hutchinson(s.hutchinson_probes, s.curvature_seed)
     summary = {

@@ -92,3 +92,20 @@ def test_a_start_near_the_top_eigenvector_saves_steps_and_a_bad_one_costs_no_acc
     for values in (plain, guessed, misled):
         assert values[0] == pytest.approx(1.0, rel=1e-8)
     assert ignored == (plain, plain_steps)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_memory_budget_restarts_and_keeps_the_tolerance(k):
+    spectrum = np.concatenate([[3.0, 2.9, 2.0], np.random.default_rng(2).uniform(-1, 1.5, 297)])
+    a = symmetric(spectrum)
+    exact = np.sort(spectrum)[::-1][:k]
+    unbounded, unbounded_steps = top_eigenvalues(products(a)[0], 300, k=k, tol=1e-8)
+    matvec, count = products(a)
+    rows = 10  # the basis may hold 10 vectors of 300 float64 values
+    bounded, steps = top_eigenvalues(matvec, 300, k=k, tol=1e-8, memory=rows * 300 * 8)
+    assert unbounded_steps > rows  # so the bounded run had to restart
+    assert steps == count[0] > unbounded_steps  # restarts cost products ...
+    for values in (unbounded, bounded):  # ... not accuracy
+        assert np.all(np.abs(np.array(values) - exact) <= 1e-8 * exact)
+    with pytest.raises(RuntimeError, match="did not reach relative tolerance 1e-08 in 15 steps"):
+        top_eigenvalues(products(a)[0], 300, k=k, tol=1e-8, memory=rows * 300 * 8, max_steps=15)
