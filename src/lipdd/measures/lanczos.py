@@ -15,9 +15,10 @@ steps, where a full eigendecomposition every step grew to cost more than the pro
 operators).
 Memory: every Lanczos vector of a cycle is kept (steps x n float64 values), the price of
 reorthogonalising against all of them, which keeps the iteration free of spurious copies of
-converged eigenvalues. `memory` bounds them: the basis is allocated once at that size, and a cycle
-that fills it restarts from the sum of its top-k Ritz vectors (explicit restart): memory stays
-fixed, at the price of more products (a restart discards the Krylov space but its best vectors).
+converged eigenvalues. They are kept in blocks allocated as the basis grows, so it never copies
+itself. `memory` bounds them: a cycle that fills it restarts from the sum of its top-k Ritz
+vectors (explicit restart): memory stays bounded, at the price of more products (a restart
+discards the Krylov space but its best vectors).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def top_eigenvalues(
     is Gaussian, drawn on the CPU from `seed`, so the result is reproducible; a `start` guessed near
     the wanted eigenvectors is added to it with equal weight: it saves steps when the guess is good
     and, with the Gaussian half, still reaches every eigenvector when it is not. `memory`: bytes
-    the basis may take (None: max_steps vectors); at least k + 2 vectors are kept."""
+    the basis may take (None: as many as max_steps); at least k + 2 vectors are kept."""
     k = min(k, n)
     rows = min(n, max_steps)
     if memory is not None:
@@ -56,7 +57,7 @@ def top_eigenvalues(
     q /= torch.linalg.vector_norm(q)
     if start is not None and float(torch.linalg.vector_norm(start)) > 0:
         q += start.to(device, torch.float64) / torch.linalg.vector_norm(start)
-    basis = torch.empty(rows, n, dtype=torch.float64, device=device)
+    basis = Basis(rows, n, device)
     taken = 0
     while True:
         basis[0] = q / torch.linalg.vector_norm(q)
@@ -69,10 +70,50 @@ def top_eigenvalues(
                 f"Lanczos did not reach relative tolerance {tol:g} in {max_steps} steps "
                 f"(largest Ritz values {ritz.tolist()})"
             )
-        q = basis[:steps].T @ torch.from_numpy(coefficients.sum(1)).to(device)
+        q = basis.combine(torch.from_numpy(coefficients.sum(1)).to(device))
 
 
-def cycle(matvec, basis: torch.Tensor, n: int, k: int, tol: float, limit: int) -> tuple:
+class Basis:
+    """Up to `rows` float64 vectors of length n, in blocks of BLOCK rows allocated when first
+    written: a growing basis is never copied, and memory is that of the rows written, rounded up
+    to a block."""
+
+    BLOCK = 16
+
+    def __init__(self, rows: int, n: int, device):
+        self.rows, self.n, self.device, self.blocks = rows, n, device, []
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i // self.BLOCK][i % self.BLOCK]
+
+    def __setitem__(self, i: int, v: torch.Tensor) -> None:
+        if i // self.BLOCK == len(self.blocks):
+            size = min(self.BLOCK, self.rows - i)
+            self.blocks.append(torch.empty(size, self.n, dtype=torch.float64, device=self.device))
+        self.blocks[i // self.BLOCK][i % self.BLOCK] = v
+
+    def parts(self, count: int):
+        """The first `count` rows, as views of whole or partial blocks."""
+        for start in range(0, count, self.BLOCK):
+            yield self.blocks[start // self.BLOCK][: count - start]
+
+    def dot(self, w: torch.Tensor, count: int) -> torch.Tensor:
+        """basis[:count] @ w"""
+        return torch.cat([part @ w for part in self.parts(count)])
+
+    def combine(self, c: torch.Tensor) -> torch.Tensor:
+        """basis[:len(c)].T @ c"""
+        total, start = 0, 0
+        for part in self.parts(len(c)):
+            total = total + part.T @ c[start : start + len(part)]
+            start += len(part)
+        return total
+
+
+def cycle(matvec, basis: Basis, n: int, k: int, tol: float, limit: int) -> tuple:
     """One Lanczos cycle from basis[0], for at most len(basis) and `limit` products: (the top Ritz
     values, largest first; their vectors' coefficients in the basis, a column each; the products
     taken; whether they converged)."""
@@ -90,8 +131,8 @@ def cycle(matvec, basis: torch.Tensor, n: int, k: int, tol: float, limit: int) -
         # until one read per pass: on a GPU each read is a synchronisation.
         before, correction = torch.linalg.vector_norm(w), 0.0
         for _ in range(2):
-            coefficients = basis[:step] @ w
-            w -= basis[:step].T @ coefficients
+            coefficients = basis.dot(w, step)
+            w -= basis.combine(coefficients)
             norm = torch.linalg.vector_norm(w)
             alpha_value, along_q, before_value, beta = torch.stack(
                 [alpha, coefficients[-1], before, norm]
