@@ -16,7 +16,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -53,11 +55,19 @@ def train(cfg: Config) -> str:
             "compile: torch.compile on the CPU needs a C++ compiler (g++ or c++ on PATH, or "
             "$CXX); install one or train with compile: false"
         )
-    with distributed.process_group(device):
-        return _train(cfg, device)
+    # SIGUSR1 is a scheduler's warning before a preemption or a time limit (SLURM's
+    # --signal=USR1@60): the training checkpoints at the end of its epoch and stops, its run
+    # KILLED, for the same command to continue it (lipdd sweep requeues the job).
+    warned = threading.Event()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: warned.set())
+    try:
+        with distributed.process_group(device):
+            return _train(cfg, device, warned)
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL if previous is None else previous)
 
 
-def _train(cfg: Config, device: torch.device) -> str:
+def _train(cfg: Config, device: torch.device, warned: threading.Event) -> str:
     client = tracking.get_client(tracking.tracking_uri(cfg.tracking_uri))
     cfg = distributed.on_rank0(runs.with_label_seed, client, cfg)
     prepared = distributed.in_turn(datalib.ensure_prepared, cfg)
@@ -126,10 +136,16 @@ def _train(cfg: Config, device: torch.device) -> str:
                     record.evaluate(epoch, lr)
                 )  # rank 0 evaluated; all stop together
             # An early stop is the final epoch, saved unless an explicit list was asked for.
-            if epoch in save_at or (stop and len(cfg.save_checkpoint) == 1):
+            saved = epoch in save_at or (stop and len(cfg.save_checkpoint) == 1)
+            if saved:
                 record.checkpoint(epoch, step)
             if stop:
                 break
+            if epoch < cfg.epochs and distributed.broadcast(warned.is_set()):
+                if not saved:
+                    record.checkpoint(epoch, step)
+                record.flush()
+                raise KeyboardInterrupt(f"SIGUSR1: checkpointed at epoch {epoch}, stopping")
         record.finish(epoch)
     return run_id
 
@@ -302,6 +318,9 @@ class Recorder:
             config=self.cfg.flat(),
         )
         self.logger.log_checkpoint(state, epoch)  # uploaded after every step logged before it
+
+    def flush(self) -> None:
+        self.logger.flush()
 
     def diverged(self) -> None:
         self.logger.flush()  # the good steps before it stay in the run

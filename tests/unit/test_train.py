@@ -317,3 +317,35 @@ def test_precision_applies_to_the_training_steps_only(workdir, precision):
     if precision == "bf16":  # bf16 rounds: another trajectory than fp32's
         fp32 = client.get_run(train.train(make(epochs=2)))
         assert run.data.metrics["epoch_loss"] != fp32.data.metrics["epoch_loss"]
+
+
+def test_sigusr1_checkpoints_at_the_end_of_the_epoch_and_the_same_command_continues(
+    workdir, monkeypatch
+):
+    """A scheduler's warning (SLURM's --signal=USR1@60) during epoch 4: the training finishes
+    that epoch, checkpoints it (save_checkpoint asks only for 3), stops with its run KILLED, and
+    the same command continues from epoch 4 to the uninterrupted run's very weights."""
+    import os
+    import signal
+
+    cfg = make(augmentation=True, optimizer="adam", learning_rate=0.01)
+    reference = train.train(cfg)
+    real_lr = train.learning_rate
+
+    def warned_in_epoch_4(cfg, epoch):
+        if epoch == 4:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_lr(cfg, epoch)
+
+    monkeypatch.setattr(train, "learning_rate", warned_in_epoch_4)
+    with pytest.raises(KeyboardInterrupt, match="SIGUSR1: checkpointed at epoch 4"):
+        train.train(cfg)
+    monkeypatch.setattr(train, "learning_rate", real_lr)
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler restored
+    client = get_client(f"sqlite:///{workdir}/mlflow.db")
+    (killed,) = [r for r in client.search_runs(["1"]) if r.info.status == "KILLED"]
+    assert [e for e, _ in list_checkpoints(client, killed.info.run_id)] == [0, 3, 4]
+    assert train.train(cfg) == killed.info.run_id
+    (e1, ref), (e2, resumed) = final_weights(reference), final_weights(killed.info.run_id)
+    assert e1 == e2 == 6
+    assert all(torch.equal(ref["model"][k], resumed["model"][k]) for k in ref["model"])
