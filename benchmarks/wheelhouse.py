@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -96,9 +97,13 @@ def main() -> None:
     wanted = pins({n.lower().replace("_", "-") for n in args.exclude})
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         how = dict(zip(wanted, pool.map(lambda p: fetch(p, args.out, args.python_version), wanted)))
-    with tempfile.TemporaryDirectory() as tmp:  # lipdd itself, from this checkout
+    with tempfile.TemporaryDirectory() as tmp:  # lipdd itself, from a copy of this checkout
+        source = Path(tmp) / "src"  # (setuptools writes build/ into the tree it builds)
+        shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info"))
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy(ROOT / name, source)
         subprocess.run(
-            [sys.executable, "-m", "pip", "-q", "wheel", "--no-deps", "-w", tmp, str(ROOT)],
+            [sys.executable, "-m", "pip", "-q", "wheel", "--no-deps", "-w", tmp, str(source)],
             check=True,
         )
         for wheel in Path(tmp).glob("*.whl"):

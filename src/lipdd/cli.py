@@ -1,4 +1,5 @@
-"""`lipdd prepare | train | stats | report`: the commands DVC stages and people both run.
+"""`lipdd prepare | train | stats | report`: the commands DVC stages and people both run, and
+`lipdd sweep` (lipdd.sweep), which runs the pipeline over a grid of parameters.
 
 Flags are generated from the config fields, under the upstream README's spellings, so
 `python train.py --label-noise=0.2 ...` becomes `lipdd train --label-noise=0.2 ...`.
@@ -47,6 +48,33 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def build_sweep_parser() -> Parser:
+    p = Parser(
+        prog="lipdd sweep",
+        description="Run every point of a parameter grid as a DVC experiment: here, one after "
+        "another, or as a SLURM job array (--slurm).",
+    )
+    p.add_argument(
+        "-S",
+        dest="set",
+        action="append",
+        required=True,
+        metavar="KEY=VALUES",
+        help="params.yaml key and its values: 1,2,4 or range(1,65); repeat for a grid",
+    )
+    p.add_argument(
+        "--name", help="the sweep's name (default: sweep-<time>), its experiments' prefix"
+    )
+    p.add_argument("--slurm", action="store_true", help="submit a SLURM job array (submitit)")
+    p.add_argument("--parallel", type=int, default=8, help="array tasks running at once (SLURM)")
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    p.add_argument("--time", type=int, default=24 * 60, help="minutes a job may run (SLURM)")
+    p.add_argument("--cpus", type=int, default=1, help="CPUs per job (SLURM)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per job (SLURM)")
+    p.add_argument("--no-wait", action="store_true", help="submit and return (SLURM)")
+    return p
+
+
 def add_field(parser, f, dest: str) -> None:
     meta = f.metadata
     names = [f"--{f.name.replace('_', '-')}"] + ([meta["alias"]] if meta.get("alias") else [])
@@ -69,6 +97,11 @@ def build_parser() -> Parser:
         prog="lipdd", description="Lipschitz estimates of trained networks and double descent."
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub.add_parser(  # listed here, parsed by lipdd.sweep
+        "sweep",
+        help="Every point of a parameter grid (-S width=1,2,4 -S seed=1,2) as a DVC experiment, "
+        "here or as a SLURM job array (--slurm); `lipdd sweep --help` for its flags.",
+    )
     for command, groups in GROUPS.items():
         p = sub.add_parser(command, help=DESCRIPTIONS[command], description=DESCRIPTIONS[command])
         p.add_argument(
@@ -103,6 +136,11 @@ def interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sweep"]:  # a grid of pipelines, not one command's config
+        from .sweep import sweep
+
+        return sweep(build_sweep_parser().parse_args(argv[1:]))
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
     # `kill`, a scheduler's preemption and `dvc queue kill` send SIGTERM: end like Ctrl-C,

@@ -48,7 +48,10 @@ def check(words: list[str]) -> None:
     tool = Path(words[0]).name
     if "-m" in words and words[words.index("-m") + 1] == "lipdd":  # torchrun ... -m lipdd ...
         words, tool = ["lipdd", *words[words.index("-m") + 2 :]], "lipdd"
-    if tool == "lipdd":
+    if words[:2] == ["lipdd", "sweep"]:  # its flags parse, its -S keys are params.yaml's
+        args = cli.build_sweep_parser().parse_args(words[2:])
+        assert {a.split("=", 1)[0] for a in args.set} <= params_keys(), args.set
+    elif tool == "lipdd":
         args = cli.build_parser().parse_args(words[1:])
         overrides = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
         params = str(ROOT / args.params) if args.params else None

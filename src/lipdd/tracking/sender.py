@@ -64,7 +64,10 @@ class BackgroundLogger(MetricLogger):
         self.pipe, theirs = Pipe()
         # The sender imports this very lipdd, wherever it was imported from. The URI goes through
         # the environment, not argv, which any user of the host can read.
+        # A scheduler's warning (SIGUSR1, lipdd.train) is the trainer's to act on: the sender
+        # ignores it from its first line and writes on until the trainer stops.
         code = (
+            "import signal; signal.signal(signal.SIGUSR1, signal.SIG_IGN); "
             "import sys; sys.path.insert(0, sys.argv[1]); "
             "from lipdd.tracking.sender import send_to_run; send_to_run(*sys.argv[2:])"
         )

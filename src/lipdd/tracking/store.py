@@ -30,7 +30,10 @@ MAX_METRICS, MAX_PARAMS = 1000, 100
 def project_root() -> Path:
     """The workspace root. DVC sets DVC_ROOT for stage commands, and queued experiments run
     in temporary copies under .dvc/tmp/exps: DVC_ROOT still names the real workspace, so
-    every run lands in the same store."""
+    every run lands in the same store. LIPDD_ROOT, set by `lipdd sweep` for the jobs it runs in
+    clones of the project, names the project over both."""
+    if os.environ.get("LIPDD_ROOT"):
+        return Path(os.environ["LIPDD_ROOT"]).resolve()
     if os.environ.get("DVC_ROOT"):
         return Path(os.environ["DVC_ROOT"]).resolve()
     here = Path.cwd().resolve()
