@@ -11,7 +11,12 @@
 # and prints one JSON line: each step's exit status and seconds, and the figures each step reports.
 #
 #   bash benchmarks/gpu_check.sh                         # on the GPU machine, lipdd installed or not
+#   GPU_CHECK_WHEELS=.whl bash benchmarks/gpu_check.sh   # first installs benchmarks/wheelhouse.py's
+#                                                        # wheels offline, into a folder of its own
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # a dry run anywhere
+#
+# With device cuda on a machine without CUDA it stops at once, exit 2. A step that cannot run
+# there (torchrun with one GPU) is reported as skipped, not as passed.
 #
 # PYTHON picks the interpreter (default: .venv/bin/python if there, else python3); lipdd is imported
 # from src/. Everything it writes goes to a temporary folder (GPU_CHECK_KEEP=DIR keeps it there).
@@ -23,7 +28,16 @@ QUICK=${GPU_CHECK_QUICK:+--quick}
 WORK=${GPU_CHECK_KEEP:-$(mktemp -d)}
 mkdir -p "$WORK/steps"
 [ -n "${GPU_CHECK_KEEP:-}" ] || trap 'rm -rf "$WORK"' EXIT
+if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" \
+        "$GPU_CHECK_WHEELS"/*.whl || { echo "gpu_check: the wheelhouse did not install" >&2; exit 1; }
+    export PYTHONPATH=$WORK/site
+fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ "$DEVICE" != cpu ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    echo "gpu_check: CUDA is not available here (GPU_CHECK_DEVICE=cpu for a dry run)" >&2
+    exit 2
+fi
 export MLFLOW_TRACKING_URI=sqlite:///$WORK/mlflow.db LIPDD_GPU_LEASES=$WORK/leases
 COMMON=(--params params.yaml --device "$DEVICE" --prepared-dir "$WORK/prepared" --results-dir "$WORK/results")
 
@@ -71,7 +85,7 @@ if [ "$gpus" -ge 2 ]; then
         "${COMMON[@]}" --output-dir "$WORK/torchrun"
 else
     echo "skipped: NCCL needs 2 GPUs, this machine has $gpus" >"$WORK/steps/torchrun.log"
-    echo "0 0" >"$WORK/steps/torchrun.rc"
+    echo "skipped 0" >"$WORK/steps/torchrun.rc"
 fi
 
 step bench_train 90 "$PY" benchmarks/bench_train.py --device "$DEVICE" $QUICK
@@ -83,9 +97,9 @@ from pathlib import Path
 
 out = {}
 for rc in sorted(Path(sys.argv[1]).glob("*.rc")):
-    status, seconds = map(int, rc.read_text().split())
+    status, seconds = rc.read_text().split()
     lines = rc.with_suffix(".log").read_text().strip().splitlines() or [""]
-    entry = {"exit": status, "seconds": seconds}
+    entry = {"exit": status if status == "skipped" else int(status), "seconds": int(seconds)}
     try:  # a step's figures: the JSON object its output ends with
         entry.update(json.loads(lines[-1]))
     except (json.JSONDecodeError, TypeError):

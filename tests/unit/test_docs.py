@@ -56,7 +56,7 @@ def check(words: list[str]) -> None:
         overrides = {k: v for k, v in vars(args).items() if k not in ("command", "params")}
         params = str(ROOT / args.params) if args.params else None
         config.build(overrides, params_file=params, environ={}, registries=cli.registries())
-    elif tool == "python":
+    elif tool in ("python", "bash"):  # a script of the repository
         assert (ROOT / words[1]).is_file(), words
     elif tool == "make":
         targets = re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), re.M)
