@@ -74,38 +74,43 @@ def top_eigenvalues(
 
 
 class Basis:
-    """Up to `rows` float64 vectors of length n, in blocks of BLOCK rows allocated when first
-    written: a growing basis is never copied, and memory is that of the rows written, rounded up
-    to a block."""
+    """Up to `rows` float64 vectors of length n, in blocks of about BLOCK_BYTES allocated when
+    first written: a growing basis is never copied, its memory is that of the rows written
+    rounded up to a block, and a small operator's basis is one block (one product per pass)."""
 
-    BLOCK = 16
+    BLOCK_BYTES = 64 << 20
 
     def __init__(self, rows: int, n: int, device):
         self.rows, self.n, self.device, self.blocks = rows, n, device, []
+        self.block = max(1, min(rows, self.BLOCK_BYTES // (8 * n)))
 
     def __len__(self) -> int:
         return self.rows
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.blocks[i // self.BLOCK][i % self.BLOCK]
+        return self.blocks[i // self.block][i % self.block]
 
     def __setitem__(self, i: int, v: torch.Tensor) -> None:
-        if i // self.BLOCK == len(self.blocks):
-            size = min(self.BLOCK, self.rows - i)
+        if i // self.block == len(self.blocks):
+            size = min(self.block, self.rows - i)
             self.blocks.append(torch.empty(size, self.n, dtype=torch.float64, device=self.device))
-        self.blocks[i // self.BLOCK][i % self.BLOCK] = v
+        self.blocks[i // self.block][i % self.block] = v
 
     def parts(self, count: int):
         """The first `count` rows, as views of whole or partial blocks."""
-        for start in range(0, count, self.BLOCK):
-            yield self.blocks[start // self.BLOCK][: count - start]
+        for start in range(0, count, self.block):
+            yield self.blocks[start // self.block][: count - start]
 
     def dot(self, w: torch.Tensor, count: int) -> torch.Tensor:
         """basis[:count] @ w"""
+        if count <= self.block:
+            return self.blocks[0][:count] @ w
         return torch.cat([part @ w for part in self.parts(count)])
 
     def combine(self, c: torch.Tensor) -> torch.Tensor:
         """basis[:len(c)].T @ c"""
+        if len(c) <= self.block:
+            return self.blocks[0][: len(c)].T @ c
         total, start = 0, 0
         for part in self.parts(len(c)):
             total = total + part.T @ c[start : start + len(part)]
