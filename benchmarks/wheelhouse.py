@@ -16,7 +16,6 @@ every package, and the target's own torch stays as it is.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import re
 import shutil
 import subprocess
@@ -49,42 +48,36 @@ def pins(exclude: set[str]) -> list[str]:
     return out
 
 
-def fetch(pin: str, out: Path, python_version: str) -> str:
-    """Downloads pin's binary wheel for the target, else builds its wheel from source here;
-    returns how ("wheel" or "built")."""
+def fetch(wanted: list[str], out: Path, python_version: str) -> list[str]:
+    """Downloads each pin's binary wheel for the target, or its source where it has none, in one
+    pip call; builds every source into a wheel here, in another; returns the pins built."""
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
-    binary = [
-        *pip,
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--python-version",
-        python_version,
-        "--implementation",
-        "cp",
-        *platforms,
-        "-d",
-        str(out),
-        pin,
-    ]
-    if subprocess.run(binary, capture_output=True).returncode == 0:
-        return "wheel"
-    built = subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-binary=:all:", "-w", str(out), pin],
-        capture_output=True,
-        text=True,
-    )
-    if built.returncode != 0:
-        raise SystemExit(f"wheelhouse: {pin}: no wheel for Python {python_version} and no build")
-    wheel = max(
-        out.glob(f"{re.split('==', pin)[0].replace('-', '_')}*.whl"),
-        default=None,
-        key=lambda p: p.stat().st_mtime,
-    )
-    if wheel is not None and not wheel.name.endswith("-none-any.whl"):
-        raise SystemExit(f"wheelhouse: {pin} builds only a platform wheel here ({wheel.name})")
-    return "built"
+    target = ["--python-version", python_version, "--implementation", "cp", *platforms]
+    # --no-deps lets pip take a source archive where no wheel fits the target.
+    download = [*pip, "download", "--no-deps", "--prefer-binary", *target, "-d", str(out)]
+    fetched = subprocess.run([*download, *wanted], capture_output=True, text=True)
+    if fetched.returncode != 0:
+        raise SystemExit(f"wheelhouse: pip download failed:\n{fetched.stderr}")
+    sources = sorted(p for p in out.iterdir() if p.name.endswith((".tar.gz", ".zip", ".tar.bz2")))
+    if not sources:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        built = subprocess.run(
+            [*pip, "wheel", "--no-deps", "-w", tmp, *map(str, sources)],
+            capture_output=True,
+            text=True,
+        )
+        if built.returncode != 0:
+            raise SystemExit(f"wheelhouse: a source archive fails to build:\n{built.stderr}")
+        for wheel in Path(tmp).glob("*.whl"):
+            if not wheel.name.endswith("-none-any.whl"):  # built for this machine, not the target
+                raise SystemExit(f"wheelhouse: {wheel.name} builds only a platform wheel here")
+            wheel.replace(out / wheel.name)
+    for source in sources:
+        source.unlink()
+    names = {re.split(r"[-_]", s.name.lower())[0] for s in sources}
+    return [pin for pin in wanted if re.split(r"[-_=]", pin.lower())[0] in names]
 
 
 def main() -> None:
@@ -95,8 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     wanted = pins({n.lower().replace("_", "-") for n in args.exclude})
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        how = dict(zip(wanted, pool.map(lambda p: fetch(p, args.out, args.python_version), wanted)))
+    built = fetch(wanted, args.out, args.python_version)
     with tempfile.TemporaryDirectory() as tmp:  # lipdd itself, from a copy of this checkout
         source = Path(tmp) / "src"  # (setuptools writes build/ into the tree it builds)
         shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("*.egg-info"))
@@ -109,7 +101,6 @@ def main() -> None:
         for wheel in Path(tmp).glob("*.whl"):
             wheel.replace(args.out / wheel.name)
     size = sum(p.stat().st_size for p in args.out.glob("*.whl")) / 2**20
-    built = sorted(p for p, h in how.items() if h == "built")
     print(
         f"wheelhouse: {len(wanted) + 1} wheels in {args.out} ({size:.0f} MiB) for Python "
         f"{args.python_version}" + (f"; built from source: {', '.join(built)}" if built else "")

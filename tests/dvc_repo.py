@@ -93,7 +93,10 @@ class Repo:
         try:
             deadline = time.time() + timeout
             while time.time() < deadline:
-                status = self.run("dvc", "queue", "status").stdout
+                polled = self.run("dvc", "queue", "status", check=False)
+                # DVC's status reads the workers' info files without a lock and, racing a write,
+                # fails once ("Expecting value"): ask again.
+                status = polled.stdout if polled.returncode == 0 else f"Running? {polled.stderr}"
                 if "Queued" not in status and "Running" not in status:
                     break
                 time.sleep(2)

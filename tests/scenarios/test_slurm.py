@@ -109,24 +109,30 @@ def wait_until(cluster, job, state, restarts=None, timeout=180):
         time.sleep(0.5)
 
 
-def assert_ends_as_uninterrupted(repo, save_checkpoint: str) -> list[int]:
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, tmp_path_factory):
+    """The final weights of the interrupted tests' training, run once without interruption in a
+    project of its own (the same params.yaml, so the same prepared data)."""
+    repo = project(cluster, tmp_path_factory.mktemp("uninterrupted"))
+    repo.run("lipdd", "train", "--params", "params.yaml", "--epochs", "40", "--batch-size", "16",
+             "--save-checkpoint", "0", "--name", "uninterrupted")  # fmt: skip
+    (run,) = repo.training_runs()
+    return final_weights(repo.client(), run.info.run_id)
+
+
+def assert_ends_as_uninterrupted(repo, uninterrupted) -> list[int]:
     """The sweep's one training run FINISHED with the weights of the same training run
     uninterrupted; returns its checkpoints' epochs."""
     client = repo.client()
     (run,) = repo.training_runs()
     assert run.info.status == "FINISHED"
-    repo.run("lipdd", "train", "--params", "params.yaml", "--epochs", "40", "--batch-size", "16",
-             "--save-checkpoint", save_checkpoint, "--name", "uninterrupted")  # fmt: skip
-    (reference,) = [r for r in repo.training_runs() if r.info.run_id != run.info.run_id]
-    (e1, interrupted), (e2, plain) = (
-        final_weights(client, r.info.run_id) for r in (run, reference)
-    )
+    (e1, interrupted), (e2, plain) = final_weights(client, run.info.run_id), uninterrupted
     assert e1 == e2 == 40
     assert all(torch.equal(interrupted["model"][k], plain["model"][k]) for k in plain["model"])
     return [e for e, _ in list_checkpoints(client, run.info.run_id)]
 
 
-def test_a_warned_job_checkpoints_requeues_and_ends_bitwise(cluster, tmp_path):
+def test_a_warned_job_checkpoints_requeues_and_ends_bitwise(cluster, tmp_path, uninterrupted):
     repo = project(cluster, tmp_path)
     warned = ["lipdd", "sweep", "--slurm", "--no-wait", "--name", "warned", *LONG]
     (job,) = job_ids(repo.run(*warned, "-S", "save_checkpoint=0").stderr)
@@ -137,11 +143,11 @@ def test_a_warned_job_checkpoints_requeues_and_ends_bitwise(cluster, tmp_path):
     wait_until(cluster, job, "PENDING", restarts="1")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=repo.env)
     wait_until(cluster, job, "COMPLETED")
-    epochs = assert_ends_as_uninterrupted(repo, "0")
+    epochs = assert_ends_as_uninterrupted(repo, uninterrupted)
     assert epochs[0] == 0 and epochs[-1] == 40 and len(epochs) == 3  # + the warned epoch's
 
 
-def test_a_job_killed_outright_continues_from_its_last_checkpoint(cluster, tmp_path):
+def test_a_job_killed_outright_continues_from_its_last_checkpoint(cluster, tmp_path, uninterrupted):
     repo = project(cluster, tmp_path)
     killed = ["lipdd", "sweep", "--slurm", "--no-wait", "--name", "killed", *LONG]
     killed += ["-S", "save_checkpoint=5"]
@@ -156,4 +162,4 @@ def test_a_job_killed_outright_continues_from_its_last_checkpoint(cluster, tmp_p
     # The same command again: its job finds the workspace and the interrupted run.
     (again,) = job_ids(repo.run(*killed).stderr)
     wait_until(cluster, again, "COMPLETED")
-    assert assert_ends_as_uninterrupted(repo, "5") == list(range(0, 41, 5))
+    assert assert_ends_as_uninterrupted(repo, uninterrupted) == list(range(0, 41, 5))
