@@ -237,6 +237,8 @@ class Recorder:
                 print(f"resuming run {self.run_id} from epoch {self.start_epoch}", file=sys.stderr)
             device = self.loader.images.device  # this process's; a resumed run's latest
             tags = runtime.device_tags(device, self.cfg.device)
+            # The report weighs a difference in test error by how many samples measured it.
+            tags["test_size"] = str(self.prepared.meta["splits"]["test"])
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             # Every split un-augmented and in order; training's shares the training loader's
             # tensors.

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import files, names, runs, tracking
 from ..config import Config
 from .figures import draw, draw_measures, draw_smoothness
-from .tables import SUMMARIES, collect, correlations, drawable, is_measure, tables
+from .tables import SUMMARIES, collect, correlations, drawable, is_measure, ranking, tables
 
 
 def report(cfg: Config) -> list[Path]:
@@ -26,8 +26,7 @@ def report(cfg: Config) -> list[Path]:
     print(
         f"report: drawing {len(drawn)} runs of experiment {cfg.name!r}: "
         + "; ".join(
-            f"width {w}: {', '.join(run_id for run_id, _, _ in by_width[w])}"
-            for w in sorted(by_width)
+            f"width {w}: {', '.join(r.run_id for r in by_width[w])}" for w in sorted(by_width)
         ),
         file=sys.stderr,
     )
@@ -35,10 +34,11 @@ def report(cfg: Config) -> list[Path]:
         by_width, [names.opnorm_column(n, s) for n in norms for s in SUMMARIES]
     )
     keys = sorted(
-        {k for group in by_width.values() for _, final, _ in group for k in final if is_measure(k)}
+        {k for group in by_width.values() for r in group for k in r.final if is_measure(k)}
     )
     measure_rows, measure_epoch_rows = tables(by_width, keys)
     correlation = correlations(by_width, keys)
+    print(ranking(correlation))
     out = Path(cfg.results_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     epochs = sorted({int(r.data.params["epochs"]) for r in drawn if "epochs" in r.data.params})

@@ -23,6 +23,20 @@ def points(rows: list[dict], x: str, y: str) -> tuple[list, list]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
+def line(ax, rows: list[dict], x: str, y: str, fmt: str = "-", **style) -> None:
+    """The mean of column y against x and, where rows hold several runs (seeds), its 95%
+    interval as a band of the line's colour."""
+    (drawn,) = ax.plot(*points(rows, x, y), fmt, **style)
+    band = [
+        (row[x], row[f"{y}_low"], row[f"{y}_high"])
+        for row in rows
+        if row.get(f"{y}_low") is not None and row.get(f"{y}_high") is not None
+    ]
+    if band:
+        xs, low, high = zip(*band)
+        ax.fill_between(xs, low, high, color=drawn.get_color(), alpha=0.2, linewidth=0)
+
+
 def width_axis(
     ax, ylabel: str, title: str, threshold: int | None = None, legend: bool = True
 ) -> None:
@@ -114,11 +128,14 @@ def draw_measures(
         for suffix, chunk in pages(by_panel):
             fig, axes = grid(len(chunk), f"{title}, last checkpoint: {GROUPS[group]}")
             for ax, (panel, lines) in zip(axes, chunk):
-                for i, (line, key) in enumerate(lines.items()):
-                    ax.plot(
-                        *points(width_rows, "width", key),
+                for i, (name, key) in enumerate(lines.items()):
+                    line(
+                        ax,
+                        width_rows,
+                        "width",
+                        key,
                         "os^vD<>px"[i % 9] + "-",
-                        label=LINE_LABELS.get(line, line),
+                        label=LINE_LABELS.get(name, name),
                         markerfacecolor="none",
                     )
                 log_if_decades(ax, [row.get(key) for row in width_rows for key in lines.values()])
@@ -134,8 +151,11 @@ def draw_measures(
                 key = next(iter(lines.values()))
                 for i, width in enumerate(widths):
                     rows = [row for row in epoch_rows if row["width"] == width]
-                    ax.plot(
-                        *points(rows, "epoch", key),
+                    line(
+                        ax,
+                        rows,
+                        "epoch",
+                        key,
                         color=width_colour(i, len(widths)),
                         label=f"width {width}",
                     )
@@ -148,24 +168,41 @@ def draw_measures(
     keys = {
         key for by_panel in drawn.values() for lines in by_panel.values() for key in lines.values()
     }
-    shown = [r for r in correlation if r["measure"] in keys and not math.isnan(r["spearman_rho"])]
-    fig = Figure(figsize=(7, 0.3 * len(shown) + 1.5), layout="constrained")
-    ax = fig.subplots()
-    y = list(range(len(shown)))
-    rho = [r["spearman_rho"] for r in shown]
-    err = [
-        [r["spearman_rho"] - r["ci_low"] if r["ci_low"] is not None else 0 for r in shown],
-        [r["ci_high"] - r["spearman_rho"] if r["ci_high"] is not None else 0 for r in shown],
-    ]
-    ax.barh(y, rho, xerr=err, color=["C0" if v >= 0 else "C3" for v in rho])
-    ax.set_yticks(y, [r["measure"] for r in shown], fontsize=7)
-    ax.set(
-        xlim=(-1, 1),
-        xlabel="Spearman's rho with test error across widths",
-        title=f"{title}\n(bars: 95% bootstrap interval over runs, where a width has several)",
-    )
-    written.append(save(fig, out / "correlation.png"))
+    written.append(draw_correlation(out, title, [r for r in correlation if r["measure"] in keys]))
     return written
+
+
+SCORED = {
+    "spearman_rho": ("Spearman's rho across widths", (-1, 1)),
+    "kendall_tau": ("Kendall's tau across widths", (-1, 1)),
+    "psi": ("granulated Kendall Psi", (-1, 1)),
+    "robust_sign_error": ("robust sign error (lower: better)", (0, 1)),
+}
+
+
+def draw_correlation(out: Path, title: str, correlation: list[dict]) -> Path:
+    """A panel per score, a bar per measure with its 95% interval, best granulated Psi first."""
+    shown = sorted(
+        (r for r in correlation if any(r.get(name) is not None for name in SCORED)),
+        key=lambda r: -r["psi"] if r.get("psi") is not None else 2,
+    )[::-1]
+    fig = Figure(figsize=(4 * len(SCORED), 0.3 * len(shown) + 1.8), layout="constrained")
+    axes = fig.subplots(1, len(SCORED), sharey=True, squeeze=False)[0]
+    fig.suptitle(f"{title}\nhow each measure tracks test error (bars: 95% bootstrap interval)")
+    y = list(range(len(shown)))
+    for ax, (name, (label, limits)) in zip(axes, SCORED.items()):
+        values = [r.get(name) if r.get(name) is not None else math.nan for r in shown]
+        good = (lambda v: v <= 0.5) if name.endswith("sign_error") else (lambda v: v >= 0)
+        ax.barh(y, values, color=["C0" if good(v) else "C3" for v in values])
+        # The interval as a segment of its own: a percentile bootstrap interval need not hold
+        # the point estimate, so it is no symmetric-or-not error bar around the bar's end.
+        bounds = [(i, r[f"{name}_low"], r[f"{name}_high"]) for i, r in enumerate(shown)]
+        bounds = [b for b in bounds if b[1] is not None and b[2] is not None]
+        if bounds:
+            ax.hlines(*zip(*bounds), color="black", linewidth=1.5)
+        ax.set(xlim=limits, xlabel=label)
+    axes[0].set_yticks(y, [r["measure"] for r in shown], fontsize=7)
+    return save(fig, out / "correlation.png")
 
 
 def draw_smoothness(
@@ -184,7 +221,7 @@ def draw_smoothness(
         lines = [("training points", names.summary_key("train", stat, "mean"))]
         lines += [(probe, names.probe_key(probe, stat, "mean")) for probe in probes]
         for i, (label, key) in enumerate(lines):
-            ax.plot(*points(width_rows, "width", key), marker="os^vD<>px"[i % 9], label=label)
+            line(ax, width_rows, "width", key, "os^vD<>px"[i % 9] + "-", label=label)
         log_if_decades(ax, [v for _, key in lines for v in points(width_rows, "width", key)[1]])
         width_axis(
             ax,
@@ -240,7 +277,7 @@ def draw(
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for key in names.ERRORS:
-        ax.plot(*points(width_rows, "width", key), "o-", label=key.replace("_", " "))
+        line(ax, width_rows, "width", key, "o-", label=key.replace("_", " "))
     threshold = interpolation_threshold(width_rows)
     width_axis(ax, "final error", title, threshold)
     written = [save(fig, out / "error_vs_width.png")]
@@ -248,8 +285,11 @@ def draw(
     fig, axes = panels(norms, f"{title}, last checkpoint")
     for ax, norm in zip(axes, norms):
         for summary in SUMMARIES:
-            ax.plot(
-                *points(width_rows, "width", names.opnorm_column(norm, summary)),
+            line(
+                ax,
+                width_rows,
+                "width",
+                names.opnorm_column(norm, summary),
                 STYLES[summary],
                 label=LABELS[summary],
                 markerfacecolor="none",
@@ -268,11 +308,8 @@ def draw(
             widths
         ):  # one colour per width (tab20 after 10), named in the legend
             rows = [row for row in epoch_rows if row["width"] == width]
-            ax.plot(
-                *points(rows, "epoch", column),
-                color=width_colour(i, len(widths)),
-                label=f"width {width}",
-            )
+            colour = width_colour(i, len(widths))
+            line(ax, rows, "epoch", column, color=colour, label=f"width {width}")
         log_if_decades(ax, [row.get(column) for row in epoch_rows])
         ax.set(xlabel="epoch", ylabel="operator norm", title=f"normalization: {norm}")
         ax.legend(fontsize=7, ncol=1 + len(widths) // 12)

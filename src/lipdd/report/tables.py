@@ -1,21 +1,21 @@
 """The report's tables: every finished run's final and per-epoch values of the errors and of each
-measure `lipdd stats` logged, their means per width (and epoch), the interpolation threshold (the
+measure `lipdd stats` logged, their means per width (and epoch) over the runs there (seeds,
+reruns; `n_runs` says how many) with a 95% bootstrap interval, the interpolation threshold (the
 first width whose training error on the noisy labels is 0), and how well each measure tracks test
-error across widths (Spearman's rho, with a bootstrap interval over the runs of each width). Runs at
-one width (seeds, reruns) are averaged (plain mean; `n_runs` says how many)."""
+error (lipdd.report.scores)."""
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
-from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from .. import names
 from ..measures import MEASURES, PROBES
+from . import scores
 
 SUMMARIES = names.LOGGED_SUMMARIES  # drawn from the runs' metrics
 
@@ -68,10 +68,31 @@ def drawable(run) -> bool:
     return "test_error" in run.data.metrics or any(map(opnorm, run.data.metrics))
 
 
-def collect(client, runs) -> tuple[dict[int, list], list[str]]:
-    """Per width, (run id, final values, per-epoch values of every measure) of each run, and the
-    normalizations of the operator norm found. Final = MLflow's latest value, the one at the
-    highest step; operator norm summaries also under their opnorm_* columns."""
+class Run(NamedTuple):
+    """One training run as the report reads it: final values (MLflow's latest) of the errors and
+    of every measure, each measure's and the test error's values by epoch, and what the scores
+    need to tell runs apart."""
+
+    run_id: str
+    final: dict[str, float | None]
+    series: dict[str, dict[int, float]]
+    test_error: dict[int, float]
+    seed: str | None = None
+    label_noise: str | None = None
+    test_size: int | None = None  # samples behind each test error
+
+
+def history(client, run_id: str, key: str) -> dict[int, float]:
+    # Same tie-break as MLflow's latest value when a step was logged twice (stats rerun).
+    logged = sorted(
+        client.get_metric_history(run_id, key), key=lambda h: (h.step, h.timestamp, h.value)
+    )
+    return {h.step: h.value for h in logged}
+
+
+def collect(client, runs) -> tuple[dict[int, list[Run]], list[str]]:
+    """Per width, the Run of each run, and the normalizations of the operator norm found.
+    Operator norm summaries also under their opnorm_* columns."""
     by_width, norms = defaultdict(list), set()
     for r in tqdm(runs, desc="report: reading runs", unit="run", disable=not sys.stderr.isatty()):
         metrics = r.data.metrics
@@ -80,17 +101,23 @@ def collect(client, runs) -> tuple[dict[int, list], list[str]]:
         for key, value in metrics.items():
             if not is_measure(key):
                 continue
-            # Same tie-break as MLflow's latest value when a step was logged twice (stats rerun).
-            history = sorted(
-                client.get_metric_history(r.info.run_id, key),
-                key=lambda h: (h.step, h.timestamp, h.value),
-            )
-            final[key], series[key] = value, {h.step: h.value for h in history}
+            final[key], series[key] = value, history(client, r.info.run_id, key)
             if found := opnorm(key):
                 norms.add(found[0])
                 col = names.opnorm_column(*found)
                 final[col], series[col] = value, series[key]
-        by_width[int(r.data.params["width"])].append((r.info.run_id, final, series))
+        size = r.data.tags.get("test_size")
+        by_width[int(r.data.params["width"])].append(
+            Run(
+                r.info.run_id,
+                final,
+                series,
+                history(client, r.info.run_id, "test_error") if "test_error" in metrics else {},
+                r.data.params.get("seed"),
+                r.data.params.get("label_noise"),
+                int(size) if size else None,
+            )
+        )
     order = sorted(norms, key=lambda n: (names.NORMALIZATIONS.index(n.removesuffix("_target")), n))
     return by_width, order
 
@@ -100,9 +127,33 @@ def mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def tables(by_width: dict[int, list], columns: list[str]) -> tuple[list[dict], list[dict]]:
-    """Per width, the mean over its runs of the errors and `columns` at the last checkpoint; per
-    width and epoch, of `columns`."""
+def interval(values: list, rng, rounds: int = scores.ROUNDS) -> tuple[float | None, float | None]:
+    """95% bootstrap interval of the mean of `values` (None left out): (None, None) under two."""
+    values = np.array([v for v in values if v is not None], dtype=np.float64)
+    if len(values) < 2:
+        return None, None
+    means = values[rng.integers(0, len(values), (rounds, len(values)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def summarised(columns, values_of, rng) -> dict:
+    """Each column's mean over the runs and, where there are several, its `_low` and `_high`
+    bootstrap bounds."""
+    row = {}
+    for c in columns:
+        values = values_of(c)
+        row[c] = mean(values)
+        row[f"{c}_low"], row[f"{c}_high"] = interval(values, rng)
+    return row
+
+
+def tables(
+    by_width: dict[int, list[Run]], columns: list[str], seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """Per width, the mean over its runs (seeds) of the errors and `columns` at the last
+    checkpoint, with a 95% bootstrap interval; per width and epoch, the same of `columns`."""
+    rng = np.random.default_rng(seed)
     width_rows, epoch_rows = [], []
     for width in sorted(by_width):
         group = by_width[width]
@@ -110,22 +161,20 @@ def tables(by_width: dict[int, list], columns: list[str]) -> tuple[list[dict], l
             {
                 "width": width,
                 "n_runs": len(group),
-                **{
-                    c: mean([final.get(c) for _, final, _ in group])
-                    for c in (*names.ERRORS, *columns)
-                },
-                "run_ids": ";".join(run_id for run_id, _, _ in group),
+                **summarised(
+                    (*names.ERRORS, *columns), lambda c: [r.final.get(c) for r in group], rng
+                ),
+                "run_ids": ";".join(r.run_id for r in group),
             }
         )
-        for epoch in sorted({e for _, _, series in group for s in series.values() for e in s}):
+        for epoch in sorted({e for r in group for s in r.series.values() for e in s}):
             epoch_rows.append(
                 {
                     "width": width,
                     "epoch": epoch,
-                    **{
-                        c: mean([series.get(c, {}).get(epoch) for _, _, series in group])
-                        for c in columns
-                    },
+                    **summarised(
+                        columns, lambda c: [r.series.get(c, {}).get(epoch) for r in group], rng
+                    ),
                 }
             )
     return width_rows, epoch_rows
@@ -136,46 +185,74 @@ def interpolation_threshold(width_rows: list[dict]) -> int | None:
     return next((row["width"] for row in width_rows if row["train_error"] == 0), None)
 
 
-def correlations(
-    by_width: dict[int, list], keys: list[str], rounds: int = 1000, seed: int = 0
-) -> list[dict]:
-    """Per measure, Spearman's rho between its final value and test error across widths (means
-    over each width's runs) and, when some width has several runs, a 95% bootstrap interval:
-    each round resamples every width's runs with replacement, measure and error together."""
-    rng = np.random.default_rng(seed)
+def models(by_width: dict[int, list[Run]], key: str) -> scores.Models | None:
+    """The models of measure `key`: every epoch of a run where both it and the test error were
+    logged (its final values where none was), in the runs that have it."""
+    value, error, run, hparams, run_width, run_value, run_error = [], [], [], [], [], [], []
+    for width in sorted(by_width):
+        for r in by_width[width]:
+            final = r.final.get(key), r.final.get("test_error")
+            if None in final:
+                continue
+            series = r.series.get(key, {})
+            at = {e: (series[e], r.test_error[e]) for e in sorted(series) if e in r.test_error}
+            for epoch, (v, t) in (at or {"final": final}).items():
+                value.append(v)
+                error.append(t)
+                run.append(len(run_width))
+                hparams.append(
+                    {"width": width, "seed": r.seed, "label_noise": r.label_noise, "epoch": epoch}
+                )
+            run_width.append(width)
+            run_value.append(final[0])
+            run_error.append(final[1])
+    if not run_width:
+        return None
+    return scores.Models(
+        *(np.array(a, dtype=np.float64) for a in (value, error)),
+        np.array(run),
+        hparams,
+        run_width,
+        *(np.array(a, dtype=np.float64) for a in (run_value, run_error)),
+    )
+
+
+def correlations(by_width: dict[int, list[Run]], keys: list[str], seed: int = 0) -> list[dict]:
+    """Per measure, every score of how it tracks test error (lipdd.report.scores) with its 95%
+    bootstrap interval over the runs of each width."""
+    sizes = {r.test_size for group in by_width.values() for r in group}
+    test_size = sizes.pop() if len(sizes) == 1 else None  # unknown, or runs that disagree
     rows = []
     for key in keys:
-        groups = [
-            [(final.get(key), final.get("test_error")) for _, final, _ in by_width[w]]
-            for w in sorted(by_width)
-        ]
-        groups = [[p for p in g if None not in p] for g in groups]
-        groups = [np.array(g, dtype=np.float64) for g in groups if g]
-        rho = _rho([g.mean(0) for g in groups])
-        low = high = None
-        if any(len(g) > 1 for g in groups):
-            boot = [
-                _rho([g[rng.integers(0, len(g), len(g))].mean(0) for g in groups])
-                for _ in range(rounds)
-            ]
-            boot = [b for b in boot if not math.isnan(b)]
-            if boot:
-                low, high = (float(q) for q in np.percentile(boot, [2.5, 97.5]))
-        rows.append(
-            {
-                "measure": key,
-                "spearman_rho": rho,
-                "ci_low": low,
-                "ci_high": high,
-                "n_widths": len(groups),
-                "n_runs": sum(len(g) for g in groups),
-            }
-        )
+        found = models(by_width, key)
+        row = {"measure": key, "n_widths": 0, "n_runs": 0}
+        if found is not None:
+            row.update(n_widths=len(set(found.run_width)), n_runs=len(found.run_width))
+            row.update(scores.score(found, test_size, seed=seed))
+        rows.append(row)
     return rows
 
 
-def _rho(pairs: list) -> float:
-    if len(pairs) < 3:
-        return math.nan
-    x, y = np.array(pairs).T
-    return float(spearmanr(x, y).statistic) if np.ptp(x) > 0 and np.ptp(y) > 0 else math.nan
+def ranking(correlation: list[dict]) -> str:
+    """The measures as a table, best granulated Psi first: each score with its interval."""
+
+    def cell(row, name):
+        value, low, high = row.get(name), row.get(f"{name}_low"), row.get(f"{name}_high")
+        if value is None:
+            return "-"
+        return f"{value:+.2f}" + (f" [{low:+.2f}, {high:+.2f}]" if low is not None else "")
+
+    columns = [
+        ("Spearman rho", "spearman_rho"),
+        ("Kendall tau", "kendall_tau"),
+        ("granulated Psi", "psi"),
+        ("robust sign error", "robust_sign_error"),
+    ]
+    rows = sorted(correlation, key=lambda r: -r["psi"] if r.get("psi") is not None else 2)
+    table = [["measure", *(title for title, _ in columns)]]
+    table += [[r["measure"], *(cell(r, name) for _, name in columns)] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    return "\n".join(
+        "  ".join([line[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(line[1:], widths[1:]))])
+        for line in table
+    )

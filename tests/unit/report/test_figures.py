@@ -63,3 +63,52 @@ def test_no_figure_has_more_than_12_panels(n, sizes, tmp_path):
         [f"network_measures_vs_{x}{s}.png" for x in ("width", "epoch") for s, _ in pages]
         + ["correlation.png"]
     )
+
+
+def test_every_line_over_several_seeds_has_its_interval(tmp_path, monkeypatch):
+    """Where the rows hold a 95% interval (several seeds), every line of every figure is drawn
+    with its band, and every bar of the scores with its interval, which need not hold the bar's
+    end (a percentile bootstrap interval)."""
+    drawn = {}
+    monkeypatch.setattr(
+        figures, "save", lambda fig, path: drawn.setdefault(path.name, fig) and path
+    )
+    keys = [
+        "train_jacobian_operator_norm_none_mean",
+        "train_jacobian_operator_norm_none_clean_mean",
+        "train_jacobian_operator_norm_none_corrupted_mean",
+        "hessian_trace",
+        "probe_worst_accuracy_mean",
+        "probe_worst_jacobian_operator_norm_none_mean",
+    ]
+    opnorm = [f"opnorm_none_{s}" for s in ("mean", "clean_mean", "corrupted_mean")]
+    columns = ["train_error", "test_error", *keys, *opnorm]
+
+    def row(**fixed):
+        values = {c: 1.0 + fixed.get("width", 1) for c in columns}
+        return {
+            **fixed,
+            **values,
+            **{f"{c}_{b}": v for c, v in values.items() for b in ("low", "high")},
+        }
+
+    widths = [row(width=w) for w in (1, 2, 4)]
+    epochs = [{**row(width=w), "epoch": e} for w in (1, 2, 4) for e in (0, 2)]
+    scores = {name: 0.5 for name in figures.SCORED}
+    correlation = [
+        {"measure": k, **scores, **{f"{n}_{b}": 0.25 for n in scores for b in ("low", "high")}}
+        for k in keys
+    ]
+    figures.draw(tmp_path, "t", ["none"], widths, epochs)
+    figures.draw_measures(tmp_path, "t", keys, widths, epochs, correlation)
+    figures.draw_smoothness(tmp_path, "t", ["none"], keys, widths)
+    assert len(drawn) == 10  # error, lipschitz x2, sample x2, network x2, probe, scores, smoothness
+    for name, fig in drawn.items():
+        for ax in fig.axes:
+            if name == "correlation.png":
+                (bars,), (intervals,) = ax.containers, ax.collections
+                assert len(bars) == len(intervals.get_segments()) == len(keys) - 1, name  # one of
+                # the probe set's operator norm: in smoothness_vs_width.png
+                continue
+            lines = [ln for ln in ax.get_lines() if ln.get_label() != "interpolation threshold"]
+            assert lines and len(ax.collections) == len(lines), (name, ax.get_title())

@@ -14,7 +14,8 @@ from scipy.stats import spearmanr
 from lipdd import config, tracking
 from lipdd.errors import ConfigError
 from lipdd.report import report
-from lipdd.report.tables import correlations, interpolation_threshold
+from lipdd.report.scores import SCORES
+from lipdd.report.tables import interpolation_threshold
 
 EPOCHS = 4
 CHECKPOINTS = (0, 2, 4)
@@ -75,6 +76,7 @@ def make_run(client, exp_id, status="FINISHED", stats=True, **overrides):
     client.log_batch(
         run_id, metrics=metrics[::-1]
     )  # highest step first: "final" is not "last logged"
+    client.set_tag(run_id, "test_size", "100")
     client.set_terminated(run_id, status)
     return run_id, logged
 
@@ -98,10 +100,12 @@ def read_csv(path):
 
 def test_report(store, tmp_path, capsys):
     uri, client, exp_id = store
-    runs = {
+    runs = {  # a sweep of 3 widths x 2 seeds, one seed at width 1
         1: [make_run(client, exp_id, width=1, label_noise=0.2)],
-        2: [make_run(client, exp_id, width=2, seed=s, label_noise=0.2) for s in (1, 2)],
-        4: [make_run(client, exp_id, width=4, label_noise=0.2)],
+        **{
+            w: [make_run(client, exp_id, width=w, seed=s, label_noise=0.2) for s in (1, 2)]
+            for w in (2, 4)
+        },
     }
     make_run(client, exp_id, width=8, label_noise=0.4)  # other noise level
     make_run(client, exp_id, width=8, label_noise=0.2, status="RUNNING")  # unfinished
@@ -136,6 +140,18 @@ def test_report(store, tmp_path, capsys):
         values = [logged[key][epoch] for _, logged in group]
         return sum(values) / len(values)
 
+    def assert_interval(row, group, column, key, epoch=EPOCHS):
+        """Two seeds' bootstrap interval of the mean is their min and max; one has none."""
+        values = [logged[key][epoch] for _, logged in group]
+        bounds = (row[f"{column}_low"], row[f"{column}_high"])
+        if len(values) == 1:
+            assert bounds == ("", "")
+        else:
+            assert tuple(map(float, bounds)) == (min(values), max(values))
+
+    def bounded(columns):
+        return [c for column in columns for c in (column, f"{column}_low", f"{column}_high")]
+
     rows = read_csv(out / "by_width.csv")
     assert [int(r["width"]) for r in rows] == [1, 2, 4]
     norm_columns = [
@@ -146,9 +162,7 @@ def test_report(store, tmp_path, capsys):
     assert list(rows[0]) == [
         "width",
         "n_runs",
-        "train_error",
-        "test_error",
-        *norm_columns,
+        *bounded(["train_error", "test_error", *norm_columns]),
         "run_ids",
     ]
     for row in rows:
@@ -157,40 +171,49 @@ def test_report(store, tmp_path, capsys):
         assert set(row["run_ids"].split(";")) == {run_id for run_id, _ in group}
         for key in ("train_error", "test_error"):
             assert float(row[key]) == expected(group, key)
+            assert_interval(row, group, key, key)
         for column in norm_columns:
-            assert float(row[column]) == expected(
-                group, column.replace("opnorm", "train_jacobian_operator_norm")
-            )
+            key = column.replace("opnorm", "train_jacobian_operator_norm")
+            assert float(row[column]) == expected(group, key)
+            assert_interval(row, group, column, key)
 
     rows = read_csv(out / "by_epoch.csv")
     assert [(int(r["width"]), int(r["epoch"])) for r in rows] == [
         (w, e) for w in (1, 2, 4) for e in CHECKPOINTS
     ]
-    assert list(rows[0]) == ["width", "epoch", *norm_columns]
+    assert list(rows[0]) == ["width", "epoch", *bounded(norm_columns)]
     for row in rows:
         group, epoch = runs[int(row["width"])], int(row["epoch"])
         for column in norm_columns:
             key = column.replace("opnorm", "train_jacobian_operator_norm")
             assert float(row[column]) == expected(group, key, epoch)
+            assert_interval(row, group, column, key, epoch)
 
     # Every measure, and how it tracks test error across widths.
     measures = sorted(k for k in OPNORM + NETWORK if not k.endswith(("_median", "_std")))
     rows = read_csv(out / "measures_by_width.csv")
-    assert list(rows[0]) == ["width", "n_runs", "train_error", "test_error", *measures, "run_ids"]
+    assert list(rows[0]) == [
+        "width", "n_runs", *bounded(["train_error", "test_error", *measures]), "run_ids"
+    ]  # fmt: skip
     for row in rows:
         for key in measures:
             assert float(row[key]) == pytest.approx(expected(runs[int(row["width"])], key))
+            assert_interval(row, runs[int(row["width"])], key, key)
+    # Every score of every measure, each with its interval (lipdd.report.scores, test_scores.py).
     correlation = {r["measure"]: r for r in read_csv(out / "correlation.csv")}
     assert sorted(correlation) == measures
     for key in measures:
+        row = correlation[key]
         means = [(expected(runs[w], key), expected(runs[w], "test_error")) for w in (1, 2, 4)]
-        assert float(correlation[key]["spearman_rho"]) == pytest.approx(
-            spearmanr(*zip(*means)).statistic
-        )
-        assert (
-            -1 <= float(correlation[key]["ci_low"]) <= float(correlation[key]["ci_high"]) <= 1
-        )  # width 2: 2 runs
-        assert (correlation[key]["n_widths"], correlation[key]["n_runs"]) == ("3", "4")
+        assert float(row["spearman_rho"]) == pytest.approx(spearmanr(*zip(*means)).statistic)
+        for score in SCORES:
+            assert float(row[f"{score}_low"]) <= float(row[f"{score}_high"]), (key, score)
+        assert {"psi_width", "psi_seed", "psi_epoch"} <= set(row) and row["psi_epoch"] != ""
+        assert (row["n_widths"], row["n_runs"]) == ("3", "5")
+    captured = capsys.readouterr()
+    table = captured.out.splitlines()  # the ranking, printed
+    assert table[0].split()[:4] == ["measure", "Spearman", "rho", "Kendall"]
+    assert sorted(line.split()[0] for line in table[1:]) == measures
 
     # The report run: in an experiment of its own, named apart from the next one.
     reports = client.get_experiment_by_name("lipdd-reports")
@@ -199,13 +222,13 @@ def test_report(store, tmp_path, capsys):
     assert run.info.status == "FINISHED" and re.fullmatch(
         r"report-cnn5-digits-noise0.2-\d{8}-\d{6}", run.info.run_name
     )
-    assert run.data.params["n_runs"] == "4" and run.data.params["label_noise"] == "0.2"
+    assert run.data.params["n_runs"] == "5" and run.data.params["label_noise"] == "0.2"
     assert run.data.tags["lipdd.training_experiment"] == "lipdd"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == FILES
     assert not client.search_runs([exp_id], "tags.`lipdd.kind` = 'report'")
-    err = capsys.readouterr().err
+    err = captured.err
     drawn = [run_id for group in runs.values() for run_id, _ in group]
-    assert "report: drawing 4 runs of experiment 'lipdd': width 1: " in err and all(
+    assert "report: drawing 5 runs of experiment 'lipdd': width 1: " in err and all(
         r in err for r in drawn
     )
     assert (
@@ -232,7 +255,11 @@ def test_report_without_stats(store, tmp_path):
         "width": "3",
         "n_runs": "1",
         "train_error": str(logged["train_error"][EPOCHS]),
+        "train_error_low": "",  # one run: no interval
+        "train_error_high": "",
         "test_error": str(logged["test_error"][EPOCHS]),
+        "test_error_low": "",
+        "test_error_high": "",
         "run_ids": run_id,
     }
     assert (tmp_path / "results" / "report" / "lipschitz_vs_epoch.png").stat().st_size > 0
@@ -289,43 +316,7 @@ def test_another_sweep_at_the_same_noise_is_left_out(store, tmp_path, capsys):
     assert len(client.search_runs([reports.experiment_id], "tags.`lipdd.kind` = 'report'")) == 1
 
 
-def test_interpolation_threshold_and_correlation_by_hand():
+def test_interpolation_threshold():
     rows = [{"width": w, "train_error": e} for w, e in ((1, 0.3), (2, 0.1), (4, 0.0), (8, 0.0))]
     assert interpolation_threshold(rows) == 4
     assert interpolation_threshold(rows[:2]) is None
-    # test error 0.3, 0.2, 0.4, 0.1 (ranks 3, 2, 4, 1) against a measure 1, 2, 3, 4 (ranks 1, 2, 3,
-    # 4)
-    by_width = {
-        w: [("r", {"test_error": t, "m": m}, {})]
-        for w, t, m in ((1, 0.3, 1), (2, 0.2, 2), (4, 0.4, 3), (8, 0.1, 4))
-    }
-    (row,) = correlations(by_width, ["m"])
-    assert row["spearman_rho"] == pytest.approx(
-        1 - 6 * (4 + 0 + 1 + 9) / (4 * 15)
-    )  # 1 - 6 sum d^2 / (n (n^2 - 1))
-    assert row["ci_low"] is None and row["ci_high"] is None  # one run a width: nothing to resample
-
-
-def test_bootstrap_interval_over_the_runs_of_a_width():
-    # Width 1 has two runs, (measure 10, error 0.1) and (0, 0.0); the others one each. A bootstrap
-    # round sees width 1 as one of them (probability 1/4 each: rho -0.2 and 1) or as their mean
-    # (1/2: rho 0.4, the point estimate), so over 1000 rounds the 95% interval is [-0.2, 1].
-    def runs(*pairs):
-        return [("r", {"m": m, "test_error": e}, {}) for m, e in pairs]
-
-    by_width = {
-        1: runs((10, 0.1), (0, 0.0)),
-        2: runs((2, 0.2)),
-        4: runs((4, 0.4)),
-        8: runs((6, 0.6)),
-    }
-    (row,) = correlations(by_width, ["m"])
-    assert row["spearman_rho"] == pytest.approx(0.4) and row["n_runs"] == 5 and row["n_widths"] == 4
-    assert (row["ci_low"], row["ci_high"]) == pytest.approx((-0.2, 1.0))
-    assert correlations(by_width, ["m"]) == [row]  # seeded: the same interval every time
-    # Runs that agree leave nothing to resample: the interval is the point.
-    by_width[1] = runs((5, 0.05), (5, 0.05))
-    (row,) = correlations(by_width, ["m"])
-    assert (
-        row["ci_low"] == row["ci_high"] == pytest.approx(row["spearman_rho"]) == pytest.approx(0.4)
-    )
