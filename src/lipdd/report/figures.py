@@ -13,7 +13,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from .. import files, names
-from .tables import SUMMARIES, interpolation_threshold, probe_summary
+from .tables import SUMMARIES, best_first, interpolation_threshold, probe_summary
 
 LABELS = {"mean": "all", "clean_mean": "clean", "corrupted_mean": "corrupted"}
 
@@ -182,10 +182,8 @@ SCORED = {
 
 def draw_correlation(out: Path, title: str, correlation: list[dict]) -> Path:
     """A panel per score, a bar per measure with its 95% interval, best granulated Psi first."""
-    shown = sorted(
-        (r for r in correlation if any(r.get(name) is not None for name in SCORED)),
-        key=lambda r: -r["psi"] if r.get("psi") is not None else 2,
-    )[::-1]
+    scored = [r for r in correlation if any(r.get(name) is not None for name in SCORED)]
+    shown = best_first(scored)[::-1]  # barh draws bottom up
     fig = Figure(figsize=(4 * len(SCORED), 0.3 * len(shown) + 1.8), layout="constrained")
     axes = fig.subplots(1, len(SCORED), sharey=True, squeeze=False)[0]
     fig.suptitle(f"{title}\nhow each measure tracks test error (bars: 95% bootstrap interval)")

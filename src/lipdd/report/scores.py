@@ -134,16 +134,16 @@ def sign_errors(models: Models, counts: np.ndarray, test_size: int, axes: list[s
     return np.stack(losses, 1) if losses else np.full((len(counts), 0), np.nan)
 
 
-def nanmean(a: np.ndarray) -> np.ndarray:
+def nanmean(a: np.ndarray, axis: int = 0) -> np.ndarray:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns are nan, as they should
-        return np.nanmean(a, axis=0)
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan slices are nan, as they should
+        return np.nanmean(a, axis=axis)
 
 
-def nanmax(a: np.ndarray) -> np.ndarray:
+def nanmax(a: np.ndarray, axis: int = 1) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmax(a, axis=1) if a.shape[1] else np.full(len(a), np.nan)
+        return np.nanmax(a, axis=axis) if a.shape[axis] else np.full(len(a), np.nan)
 
 
 def all_scores(models: Models, counts: np.ndarray, test_size: int | None) -> dict[str, np.ndarray]:
@@ -158,7 +158,7 @@ def all_scores(models: Models, counts: np.ndarray, test_size: int | None) -> dic
         "spearman_rho": spearman_rho(values, errors) if enough else nan,
         "kendall_tau": kendall_tau_rows(values, errors) if enough else nan,
         **psi(models, counts, axes),
-        "sign_error": nanmean(envs.T) if envs is not None and envs.shape[1] else nan,
+        "sign_error": nanmean(envs, axis=1) if envs is not None and envs.shape[1] else nan,
         "robust_sign_error": nanmax(envs) if envs is not None else nan,
     }
 

@@ -233,6 +233,11 @@ def correlations(by_width: dict[int, list[Run]], keys: list[str], seed: int = 0)
     return rows
 
 
+def best_first(correlation: list[dict]) -> list[dict]:
+    """The correlation rows by granulated Psi, best first; those without one last."""
+    return sorted(correlation, key=lambda r: -r["psi"] if r.get("psi") is not None else 2)
+
+
 def ranking(correlation: list[dict]) -> str:
     """The measures as a table, best granulated Psi first: each score with its interval."""
 
@@ -248,7 +253,7 @@ def ranking(correlation: list[dict]) -> str:
         ("granulated Psi", "psi"),
         ("robust sign error", "robust_sign_error"),
     ]
-    rows = sorted(correlation, key=lambda r: -r["psi"] if r.get("psi") is not None else 2)
+    rows = best_first(correlation)
     table = [["measure", *(title for title, _ in columns)]]
     table += [[r["measure"], *(cell(r, name) for _, name in columns)] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
