@@ -120,11 +120,15 @@ class StatsConfig:
     )
     curvature_samples: int = opt(
         1000,
-        "loss_curvature: training points the loss is averaged over (a fixed seeded subset)",
+        "loss_curvature, output_margin, weight_norms, pacbayes: training points they are "
+        "measured on (a fixed seeded subset)",
         "stats",
     )
     curvature_seed: int = opt(
-        0, "loss_curvature: seed of that subset and of Hutchinson's probes", "stats"
+        0,
+        "seed of that subset, of Hutchinson's probes (loss_curvature) and of the perturbations "
+        "(pacbayes)",
+        "stats",
     )
     curvature_top_k: int = opt(
         1, "loss_curvature: how many of the largest Hessian eigenvalues", "stats"
@@ -140,6 +144,12 @@ class StatsConfig:
     )
     hutchinson_probes: int = opt(
         100, "loss_curvature: Rademacher probes of the Hessian trace estimate", "stats"
+    )
+    spectrum_probes: int = opt(
+        4, "hessian_spectrum: Rademacher vectors of the density estimate", "stats"
+    )
+    spectrum_steps: int = opt(
+        40, "hessian_spectrum: Lanczos steps from each (nodes of its quadrature)", "stats"
     )
     probes: list[str] = opt(
         [],
@@ -667,6 +677,8 @@ RULES = {
     "stats.curvature_memory": POSITIVE_COUNT,
     "stats.hutchinson_probes": (lambda v: v >= 2, "an integer >= 2 (the standard error needs two)"),
     "stats.curvature_tolerance": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "stats.spectrum_probes": POSITIVE_COUNT,
+    "stats.spectrum_steps": POSITIVE_COUNT,
     "stats.probe_samples": (lambda v: v >= 2, "an integer >= 2 (pairs need two)"),
     "stats.probe_lambdas": (
         lambda v: len(v) > 0 and all(0 <= x <= 1 for x in v),

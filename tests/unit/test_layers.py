@@ -14,7 +14,8 @@ LAYERS = [
     {"errors", "names", "files", "leases", "distributed"},  # foundations: no lipdd import
     {"config", "upstream", "runtime", "models"},  # what a run is, where it runs, its network
     {"data.sources", "data.prepared", "data.loader", "data"}  # the data, and the numerics
-    | {"measures.lanczos", "measures.jacobian", "measures.lipschitz", "measures.curvature"},
+    | {"measures.lanczos", "measures.jacobian", "measures.lipschitz", "measures.curvature"}
+    | {"measures.baselines"},
     {"measures.registry", "measures.probes", "measures"}  # what stats measures; MLflow
     | {"tracking.store", "tracking.checkpoints", "tracking.sender", "tracking"},
     {"runs"},  # a training run's life in MLflow

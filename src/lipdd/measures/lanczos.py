@@ -118,49 +118,77 @@ class Basis:
         return total
 
 
+def step(matvec, basis: Basis, i: int, betas: list[float]) -> tuple[float, float, torch.Tensor]:
+    """Lanczos step i (from 1) on basis[:i]: (alpha_i, beta_i, the next vector times beta_i)."""
+    q = basis[i - 1]
+    w = matvec(q)
+    alpha = w @ q
+    w -= alpha * q
+    if betas:
+        w -= betas[-1] * basis[i - 2]
+    # The three-term recurrence leaves components along older vectors that grow as Ritz vectors
+    # converge; one pass against all of them removes them, unless it cancelled most of w (then a
+    # second pass removes the first's rounding: "twice is enough"). Scalars stay on the device
+    # until one read per pass: on a GPU each read is a synchronisation.
+    before, correction = torch.linalg.vector_norm(w), 0.0
+    for _ in range(2):
+        coefficients = basis.dot(w, i)
+        w -= basis.combine(coefficients)
+        norm = torch.linalg.vector_norm(w)
+        alpha_value, along_q, before_value, beta = torch.stack(
+            [alpha, coefficients[-1], before, norm]
+        ).tolist()
+        correction += along_q
+        if beta > 0.5 * before_value:
+            break
+        before = norm
+    return alpha_value + correction, beta, w
+
+
 def cycle(matvec, basis: Basis, n: int, k: int, tol: float, limit: int) -> tuple:
     """One Lanczos cycle from basis[0], for at most len(basis) and `limit` products: (the top Ritz
     values, largest first; their vectors' coefficients in the basis, a column each; the products
     taken; whether they converged)."""
     alphas, betas = [], []
-    for step in range(1, min(len(basis), limit) + 1):
-        q = basis[step - 1]
-        w = matvec(q)
-        alpha = w @ q
-        w -= alpha * q
-        if betas:
-            w -= betas[-1] * basis[step - 2]
-        # The three-term recurrence leaves components along older vectors that grow as Ritz vectors
-        # converge; one pass against all of them removes them, unless it cancelled most of w (then a
-        # second pass removes the first's rounding: "twice is enough"). Scalars stay on the device
-        # until one read per pass: on a GPU each read is a synchronisation.
-        before, correction = torch.linalg.vector_norm(w), 0.0
-        for _ in range(2):
-            coefficients = basis.dot(w, step)
-            w -= basis.combine(coefficients)
-            norm = torch.linalg.vector_norm(w)
-            alpha_value, along_q, before_value, beta = torch.stack(
-                [alpha, coefficients[-1], before, norm]
-            ).tolist()
-            correction += along_q
-            if beta > 0.5 * before_value:
-                break
-            before = norm
-        alphas.append(alpha_value + correction)
+    for i in range(1, min(len(basis), limit) + 1):
+        alpha, beta, w = step(matvec, basis, i, betas)
+        alphas.append(alpha)
         ritz, vectors = eigh_tridiagonal(
             np.array(alphas),
             np.array(betas),
             select="i",
-            select_range=(step - min(k, step), step - 1),
+            select_range=(i - min(k, i), i - 1),
             check_finite=False,
         )
         ritz, vectors = ritz[::-1], vectors[:, ::-1]  # largest first
         residuals = beta * np.abs(vectors[-1])
-        invariant = beta <= 1e-12 * np.abs(ritz).max() or step == n
+        invariant = beta <= 1e-12 * np.abs(ritz).max() or i == n
         if invariant or np.all(residuals <= tol * np.abs(ritz)):
-            return ritz, vectors, step, True
-        if step == len(basis):
+            return ritz, vectors, i, True
+        if i == len(basis):
             break
         betas.append(beta)
-        basis[step] = w / beta
-    return ritz, vectors, step, False
+        basis[i] = w / beta
+    return ritz, vectors, i, False
+
+
+def quadrature(matvec, start: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss quadrature of the spectral measure of the symmetric operator `matvec` seen from the
+    unit vector along `start` (Golub and Meurant): (nodes, weights) such that sum_j weights_j *
+    f(nodes_j) = u^T f(A) u, u = start / ||start||, exactly for polynomials f of degree below
+    2 * steps. The nodes are the Ritz values of `steps` Lanczos steps from u (fewer when the Krylov
+    space is invariant earlier, and then exact for every f), the weights the squared first
+    components of their eigenvectors."""
+    n = len(start)
+    basis = Basis(min(steps, n), n, start.device)
+    basis[0] = start / torch.linalg.vector_norm(start)
+    alphas, betas = [], []
+    for i in range(1, len(basis) + 1):
+        alpha, beta, w = step(matvec, basis, i, betas)
+        alphas.append(alpha)
+        if i == len(basis) or beta <= 1e-12 * max(abs(a) for a in alphas):
+            break
+        betas.append(beta)
+        basis[i] = w / beta
+    nodes, vectors = eigh_tridiagonal(np.array(alphas), np.array(betas), check_finite=False)
+    return nodes, vectors[0] ** 2

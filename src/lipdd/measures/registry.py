@@ -15,6 +15,8 @@ computes it at every chosen checkpoint, writes its result files and logs its sum
 
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..names import LOGGED_SUMMARIES, NORMALIZATIONS, OPNORM, bound_ratio
-from . import curvature, jacobian, lipschitz
+from . import baselines, curvature, jacobian, lipschitz
 
 
 @dataclass(frozen=True)
@@ -178,13 +180,22 @@ def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
     the network in eval mode): the top-k eigenvalues of the Hessian (lipdd.measures.lanczos on
     Hessian-vector products, to the relative tolerance stats.curvature_tolerance), its trace by
     Hutchinson's estimator (mean of v^T H v over stats.hutchinson_probes seeded Rademacher v) with
-    its standard error, and the gradient norm ||grad L||."""
+    its standard error, and the gradient norm ||grad L||; in the details, each layer's share of
+    the trace (the trace of its diagonal block, from the same probes)."""
     s = network.options
     hessian = curvature.Hessian(network.model, *network.training_points())
     eigenvalues, steps = hessian.top_eigenvalues(
         s.curvature_top_k, s.curvature_tolerance, s.curvature_seed, s.curvature_memory << 20
     )
-    quadratic = hessian.hutchinson(s.hutchinson_probes, s.curvature_seed)
+    quadratic, per_block = hessian.hutchinson(s.hutchinson_probes, s.curvature_seed)
+    per_layer = {
+        block: {
+            "parameters": size,
+            "trace": float(per_block[:, i].mean()),
+            "trace_se": float(per_block[:, i].std(ddof=1) / np.sqrt(len(per_block))),
+        }
+        for i, (block, size) in enumerate(hessian.blocks.items())
+    }
     summary = {
         "hessian_top_eigenvalue": eigenvalues[0],
         "hessian_trace": float(quadratic.mean()),
@@ -198,7 +209,142 @@ def loss_curvature(network: Network) -> tuple[dict[str, float], dict]:
         "parameters": hessian.size,
         "training_points": hessian.samples,
         "tolerance": s.curvature_tolerance,
+        "per_layer": per_layer,
     }
+
+
+SPECTRUM_GRID, SPECTRUM_KERNEL = 400, 0.01  # hessian_spectrum's density: grid points, kernel width
+
+
+def hessian_spectrum(network: Network) -> tuple[dict[str, float], dict]:
+    """The eigenvalue density of the same Hessian as loss_curvature's, by stochastic Lanczos
+    quadrature (lipdd.measures.curvature.Hessian.spectrum: stats.spectrum_probes Rademacher
+    vectors seeded stats.curvature_seed, stats.spectrum_steps Lanczos steps each): its first
+    moments (the first is the trace over the parameter count), the mass below zero, and in the
+    details the density on a grid of SPECTRUM_GRID points (kernel width SPECTRUM_KERNEL of the
+    range) with the quadrature's nodes and weights, and the top eigenvalue of each layer's
+    diagonal block of H (to stats.curvature_tolerance; loss_curvature has their traces); and the
+    trace by Hutch++ in as many products as loss_curvature's Hutchinson (stats.hutchinson_probes),
+    with the standard error of its random part."""
+    s = network.options
+    hessian = curvature.Hessian(network.model, *network.training_points())
+    nodes, weights = hessian.spectrum(s.spectrum_probes, s.spectrum_steps, s.curvature_seed)
+    first = curvature.moments(nodes, weights, 5)
+    grid, values = curvature.density(nodes, weights, SPECTRUM_GRID, SPECTRUM_KERNEL)
+    trace, trace_se = hessian.hutchplusplus(s.hutchinson_probes, s.curvature_seed)
+    per_layer = {}
+    for block, size in hessian.blocks.items():
+        top, steps = hessian.block_top_eigenvalue(block, s.curvature_tolerance, s.curvature_seed)
+        per_layer[block] = {"parameters": size, "top_eigenvalue": top, "lanczos_steps": steps}
+    summary = {
+        "hessian_density_mean": first[1],
+        "hessian_density_second_moment": first[2],
+        "hessian_negative_mass": float((weights * (nodes < 0)).sum(1).mean()),
+        "hessian_trace_hutchpp": trace,
+        "hessian_trace_hutchpp_se": trace_se,
+    }
+    return summary, {
+        "moments": first,
+        "grid": grid.tolist(),
+        "density": values.tolist(),
+        "nodes": nodes.tolist(),
+        "weights": weights.tolist(),
+        "parameters": hessian.size,
+        "training_points": hessian.samples,
+        "per_layer": per_layer,
+    }
+
+
+def _initial_model(network: Network) -> torch.nn.Module:
+    start = copy.deepcopy(network.model)
+    start.load_state_dict(network.initial())
+    return start
+
+
+def _log_sum(log_prod: float, d: int) -> float:
+    # Jiang et al.'s sum of d per-layer terms, replaced by d times their geometric mean
+    return math.log(d) + log_prod / d
+
+
+def output_margin(network: Network) -> tuple[dict[str, float], dict]:
+    """γ, the magnitude of the 10th percentile of the training margins (lipdd.measures.baselines),
+    and the inverse margin 1/γ²."""
+    net, _ = baselines.folded(network.model)
+    x, y = network.training_points()
+    gamma = baselines.output_margin(net, x, y)
+    return {"output_margin": gamma, "inverse_margin": gamma**-2}, {"training_points": len(y)}
+
+
+def weight_norms(network: Network) -> tuple[dict[str, float], dict]:
+    """Jiang et al.'s norm measures of the layers' weights W_l (batch norm folded; l = 1..d):
+    their count, their l2 norm, log prod_l ||W_l||^2 with spectral (exact, on the input size each
+    layer sees) and Frobenius norms, the same summed (log d + log prod / d), each also over the
+    margin (- 2 log γ), the squared distances from initialisation sum_l ||W_l - W_l^0||^2 in both
+    norms, and the path norm, also over γ². Per layer in the details."""
+    net, layers = baselines.folded(network.model)
+    _, start = baselines.folded(_initial_model(network))
+    shapes = baselines.input_shapes(net, layers.values(), network.input_shape)
+    per_layer = []
+    for (name, layer), shape in zip(layers.items(), shapes):
+        w, moved = layer.weight, layer.weight - start[name].weight
+        per_layer.append(
+            {
+                "layer": name,
+                "input_shape": list(shape),
+                "spectral": baselines.operator_norm(layer, w, shape),
+                "frobenius": torch.linalg.vector_norm(w).item(),
+                "spectral_from_init": baselines.operator_norm(layer, moved, shape),
+                "frobenius_from_init": torch.linalg.vector_norm(moved).item(),
+            }
+        )
+    x, y = network.training_points()
+    log_margin2, d = 2 * math.log(baselines.output_margin(net, x, y)), len(per_layer)
+    summary = {
+        "weight_count": sum(layer.weight.numel() for layer in layers.values()),
+        "weight_l2_norm": math.sqrt(sum(r["frobenius"] ** 2 for r in per_layer)),
+    }
+    for norm in ("spectral", "frobenius"):
+        log_prod = sum(2 * math.log(r[norm]) for r in per_layer)
+        summary[f"log_prod_{norm}"] = log_prod
+        summary[f"log_sum_{norm}"] = _log_sum(log_prod, d)
+        summary[f"log_prod_{norm}_over_margin"] = log_prod - log_margin2
+        summary[f"log_sum_{norm}_over_margin"] = _log_sum(log_prod - log_margin2, d)
+        summary[f"{norm}_distance"] = sum(r[f"{norm}_from_init"] ** 2 for r in per_layer)
+    summary["path_norm"] = baselines.path_norm(net, network.input_shape)
+    summary["path_norm_over_margin"] = summary["path_norm"] / math.exp(log_margin2)
+    return summary, {"per_layer": per_layer}
+
+
+def pacbayes(network: Network) -> tuple[dict[str, float], dict]:
+    """Jiang et al.'s PAC-Bayes measures: the perturbation scale σ the training accuracy
+    tolerates (lipdd.measures.baselines.pacbayes_sigma, in float32, seeded stats.curvature_seed),
+    the flatness 1/σ² and the bounds ||v||² / (4σ²) + log(m/σ) + 10 with v the weights w (orig)
+    or w - w0 (init); the same for magnitude-aware σ' with 1/4 sum_i log((ε² + (σ'² + 1) ||v||² /
+    ω) / (ε² + σ'² (w_i - w0_i)²)) + log(m/σ') + 10 (ω weights, m training points)."""
+    net, layers = baselines.folded(network.model)
+    _, start = baselines.folded(_initial_model(network))
+    w = torch.cat([layer.weight.flatten() for layer in layers.values()])
+    moved = w - torch.cat([start[name].weight.flatten() for name in layers])
+    x, y = network.training_points()
+    generator = torch.Generator(device=x.device).manual_seed(network.options.curvature_seed)
+    m, eps, summary = len(y), baselines.MAGNITUDE_EPS, {}
+    # the search is a Monte Carlo estimate to 0.01 of an accuracy: float32 is precise enough, and
+    # its forward passes are several times faster than float64's on a CPU
+    net = net.float()
+    sigma = baselines.pacbayes_sigma(net, x, y, generator)
+    summary["pacbayes_sigma"], summary["pacbayes_flatness"] = sigma, sigma**-2
+    for kind, v in (("init", moved), ("orig", w)):
+        summary[f"pacbayes_{kind}"] = (
+            v.square().sum().item() / (4 * sigma**2) + math.log(m / sigma) + 10
+        )
+    sigma = baselines.pacbayes_sigma(net, x, y, generator, eps)
+    summary["pacbayes_mag_sigma"], summary["pacbayes_mag_flatness"] = sigma, sigma**-2
+    for kind, v in (("init", moved), ("orig", w)):
+        ratio = (eps**2 + (sigma**2 + 1) * v.square().sum() / len(w)) / (
+            eps**2 + sigma**2 * moved.square()
+        )
+        summary[f"pacbayes_mag_{kind}"] = ratio.log().sum().item() / 4 + math.log(m / sigma) + 10
+    return summary, {"training_points": m, "weights": len(w)}
 
 
 MEASURES = {
@@ -245,6 +391,57 @@ MEASURES = {
             loss_curvature,
             ("training_points",),
             ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_se", "gradient_norm"),
+        ),
+        Measure(
+            "hessian_spectrum",
+            "network",
+            hessian_spectrum,
+            ("training_points",),
+            (
+                "hessian_density_mean",
+                "hessian_density_second_moment",
+                "hessian_negative_mass",
+                "hessian_trace_hutchpp",
+                "hessian_trace_hutchpp_se",
+            ),
+        ),
+        Measure(
+            "output_margin",
+            "network",
+            output_margin,
+            ("training_points",),
+            ("output_margin", "inverse_margin"),
+        ),
+        Measure(
+            "weight_norms",
+            "network",
+            weight_norms,
+            ("initial", "training_points"),
+            (
+                "weight_count",
+                "weight_l2_norm",
+                *(
+                    f"log_{form}_{norm}{over}"
+                    for norm in ("spectral", "frobenius")
+                    for over in ("", "_over_margin")
+                    for form in ("prod", "sum")
+                ),
+                "spectral_distance",
+                "frobenius_distance",
+                "path_norm",
+                "path_norm_over_margin",
+            ),
+        ),
+        Measure(
+            "pacbayes",
+            "network",
+            pacbayes,
+            ("initial", "training_points"),
+            tuple(
+                f"pacbayes_{mag}{what}"
+                for mag in ("", "mag_")
+                for what in ("sigma", "flatness", "init", "orig")
+            ),
         ),
     )
 }

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lipdd.measures.lanczos import top_eigenvalues
+from lipdd.measures.lanczos import quadrature, top_eigenvalues
 
 
 def symmetric(spectrum, seed=0):
@@ -109,3 +109,33 @@ def test_a_memory_budget_restarts_and_keeps_the_tolerance(k):
         assert np.all(np.abs(np.array(values) - exact) <= 1e-8 * exact)
     with pytest.raises(RuntimeError, match="did not reach relative tolerance 1e-08 in 15 steps"):
         top_eigenvalues(products(a)[0], 300, k=k, tol=1e-8, memory=rows * 300 * 8, max_steps=15)
+
+
+def test_quadrature_is_exact_below_twice_its_steps():
+    """u^T A^k u = sum_j w_j theta_j^k for k < 2 x steps, and not beyond in general."""
+    spectrum = np.linspace(-2.0, 5.0, 60) ** 3
+    a = symmetric(spectrum)
+    u = torch.from_numpy(np.random.default_rng(1).standard_normal(60))
+    matvec, count = products(a)
+    nodes, weights = quadrature(matvec, u, 5)
+    assert count[0] == 5 and len(nodes) == 5
+    unit = u / u.norm()
+    for k in range(10):
+        want = (unit @ torch.linalg.matrix_power(a, k) @ unit).item()
+        assert (weights * nodes**k).sum() == pytest.approx(want, rel=1e-10), k
+    want = (unit @ torch.linalg.matrix_power(a, 10) @ unit).item()
+    assert (weights * nodes**10).sum() != pytest.approx(want, rel=1e-8)
+
+
+def test_quadrature_of_an_invariant_space_is_exact_for_every_function():
+    """Three distinct eigenvalues: the Krylov space is invariant after three steps, and the
+    quadrature is the spectral measure itself."""
+    a = symmetric(np.repeat([-1.0, 0.5, 3.0], 10))
+    u = torch.ones(30, dtype=torch.float64)
+    matvec, count = products(a)
+    nodes, weights = quadrature(matvec, u, 20)
+    assert count[0] == 3 and nodes == pytest.approx([-1.0, 0.5, 3.0], abs=1e-10)
+    unit = u / u.norm()
+    eigenvalues, q = torch.linalg.eigh(a)
+    want = ((q.T @ unit) ** 2 * torch.exp(eigenvalues)).sum().item()
+    assert (weights * np.exp(nodes)).sum() == pytest.approx(want, rel=1e-10)

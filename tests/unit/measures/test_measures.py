@@ -4,9 +4,11 @@ the path a new measure takes (one function, one entry) through `lipdd stats` to 
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from explicit import explicit_norm, with_running_stats
 from lipdd import cli, config, train
 from lipdd.measures import MEASURES, Measure, Network, lipschitz
 from lipdd.measures.jacobian import input_jacobian
@@ -155,25 +157,6 @@ def test_network_measure_needs_the_initial_checkpoint(workdir, capsys):
 
 
 # --- the Lipschitz upper bound ------------------------------------------------------------------
-
-
-def explicit_norm(affine, shape) -> float:
-    """Largest singular value of the matrix of affine's linear part, built column by column
-    (float64)."""
-    matrix = torch.autograd.functional.jacobian(
-        lambda x: affine(x[None])[0], torch.zeros(shape, dtype=torch.float64)
-    )
-    return torch.linalg.svdvals(matrix.reshape(matrix[..., 0, 0, 0].numel(), -1))[0].item()
-
-
-def with_running_stats(model):
-    """Batch norm with running statistics and affine parameters far from their defaults."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            for t in (m.running_mean, m.weight, m.bias):
-                t.data.normal_()
-            m.running_var.data.uniform_(0.2, 3.0)
-    return model.eval()
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -325,14 +308,88 @@ def test_loss_curvature_against_the_explicit_hessian():
     probes = [torch.randint(0, 2, (len(grad),), generator=generator) * 2.0 - 1 for _ in range(50)]
     explicit = [(v.double() @ hessian @ v.double()).item() for v in probes]
     assert details["trace_samples"] == pytest.approx(explicit, rel=1e-9, abs=1e-12)
+    # Per layer: the diagonal block of each module's parameters, its trace from the same probes.
+    sizes = {"layer1.conv": 10, "layer2.conv": 20, "layer3.conv": 76, "layer4.conv": 296, "fc": 90}
+    assert {k: v["parameters"] for k, v in details["per_layer"].items()} == sizes
+    start = 0
+    for layer, size in sizes.items():
+        cut, got = slice(start, start + size), details["per_layer"][layer]
+        shares = [(v.double()[cut] @ (hessian @ v.double())[cut]).item() for v in probes]
+        assert got["trace"] == pytest.approx(sum(shares) / 50, rel=1e-9, abs=1e-12)
+        start += size
+    total = sum(r["trace"] for r in details["per_layer"].values())
+    assert total == pytest.approx(summary["hessian_trace"], rel=1e-9)
+
+
+def test_hessian_spectrum_moments_against_the_explicit_eigenvalues():
+    """Stochastic Lanczos quadrature is exact for polynomials of degree below 2 x steps: each
+    moment equals the mean over the same probes of sum_i lambda_i^k (q_i . v)^2 / n, with the
+    explicit Hessian's eigenpairs; the first is Hutchinson's trace of those probes over n."""
+    torch.manual_seed(0)
+    model = build_model("cnn5", 1, 1, 10).double().eval()
+    x, y = torch.randn(100, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (100,))
+    options = config.build({"stats.spectrum_probes": 3, "stats.spectrum_steps": 20}, environ={})
+    summary, details = MEASURES["hessian_spectrum"].fn(
+        Network(model, None, (1, 8, 8), lambda: (x, y), options.stats)
+    )
+    _, hessian = explicit_loss_hessian(model, x, y)
+    eigenvalues, vectors = torch.linalg.eigh(hessian)
+    generator = torch.Generator().manual_seed(options.stats.curvature_seed)
+    probes = [torch.randint(0, 2, (492,), generator=generator) * 2.0 - 1 for _ in range(3)]
+    squares = torch.stack([(vectors.T @ v.double()) ** 2 / 492 for v in probes])  # (probes, n)
+    want = [(squares * eigenvalues**k).sum(1).mean().item() for k in range(5)]
+    assert details["moments"] == pytest.approx(want, rel=1e-6)
+    assert want[0] == pytest.approx(1.0, rel=1e-12)
+    hutchinson = sum((v.double() @ hessian @ v.double()).item() for v in probes) / 3
+    assert summary["hessian_density_mean"] == pytest.approx(hutchinson / 492, rel=1e-9)
+    assert summary["hessian_density_second_moment"] == pytest.approx(want[2], rel=1e-6)
+    nodes, weights = (np.array(details[k]) for k in ("nodes", "weights"))
+    assert nodes.shape == weights.shape == (3, 20)
+    assert summary["hessian_negative_mass"] == pytest.approx(weights[nodes < 0].sum() / 3)
+    assert 0 < summary["hessian_negative_mass"] < 1  # a random network's Hessian is indefinite
+    # The quadrature's nodes are Ritz values: inside the spectrum, the extremes nearly reached.
+    assert eigenvalues[0] - 1e-9 <= nodes.min() and nodes.max() <= eigenvalues[-1] + 1e-9
+    assert nodes.max() == pytest.approx(eigenvalues[-1].item(), rel=1e-3)
+    start = 0
+    for layer, got in details["per_layer"].items():
+        end = start + got["parameters"]
+        top = torch.linalg.eigvalsh(hessian[start:end, start:end])[-1].item()
+        assert got["top_eigenvalue"] == pytest.approx(top, rel=2e-3), layer  # tolerance 1e-3
+        start = end
+    assert list(details["per_layer"])[-1] == "fc" and start == 492
+    grid, density = np.array(details["grid"]), np.array(details["density"])
+    assert np.trapezoid(density, grid) == pytest.approx(1.0, abs=3e-3)
+    # Hutch++ in stats.hutchinson_probes products, replayed on the explicit Hessian: S and G are
+    # the first and second third of the probes.
+    k = options.stats.hutchinson_probes // 3
+    generator = torch.Generator().manual_seed(options.stats.curvature_seed)
+    s, g = (
+        torch.stack(
+            [torch.randint(0, 2, (492,), generator=generator) * 2.0 - 1 for _ in range(k)], 1
+        ).double()
+        for _ in range(2)
+    )
+    q, _ = torch.linalg.qr(hessian @ s)
+    g = g - q @ (q.T @ g)
+    quadratic = torch.einsum("ik,ij,jk->k", g, hessian, g)
+    want = torch.trace(q.T @ hessian @ q) + quadratic.mean()
+    assert summary["hessian_trace_hutchpp"] == pytest.approx(want.item(), rel=1e-9)
+    se = quadratic.std() / k**0.5
+    assert summary["hessian_trace_hutchpp_se"] == pytest.approx(se.item(), rel=1e-9)
+    assert abs(want - torch.trace(hessian)) < 4 * se  # an estimate of the trace
 
 
 def test_loss_curvature_through_stats(workdir, run_id):
-    args = ["--metric", "loss_curvature", "--curvature-samples", "200", "--hutchinson-probes", "10"]
+    args = ["--metric", "loss_curvature", "hessian_spectrum", "--curvature-samples", "200"]
+    args += ["--hutchinson-probes", "10", "--spectrum-probes", "2", "--spectrum-steps", "10"]
     assert cli.main(["stats", "--run-id", run_id, *args, *STATS]) == 0
     client = get_client(f"sqlite:///{workdir}/mlflow.db")
-    for key in ("hessian_top_eigenvalue", "hessian_trace", "hessian_trace_se", "gradient_norm"):
+    keys = MEASURES["loss_curvature"].keys + MEASURES["hessian_spectrum"].keys
+    for key in keys:
         assert [m.step for m in client.get_metric_history(run_id, key)] == [0, 2], key
+    spectrum = json.loads((workdir / "out/hessian_spectrum-checkpoint-1.json").read_text())
+    assert len(spectrum["grid"]) == len(spectrum["density"]) == 400
+    assert np.array(spectrum["nodes"]).shape == (2, 10)
     last = json.loads((workdir / "out/loss_curvature-checkpoint-1.json").read_text())
     assert last["training_points"] == 200 and len(last["trace_samples"]) == 10
     assert last["summary"]["hessian_top_eigenvalue"] > 0
