@@ -5,12 +5,18 @@ and photographs each page with headless Chromium (Debian's `chromium` package).
     .venv/bin/python docs/screenshots.py [--store sqlite:///mlflow.db] [--out docs]
 
 The store needs finished training runs (a sweep: docs/results.md).
+
+    .venv/bin/python docs/screenshots.py --report results/report [--out docs]
+
+opens the report's index.html instead, checks in Chromium that every image on it loaded (exit 1
+if one did not) and photographs it as report_index.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -95,7 +101,7 @@ def urls(client: MlflowClient, base: str, experiment: str) -> dict[str, str]:
     }
 
 
-def photograph(url: str, path: Path, browser: str) -> None:
+def photograph(url: str, path: Path, browser: str, window: str = "1600,1000") -> None:
     with tempfile.TemporaryDirectory() as profile:  # a fresh profile: no columns chosen before
         subprocess.run(
             [
@@ -105,7 +111,7 @@ def photograph(url: str, path: Path, browser: str) -> None:
                 "--disable-gpu",
                 "--hide-scrollbars",
                 f"--user-data-dir={profile}",
-                "--window-size=1600,1000",
+                f"--window-size={window}",
                 "--virtual-time-budget=20000",
                 f"--screenshot={path}",
                 url,
@@ -118,15 +124,54 @@ def photograph(url: str, path: Path, browser: str) -> None:
         raise SystemExit(f"chromium wrote no screenshot of {url}")
 
 
+# Appended to a copy of the page beside it: once the page has loaded, the body records how many
+# of its images decoded, which --dump-dom then prints.
+COUNT_IMAGES = """<script>addEventListener("load", () => {
+  const all = [...document.images], ok = all.filter(i => i.complete && i.naturalWidth > 0);
+  document.body.dataset.loaded = ok.length + "/" + all.length;
+});</script>"""
+
+
+def check_report(folder: Path, out: Path, browser: str) -> Path:
+    """Open folder/index.html in headless Chromium: every image must load; then photograph it."""
+    index = folder / "index.html"
+    if not index.exists():
+        raise SystemExit(f"no {index}: run `lipdd report` first")
+    probe = folder / ".loaded-check.html"
+    probe.write_text(index.read_text().replace("</body>", COUNT_IMAGES + "</body>"))
+    try:
+        with tempfile.TemporaryDirectory() as profile:
+            dom = subprocess.run(
+                [browser, "--headless", "--no-sandbox", "--disable-gpu",
+                 f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--dump-dom",
+                 probe.resolve().as_uri()],
+                check=True, capture_output=True, text=True, timeout=180,
+            ).stdout  # fmt: skip
+    finally:
+        probe.unlink()
+    loaded = re.search(r'data-loaded="(\d+)/(\d+)"', dom)
+    if loaded is None or loaded[1] != loaded[2] or loaded[2] == "0":
+        raise SystemExit(f"{index}: images loaded in Chromium: {loaded and loaded[0]}")
+    print(f"{index}: {loaded[1]} of {loaded[2]} images loaded")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report_index.png"
+    photograph(index.resolve().as_uri(), path, browser, "1300,2600")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", default="sqlite:///mlflow.db", help="tracking store to serve")
     parser.add_argument("--experiment", default="lipdd")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="folder of the PNGs")
+    parser.add_argument("--report", type=Path, help="a report folder: check its index.html")
     args = parser.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("needs Chromium: apt-get install chromium")
+    if args.report:
+        print(check_report(args.report, Path(args.out), browser))
+        return
     port = free_port()
     server = serve(args.store, port)
     try:

@@ -86,6 +86,8 @@ def test_queued_width_sweep_lands_in_the_workspace_store(repo):
         assert correlation[measure]["n_widths"] == "3", measure
         assert correlation[measure]["spearman_rho"] != "", measure
     for figure in (
+        "double_descent.png",
+        "baseline_measures_vs_width.png",
         "sample_measures_vs_width.png",
         "network_measures_vs_width.png",
         "probe_measures_vs_width.png",

@@ -20,7 +20,8 @@ LAYERS = [
     | {"tracking.store", "tracking.checkpoints", "tracking.sender", "tracking"},
     {"runs"},  # a training run's life in MLflow
     {"train", "stats.writer", "stats.shards", "stats.compute", "stats"}  # the stages
-    | {"report.scores", "report.tables", "report.figures", "report", "upstream_runs", "sweep"},
+    | {"report.scores", "report.tables", "report.figures", "report.page", "report"}
+    | {"upstream_runs", "sweep"},
     {"cli", "__main__"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}

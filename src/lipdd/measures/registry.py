@@ -41,6 +41,9 @@ class Measure:
     # a network measure's summaries that relate it to the same checkpoint's per-sample values:
     # fn(summary, {(measure, normalization): values}, stats options) -> {key: value}
     relate: Callable | None = None
+    # one of the field's generalisation measures the Lipschitz ones are compared with (the report
+    # draws them apart)
+    baseline: bool = False
 
 
 class Batch:
@@ -411,6 +414,7 @@ MEASURES = {
             output_margin,
             ("training_points",),
             ("output_margin", "inverse_margin"),
+            baseline=True,
         ),
         Measure(
             "weight_norms",
@@ -431,6 +435,7 @@ MEASURES = {
                 "path_norm",
                 "path_norm_over_margin",
             ),
+            baseline=True,
         ),
         Measure(
             "pacbayes",
@@ -442,6 +447,7 @@ MEASURES = {
                 for mag in ("", "mag_")
                 for what in ("sigma", "flatness", "init", "orig")
             ),
+            baseline=True,
         ),
     )
 }

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .. import files, names, runs, tracking
 from ..config import Config
-from .figures import draw, draw_measures, draw_smoothness
+from .figures import draw, draw_measures, draw_paper, draw_smoothness
+from .page import write_page
 from .tables import SUMMARIES, collect, correlations, drawable, is_measure, ranking, tables
 
 
@@ -50,6 +51,7 @@ def report(cfg: Config) -> list[Path]:
     written = [
         files.write_csv(out / "by_width.csv", width_rows),
         files.write_csv(out / "by_epoch.csv", epoch_rows),
+        draw_paper(out, title, width_rows, measure_rows),
         *draw(out, title, norms, width_rows, epoch_rows),
         files.write_csv(out / "measures_by_width.csv", measure_rows),
         files.write_csv(out / "measures_by_epoch.csv", measure_epoch_rows),
@@ -57,6 +59,7 @@ def report(cfg: Config) -> list[Path]:
         *draw_measures(out, title, keys, measure_rows, measure_epoch_rows, correlation),
         *draw_smoothness(out, title, norms, keys, measure_rows),
     ]
+    written.append(write_page(out, title, written, correlation))
 
     # Report runs have an experiment of their own: among the training runs they would be drawn in
     # charts, legends and counts as runs without metrics.

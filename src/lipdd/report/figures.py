@@ -13,6 +13,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from .. import files, names
+from ..measures import MEASURES
 from .tables import SUMMARIES, best_first, interpolation_threshold, probe_summary
 
 LABELS = {"mean": "all", "clean_mean": "clean", "corrupted_mean": "corrupted"}
@@ -55,15 +56,18 @@ PANELS = 12  # at most per figure: panels large enough to read
 GROUPS = {
     "sample": "per-sample statistics on the training points",
     "network": "per-network measures",
+    "baseline": "the field's generalisation measures (baselines)",
     "probe": "off the training points, mean over each probe set",
 }
+BASELINE_KEYS = {k for m in MEASURES.values() if m.baseline for k in m.keys}
 LINE_LABELS = {**LABELS, "max": "max", "p99": "99th percentile"}
 
 
 def panels_of(keys: list[str]) -> dict[str, dict[str, dict[str, str]]]:
     """group -> panel -> line -> column of the measures drawn: a panel per statistic on the
     training points (a line per summary: all, clean, corrupted, and the max where stats logs it),
-    one per per-network measure, and one per statistic on the probe sets (a line per probe set;
+    one per per-network measure (the baselines in a group of their own), and one per statistic on
+    the probe sets (a line per probe set;
     the operator norm's are drawn beside the training points' in smoothness_vs_width.png).
     Standard errors and other summaries stay in the CSVs."""
     drawn: dict[str, dict[str, dict[str, str]]] = {g: {} for g in GROUPS}
@@ -77,7 +81,7 @@ def panels_of(keys: list[str]) -> dict[str, dict[str, dict[str, str]]]:
             if summary == "mean" and not stat.startswith(names.OPNORM):
                 drawn["probe"].setdefault(stat, {})[probe] = key
         elif not key.endswith("_se"):
-            drawn["network"][key] = {key: key}
+            drawn["baseline" if key in BASELINE_KEYS else "network"][key] = {key: key}
     order = list(LINE_LABELS)  # all, clean, corrupted, max, ...; probe sets by name
     for by_panel in drawn.values():
         for panel, lines in by_panel.items():
@@ -267,6 +271,37 @@ def save(fig: Figure, path: Path) -> Path:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=120)
     return files.write_bytes(path, png.getvalue())
+
+
+PAPER_LINES = {  # the right panel of double_descent.png: label -> measures_by_width column
+    "upper bound (product of the maps' norms)": "lipschitz_upper_bound",
+    "lower bound (largest on the training points)": names.summary_key(
+        "train", names.stat(names.OPNORM, "none"), "max"
+    ),
+    "mean on the training points (the paper's estimate)": names.summary_key(
+        "train", names.stat(names.OPNORM, "none"), "mean"
+    ),
+}
+
+
+def draw_paper(out: Path, title: str, width_rows: list[dict], measure_rows: list[dict]) -> Path:
+    """The paper's figure: train and test error against width beside the Lipschitz constant's
+    bounds and estimate (logits), the interpolation threshold marked in both."""
+    threshold = interpolation_threshold(width_rows)
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    fig.suptitle(f"{title}, last checkpoint")
+    for key in names.ERRORS:
+        line(left, width_rows, "width", key, "o-", label=key.replace("_", " "))
+    width_axis(left, "error", "double descent of the test error", threshold)
+    for i, (label, key) in enumerate(PAPER_LINES.items()):
+        line(right, measure_rows, "width", key, "so^"[i] + "-", label=label)
+    log_if_decades(right, [row.get(k) for row in measure_rows for k in PAPER_LINES.values()])
+    width_axis(
+        right, "Lipschitz constant of the logits", "and of the Lipschitz constant", threshold
+    )
+    right.legend(fontsize=7)
+    return save(fig, out / "double_descent.png")
 
 
 def draw(

@@ -238,8 +238,9 @@ def best_first(correlation: list[dict]) -> list[dict]:
     return sorted(correlation, key=lambda r: -r["psi"] if r.get("psi") is not None else 2)
 
 
-def ranking(correlation: list[dict]) -> str:
-    """The measures as a table, best granulated Psi first: each score with its interval."""
+def ranking_table(correlation: list[dict]) -> list[list[str]]:
+    """The measures as table rows (a header first), best granulated Psi first: each score with
+    its interval."""
 
     def cell(row, name):
         value, low, high = row.get(name), row.get(f"{name}_low"), row.get(f"{name}_high")
@@ -253,9 +254,16 @@ def ranking(correlation: list[dict]) -> str:
         ("granulated Psi", "psi"),
         ("robust sign error", "robust_sign_error"),
     ]
-    rows = best_first(correlation)
     table = [["measure", *(title for title, _ in columns)]]
-    table += [[r["measure"], *(cell(r, name) for _, name in columns)] for r in rows]
+    table += [
+        [r["measure"], *(cell(r, name) for _, name in columns)] for r in best_first(correlation)
+    ]
+    return table
+
+
+def ranking(correlation: list[dict]) -> str:
+    """ranking_table as aligned text."""
+    table = ranking_table(correlation)
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     return "\n".join(
         "  ".join([line[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(line[1:], widths[1:]))])

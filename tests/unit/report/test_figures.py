@@ -78,6 +78,9 @@ def test_every_line_over_several_seeds_has_its_interval(tmp_path, monkeypatch):
         "train_jacobian_operator_norm_none_clean_mean",
         "train_jacobian_operator_norm_none_corrupted_mean",
         "hessian_trace",
+        "pacbayes_flatness",
+        "train_jacobian_operator_norm_none_max",  # with the mean and the bound: the paper's lines
+        "lipschitz_upper_bound",
         "probe_worst_accuracy_mean",
         "probe_worst_jacobian_operator_norm_none_mean",
     ]
@@ -99,10 +102,14 @@ def test_every_line_over_several_seeds_has_its_interval(tmp_path, monkeypatch):
         {"measure": k, **scores, **{f"{n}_{b}": 0.25 for n in scores for b in ("low", "high")}}
         for k in keys
     ]
+    assert set(figures.PAPER_LINES.values()) <= set(keys)
+    figures.draw_paper(tmp_path, "t", widths, widths)
     figures.draw(tmp_path, "t", ["none"], widths, epochs)
     figures.draw_measures(tmp_path, "t", keys, widths, epochs, correlation)
     figures.draw_smoothness(tmp_path, "t", ["none"], keys, widths)
-    assert len(drawn) == 10  # error, lipschitz x2, sample x2, network x2, probe, scores, smoothness
+    # the paper's, error, lipschitz x2, sample x2, network x2, baseline x2, probe, scores,
+    # smoothness
+    assert len(drawn) == 13
     for name, fig in drawn.items():
         for ax in fig.axes:
             if name == "correlation.png":

@@ -42,9 +42,13 @@ FILES = {
     "sample_measures_vs_epoch.png",
     "network_measures_vs_width.png",
     "network_measures_vs_epoch.png",
+    "baseline_measures_vs_width.png",
+    "baseline_measures_vs_epoch.png",
     "correlation.png",
+    "double_descent.png",
+    "index.html",
 }
-NETWORK = ["hessian_top_eigenvalue", "lipschitz_upper_bound"]
+NETWORK = ["hessian_top_eigenvalue", "lipschitz_upper_bound", "path_norm"]  # the last a baseline
 
 
 @pytest.fixture
@@ -214,6 +218,18 @@ def test_report(store, tmp_path, capsys):
     table = captured.out.splitlines()  # the ranking, printed
     assert table[0].split()[:4] == ["measure", "Spearman", "rho", "Kendall"]
     assert sorted(line.split()[0] for line in table[1:]) == measures
+
+    # The page: every figure once, the paper's first, the ranking table, every table linked.
+    page = (out / "index.html").read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert sorted(images) == sorted(f for f in FILES if f.endswith(".png"))
+    assert images[0] == "double_descent.png"
+    assert images.index("baseline_measures_vs_width.png") > images.index("correlation.png")
+    assert sorted(re.findall(r'<a href="([^"]+)"', page)) == sorted(
+        f for f in FILES if f.endswith(".csv")
+    )
+    ranked = re.findall(r"<tr><td>([^<]+)</td>", page)
+    assert ranked == [line.split()[0] for line in table[1:]]  # as printed, best first
 
     # The report run: in an experiment of its own, named apart from the next one.
     reports = client.get_experiment_by_name("lipdd-reports")
