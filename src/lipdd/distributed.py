@@ -78,6 +78,27 @@ def gather(obj) -> list | None:
     return out
 
 
+def shared(fn, items: list) -> dict | None:
+    """{item: fn(item)} for every item, each computed by one rank (round-robin), joined on rank
+    0 in the order of `items`; None on the others. An error on any rank is raised on every rank,
+    so none waits for the others at the next collective."""
+    mine = {}
+    for item in items[rank() :: world_size()]:
+        try:
+            mine[item] = fn(item)
+        except Exception as e:
+            mine = e
+            break
+    parts = gather(mine)
+    error = broadcast(next((p for p in parts if isinstance(p, Exception)), None) if parts else None)
+    if error is not None:
+        raise error
+    if parts is None:
+        return None
+    joined = {k: v for part in parts for k, v in part.items()}
+    return {item: joined[item] for item in items}
+
+
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """`t` summed over the ranks, in place."""
     if world_size() > 1:

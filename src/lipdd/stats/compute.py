@@ -5,7 +5,8 @@ What to measure is selected first (the run, its checkpoints, the samples: `selec
 `measure_probes`: the measures of lipdd.measures, on the split and on the probe sets of
 lipdd.measures.probes), then written (`Writer`: per-sample result files with their per-batch means,
 summaries, MLflow metrics at step = epoch, a log). Under torchrun the ranks measure contiguous
-blocks of batches and rank 0 writes what one process would. Listing a run's checkpoints, and joining
+blocks of batches, deal out the per-network measures, and rank 0 measures the probe sets and
+writes what one process would. Listing a run's checkpoints, and joining
 the shard files of independent --skip jobs are commands of their own.
 """
 
@@ -142,11 +143,11 @@ def measure_probes(
     }
 
 
-def measure_network(network: Network, selected: list[str]) -> dict[str, tuple[dict, dict]]:
-    """{measure: (summary, details)} of the selected per-network measures."""
-    return {
-        name: MEASURES[name].fn(network) for name in selected if MEASURES[name].kind == "network"
-    }
+def measure_network(network: Network, selected: list[str]) -> dict[str, tuple[dict, dict]] | None:
+    """{measure: (summary, details)} of the selected per-network measures, on rank 0 (None on the
+    others); under torchrun each measure is taken by one rank, in turn."""
+    chosen = [name for name in selected if MEASURES[name].kind == "network"]
+    return distributed.shared(lambda name: MEASURES[name].fn(network), chosen)
 
 
 def gather_values(values: dict[tuple, np.ndarray]) -> dict[tuple, np.ndarray] | None:
@@ -226,7 +227,7 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
             state = tracking.load_checkpoint(client, run_id, artifact, device)
             load_weights(model, state["model"], run_id, artifact)
             values = gather_values(measure_samples(model, loader, s))
-            measured = measure_network(network, s.metric) if distributed.is_rank0() else None
+            measured = measure_network(network, s.metric)
             probed = measure_probes(model, probe_points(), s) if distributed.is_rank0() else None
             write.checkpoint(
                 key, epoch, state["global_step"], values, measured, probed, time.time() - started
