@@ -12,6 +12,7 @@ import pytest
 
 from lipdd import cli, config
 from lipdd.tracking import get_client, list_checkpoints
+from stats_results import assert_same_results, results
 
 BIN = Path(sys.executable).parent
 # 250 samples in 5 batches: the 2 ranks get 2 and 3 batches.
@@ -70,25 +71,6 @@ def run(*commands, cwd) -> list[str]:
 
 def torchrun(*args, cwd) -> str:
     return run([str(BIN / "torchrun"), "--standalone", "--nproc-per-node=2", *args], cwd=cwd)[0]
-
-
-def results(d: Path) -> dict[str, dict]:
-    return {p.name: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))}
-
-
-def assert_same_results(got: dict, want: dict):
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        g = got[name]
-        if "summary" in w:  # a per-network measure: computed whole by one rank
-            assert g == w, name
-            continue
-        for field in ("sample_ids", "targets", "ground_truths", "metadata"):
-            assert g[field] == w[field], (name, field)
-        assert [v for (v,) in g["stats"]] == pytest.approx([v for (v,) in w["stats"]], rel=1e-6), (
-            name
-        )
-        assert g["batch_means"] == pytest.approx(w["batch_means"], rel=1e-6), name
 
 
 @pytest.fixture
@@ -209,7 +191,7 @@ def test_merge_joins_skip_shards_into_one_process_result(workdir, run_id, capsys
     assert cli.main(merge) == 0
     assert len(capsys.readouterr().out.split()) == 6
     assert cli.main(["stats", "--run-id", run_id, *STATS, "--output-dir=one"]) == 0
-    assert_same_results(results(workdir / "shards"), results(workdir / "one"))
+    assert_same_results(results(workdir / "shards"), results(workdir / "one"), shards=True)
     capsys.readouterr()
     assert cli.main(merge) == 0 and capsys.readouterr().out == ""  # merged already: nothing to do
 

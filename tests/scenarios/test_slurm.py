@@ -1,6 +1,7 @@
 """`lipdd sweep --slurm` on a real single-node SLURM cluster (tests/slurm_cluster.py): a grid as
 a job array into one MLflow server, visible to `dvc exp show` and `lipdd report`; a job warned
-with SIGUSR1 checkpoints, requeues and ends bitwise where an uninterrupted training ends."""
+with SIGUSR1 checkpoints, requeues and ends bitwise where an uninterrupted training ends; one
+checkpoint's stats sharded over an array and merged equal one process's."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import pytest
 import torch
 
 from dvc_repo import LEAN_STATS, clean_env, make_repo
+from lipdd import cli
 from lipdd.tracking import list_checkpoints
 from mlflow_server import MlflowServer
 from slurm_cluster import Cluster, available
+from stats_results import assert_same_results, results
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +166,27 @@ def test_a_job_killed_outright_continues_from_its_last_checkpoint(cluster, tmp_p
     (again,) = job_ids(repo.run(*killed).stderr)
     wait_until(cluster, again, "COMPLETED")
     assert assert_ends_as_uninterrupted(repo, uninterrupted) == list(range(0, 41, 5))
+
+
+def test_stats_of_one_checkpoint_sharded_over_an_array_equal_one_process(
+    cluster, tiny_run, workdir
+):
+    """Upstream's layout for many GPUs on SLURM: an array task per --skip range of one
+    checkpoint's samples, then `lipdd stats --merge`: the files of one process over them all."""
+    flags = ["--run-id", tiny_run, "--checkpoint", "1", "--batch-size", "50", "--device", "cpu"]
+    flags += ["--metric", "jacobian_operator_norm", "accuracy", "lipschitz_upper_bound"]
+    flags += ["--normalization", "none", "softmax"]
+    task = "lipdd stats " + " ".join(flags) + " --num-samples 100 --output-dir shards"
+    env = {**clean_env(workdir), "SLURM_CONF": str(cluster.conf)}
+    subprocess.run(
+        ["sbatch", "--array=0-2", "--wait", "--chdir", str(workdir), "-o", "task-%a.out", "--wrap",
+         f"{task} --skip $((SLURM_ARRAY_TASK_ID * 100))"],
+        env=env, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    shards = results(workdir / "shards")
+    assert sorted(n for n in shards if n.startswith("accuracy")) == [
+        f"accuracy-train-checkpoint-1-id-{i}.json" for i in (0, 2, 4)
+    ]
+    assert cli.main(["stats", *flags, "--merge", "--output-dir", "shards"]) == 0
+    assert cli.main(["stats", *flags, "--num-samples", "300", "--output-dir", "one"]) == 0
+    assert_same_results(results(workdir / "shards"), results(workdir / "one"), shards=True)

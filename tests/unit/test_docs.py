@@ -58,6 +58,9 @@ def check(words: list[str]) -> None:
         config.build(overrides, params_file=params, environ={}, registries=cli.registries())
     elif tool in ("python", "bash"):  # a script of the repository
         assert (ROOT / words[1]).is_file(), words
+    elif tool == "sbatch":  # the command it wraps, an array task's arithmetic read as 0
+        wrapped = words[words.index("--wrap") + 1]
+        check(shlex.split(re.sub(r"\\?\$\(\([^)]*\)\)", "0", wrapped)))
     elif tool == "make":
         targets = re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), re.M)
         assert set(words[1:]) <= set(targets), words

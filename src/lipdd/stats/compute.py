@@ -227,8 +227,13 @@ def _compute_stats(cfg: Config, device: torch.device) -> list[Path]:
             state = tracking.load_checkpoint(client, run_id, artifact, device)
             load_weights(model, state["model"], run_id, artifact)
             values = gather_values(measure_samples(model, loader, s))
-            measured = measure_network(network, s.metric)
-            probed = measure_probes(model, probe_points(), s) if distributed.is_rank0() else None
+            # A --skip shard past the first measures its samples only: the per-network measures
+            # and the probe sets do not depend on them, and every shard would repeat them.
+            whole = not s.skip
+            measured = measure_network(network, s.metric) if whole else {}
+            probed = (
+                measure_probes(model, probe_points(), s) if whole and distributed.is_rank0() else {}
+            )
             write.checkpoint(
                 key, epoch, state["global_step"], values, measured, probed, time.time() - started
             )

@@ -155,12 +155,16 @@ class Writer:
         ]
 
     def network_measure(self, measure: str, summary: dict, details: dict, values: dict) -> None:
-        if relate := MEASURES[measure].relate:
+        # a relation to the per-sample values needs all of them: a --skip shard has its own
+        if (relate := MEASURES[measure].relate) and self.uid is None:
             summary.update(relate(summary, values, self.cfg.stats))
         self.log_summary(self.at[1], summary)
         self.row.update(summary)
         self.last[measure] = summary
-        content = {"summary": summary, **details, "metadata": self.meta(measure, None)}
+        # which samples the job measured says nothing of the network: shards and one process
+        # write the same file
+        meta = {k: v for k, v in self.meta(measure, None).items() if k not in ("nsamples", "skip")}
+        content = {"summary": summary, **details, "metadata": meta}
         self.write(self.result(measure, None, None, None), content, summary)
 
     def probe_measure(self, probe: str, points, measure: str, norm: str | None, values) -> None:
