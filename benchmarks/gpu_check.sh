@@ -8,7 +8,12 @@
 #   torchrun   stats of the pipeline's run under torchrun, one process per GPU, NCCL (needs 2 GPUs)
 #   bench_train, bench_stats   both benchmarks with --device cuda (bench_stats adds the TF32 and bf16
 #              errors and speed-ups, and the fastest jacobian.CHUNK["cuda"])
-# and prints one JSON line: each step's exit status and seconds, and the figures each step reports.
+#   bench_device   matmul and conv peaks (IEEE, TF32, bf16), the device's per-sample norms, bound
+#              and Hessian against the CPU's, resnet18_64's curvature and bound: time, peak memory
+# Each step prints its JSON line as it ends (`gpu_check: NAME {...}` on stderr); at the end one JSON
+# line holds them all: each step's exit status and seconds, and the figures it reports. The steps'
+# logs are kept in one archive, GPU_CHECK_ARCHIVE (default: $OUT/gpu_check_logs.tar.gz where the
+# device runner's $OUT is set, else ./gpu_check_logs.tar.gz), written however the check ends.
 #
 #   bash benchmarks/gpu_check.sh                         # on the GPU machine, lipdd installed or not
 #   GPU_CHECK_WHEELS=.whl bash benchmarks/gpu_check.sh   # first installs benchmarks/wheelhouse.py's
@@ -27,7 +32,12 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 QUICK=${GPU_CHECK_QUICK:+--quick}
 WORK=${GPU_CHECK_KEEP:-$(mktemp -d)}
 mkdir -p "$WORK/steps"
-[ -n "${GPU_CHECK_KEEP:-}" ] || trap 'rm -rf "$WORK"' EXIT
+ARCHIVE=${GPU_CHECK_ARCHIVE:-${OUT:-.}/gpu_check_logs.tar.gz}
+finish() {
+    tar czf "$ARCHIVE" -C "$WORK" steps 2>/dev/null && echo "gpu_check: logs in $ARCHIVE" >&2
+    [ -n "${GPU_CHECK_KEEP:-}" ] || rm -rf "$WORK"
+}
+trap finish EXIT
 if [ -n "${GPU_CHECK_WHEELS:-}" ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" \
         "$GPU_CHECK_WHEELS"/*.whl || { echo "gpu_check: the wheelhouse did not install" >&2; exit 1; }
@@ -51,7 +61,27 @@ step() {
     fi
     timeout "$limit" "$@" >"$WORK/steps/$name.log" 2>&1
     echo "$? $((SECONDS - start))" >"$WORK/steps/$name.rc"
-    echo "gpu_check: $name: exit $(cut -d' ' -f1 "$WORK/steps/$name.rc") in $((SECONDS - start)) s" >&2
+    echo "gpu_check: $name $(summary "$name")" >&2
+}
+
+# summary [NAME]: one step's entry (or all of them, as one object) from steps/NAME.rc and .log
+summary() {
+    "$PY" - "$WORK/steps" "$@" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = {}
+for rc in sorted(Path(sys.argv[1]).glob(f"{sys.argv[2] if len(sys.argv) > 2 else '*'}.rc")):
+    status, seconds = rc.read_text().split()
+    lines = rc.with_suffix(".log").read_text().strip().splitlines() or [""]
+    entry = {"exit": status if status == "skipped" else int(status), "seconds": int(seconds)}
+    try:  # a step's figures: the JSON object its output ends with
+        entry.update(json.loads(lines[-1]))
+    except (json.JSONDecodeError, TypeError):
+        entry["last_line"] = lines[-1][-300:]
+    out[rc.stem] = entry
+print(json.dumps(out[sys.argv[2]] if len(sys.argv) > 2 else out))
+EOF
 }
 
 step gpu 30 "$PY" -c 'import json, torch; print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
@@ -86,24 +116,11 @@ if [ "$gpus" -ge 2 ]; then
 else
     echo "skipped: NCCL needs 2 GPUs, this machine has $gpus" >"$WORK/steps/torchrun.log"
     echo "skipped 0" >"$WORK/steps/torchrun.rc"
+    echo "gpu_check: torchrun $(summary torchrun)" >&2
 fi
 
 step bench_train 90 "$PY" benchmarks/bench_train.py --device "$DEVICE" $QUICK
 step bench_stats 120 "$PY" benchmarks/bench_stats.py --device "$DEVICE" $QUICK
+step bench_device 150 "$PY" benchmarks/bench_device.py --device "$DEVICE" $QUICK
 
-"$PY" - "$WORK/steps" <<'EOF'
-import json, sys
-from pathlib import Path
-
-out = {}
-for rc in sorted(Path(sys.argv[1]).glob("*.rc")):
-    status, seconds = rc.read_text().split()
-    lines = rc.with_suffix(".log").read_text().strip().splitlines() or [""]
-    entry = {"exit": status if status == "skipped" else int(status), "seconds": int(seconds)}
-    try:  # a step's figures: the JSON object its output ends with
-        entry.update(json.loads(lines[-1]))
-    except (json.JSONDecodeError, TypeError):
-        entry["last_line"] = lines[-1][-300:]
-    out[rc.stem] = entry
-print(json.dumps(out))
-EOF
+summary
