@@ -21,6 +21,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .. import names
 from ..errors import ConfigError, TrackingUnavailable
 
 # MLflow's per-call limits for log_batch.
@@ -209,6 +210,8 @@ class MetricLogger:
         if step <= self.last_step.get(key, -1):
             return
         self.buffer.append((key, float(value), int(time.time() * 1000), int(step)))
+        if key in names.OVERVIEW:
+            self.log(names.OVERVIEW_PREFIX + key, value, step)
         if len(self.buffer) >= self.SEND_EVERY or time.monotonic() - self.sent > self.SEND_SECONDS:
             self.send()
 
