@@ -87,7 +87,8 @@ def add_field(parser, f, dest: str) -> None:
     elif isinstance(default, bool):
         parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
     elif f.type.startswith("list"):
-        parser.add_argument(*names, nargs="*" if f.name == "checkpoint" else "+", **kw)
+        # --checkpoint alone lists the checkpoints; --probes alone measures no probe set
+        parser.add_argument(*names, nargs="*" if f.name in ("checkpoint", "probes") else "+", **kw)
     else:
         parser.add_argument(*names, **kw)
 

@@ -154,7 +154,7 @@ class StatsConfig:
     probes: list[str] = opt(
         [],
         "probe sets the per-sample measures are also evaluated on, off the training points "
-        "(lipdd.measures.probes.PROBES)",
+        "(lipdd.measures.probes.PROBES); the flag with no value: none",
         "stats",
         choices="probes",
         kind=str,

@@ -311,3 +311,10 @@ def test_probes_need_a_per_sample_measure(workdir, run_id, capsys):
         "stats.probes: between are measured with the per-sample measures" in err and "\n" not in err
     )
     assert not (workdir / "out").exists()
+    # --probes with no value: none, over params.yaml's list, and the per-network measure runs.
+    params = workdir / "probing.yaml"
+    params.write_text("stats:\n  probes: [between, shift1]\n")
+    args = ["stats", "--params", str(params), "--run-id", run_id, "--metric", "distance_from_init"]
+    assert cli.main([*args, *STATS]) == 2
+    assert cli.main([*args, "--probes", *STATS]) == 0
+    assert (workdir / "out/distance_from_init-checkpoint-1.json").exists()
