@@ -232,7 +232,7 @@ def hessian_spectrum(network: Network) -> tuple[dict[str, float], dict]:
     s = network.options
     hessian = curvature.Hessian(network.model, *network.training_points())
     nodes, weights = hessian.spectrum(s.spectrum_probes, s.spectrum_steps, s.curvature_seed)
-    first = curvature.moments(nodes, weights, 5)
+    moments = curvature.moments(nodes, weights, 5)
     grid, values = curvature.density(nodes, weights, SPECTRUM_GRID, SPECTRUM_KERNEL)
     trace, trace_se = hessian.hutchplusplus(s.hutchinson_probes, s.curvature_seed)
     per_layer = {}
@@ -240,14 +240,14 @@ def hessian_spectrum(network: Network) -> tuple[dict[str, float], dict]:
         top, steps = hessian.block_top_eigenvalue(block, s.curvature_tolerance, s.curvature_seed)
         per_layer[block] = {"parameters": size, "top_eigenvalue": top, "lanczos_steps": steps}
     summary = {
-        "hessian_density_mean": first[1],
-        "hessian_density_second_moment": first[2],
+        "hessian_density_mean": moments[1],
+        "hessian_density_second_moment": moments[2],
         "hessian_negative_mass": float((weights * (nodes < 0)).sum(1).mean()),
         "hessian_trace_hutchpp": trace,
         "hessian_trace_hutchpp_se": trace_se,
     }
     return summary, {
-        "moments": first,
+        "moments": moments,
         "grid": grid.tolist(),
         "density": values.tolist(),
         "nodes": nodes.tolist(),
