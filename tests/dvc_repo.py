@@ -81,12 +81,16 @@ class Repo:
             )
         return proc
 
-    def sweep(self, *params: str, jobs: int = 2, timeout: float = 300) -> None:
-        """`dvc exp run --queue -S ...`, then `dvc queue start -j JOBS`, and wait until no queued
-        experiment is queued or running; fails with the log of one that failed. The queue's
-        daemon keeps what it inherits open until its last worker exits, so `queue start` writes to
-        a file, not to pipes this process would wait on; `dvc queue stop` ends the workers."""
-        self.run("dvc", "exp", "run", "--queue", *(a for p in params for a in ("-S", p)))
+    def sweep(
+        self, *params: str, name: str | None = None, jobs: int = 2, timeout: float = 300
+    ) -> None:
+        """`dvc exp run --queue [-n NAME] -S ...`, then `dvc queue start -j JOBS`, and wait until
+        no queued experiment is queued or running; fails with the log of one that failed. The
+        queue's daemon keeps what it inherits open until its last worker exits, so `queue start`
+        writes to a file, not to pipes this process would wait on; `dvc queue stop` ends the
+        workers."""
+        named = ("-n", name) if name else ()
+        self.run("dvc", "exp", "run", "--queue", *named, *(a for p in params for a in ("-S", p)))
         with open(self.path.parent / "queue.log", "a") as log:
             start = ["dvc", "queue", "start", "-j", str(jobs)]
             subprocess.run(start, cwd=self.path, env=self.env, stdout=log, stderr=log, check=True)

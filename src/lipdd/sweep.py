@@ -3,9 +3,10 @@ experiment, run here one after another (the default) or as a SLURM job array (su
 
 Each point is one job in a workspace of its own: a clone of the project's HEAD under
 .lipdd/sweeps/<sweep>/<point>, sharing the project's DVC cache, in which
-`dvc exp run -n NAME -S ...` runs the pipeline (train, stats, report) against the project's
-MLflow store or server, then `dvc exp push` sends the experiment to the project, where
-`dvc exp show` lists it. Why not
+`dvc exp run -n NAME -S ... stats` runs the pipeline through its stats stage against the
+project's MLflow store or server, then `dvc exp push` sends the experiment to the project, where
+`dvc exp show` lists it. No point draws a report: each would draw every run the store holds so far;
+`lipdd report` draws the sweep once. Why not
 `dvc exp run --queue` on the cluster: DVC's queue runs its workers on one machine, and parallel
 `dvc exp run --temp` in one repository serialise on its lock (DVC issues #1057, #7419); a clone
 per job has no shared lock, and its experiment arrives through git as any remote's would.
@@ -91,7 +92,7 @@ class Point(submitit.helpers.Checkpointable):
             cache = Path(self.project) / ".dvc" / "cache"
             subprocess.run(["dvc", "cache", "dir", "--local", str(cache)], cwd=ws, check=True)
         sets = [a for k, v in self.params.items() for a in ("-S", f"{k}={v}")]
-        self.run("dvc", "exp", "run", "-q", "-n", self.name, *sets)
+        self.run("dvc", "exp", "run", "-q", "-n", self.name, *sets, "stats")
         self.run("dvc", "exp", "push", "-q", "--no-cache", self.project, self.name)
         return (ws / "results" / "train" / "run.json").read_text()
 

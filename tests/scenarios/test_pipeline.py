@@ -7,7 +7,8 @@ in a subprocess with the repository as working directory and no MLFLOW_TRACKING_
 store is the default `sqlite:///<repo>/mlflow.db`.
 
 The tests of this module build on each other in file order (one `dvc repro`, then one
-`dvc exp run`, then `lipdd stats` by hand, which logs to the first run again).
+`dvc exp run`, then `lipdd stats` by hand, which logs to the first run again, and last a
+queued sweep from the experiment's workspace and its report).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dvc_repo import PATCH, STATS_PATCH, Repo, clean_env, make_repo
+from dvc_repo import PATCH, ROOT, STATS_PATCH, Repo, clean_env, make_repo
 from lipdd import config as configlib
 from lipdd import names, upstream
 from lipdd.data import load_prepared
@@ -375,3 +376,93 @@ def test_an_edit_to_any_module_changes_every_stage(repo, first_run):
         assert {"prepare", "train", "stats", "report"} <= set(changed), changed
     finally:
         module.write_text(text)
+
+
+# --------------------------------------------------------------------------- 6. a queued sweep
+
+
+def test_queued_width_sweep_lands_in_the_workspace_store(repo, first_run, experiment):
+    """Queued experiments run in temporary copies under .dvc/tmp/exps; their runs must still
+    land in the workspace's store, tagged with their DVC experiment names. Queued from the
+    workspace the experiment left at label noise 0.4, they make widths 1, 2 and 3 at that noise
+    with the experiment's run."""
+    repo.sweep("width=1,3")
+
+    runs = [r for r in repo.training_runs() if r.info.run_id not in (first_run, experiment)]
+    assert sorted((r.data.params["width"], r.data.params["label_noise"]) for r in runs) == [
+        ("1", "0.4"),
+        ("3", "0.4"),
+    ]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    names = {r.data.tags["dvc_exp_name"] for r in runs}
+    assert len(names) == 2 and "workspace" not in names
+    head = repo.run("git", "rev-parse", "HEAD").stdout.strip()
+    for r in (
+        runs
+    ):  # each experiment's own change of width: its params differ from the commit it is based on
+        assert (r.data.tags["dvc_exp_baseline_rev"], r.data.tags["params_differ_from_commit"]) == (
+            head,
+            "true",
+        )
+    assert not list((repo.path / ".dvc" / "tmp" / "exps").glob("**/mlflow.db"))
+    assert not list((repo.path / ".dvc" / "tmp" / "exps").glob("**/mlruns"))
+    for r in runs:  # artifacts under the workspace, not a deleted temporary copy
+        assert r.info.artifact_uri.startswith((repo.path / "mlartifacts").as_uri())
+
+    shown = json.loads(repo.run("dvc", "exp", "show", "--json").stdout)
+    experiments = {e["name"]: e for commit in shown for e in (commit.get("experiments") or [])}
+    for r in runs:
+        exp = experiments[r.data.tags["dvc_exp_name"]]
+        data = exp["revs"][0]["data"]
+        assert data["params"]["params.yaml"]["data"]["width"] == int(r.data.params["width"])
+        metrics = data["metrics"]["results/train/run.json"]["data"]
+        assert metrics["run_id"] == r.info.run_id
+        test_error = data["metrics"]["results/train/metrics.json"]["data"]["test_error"]
+        assert test_error == repo.client().get_run(r.info.run_id).data.metrics["test_error"]
+
+    # The README's `dvc exp show` fits 120 columns and shows each experiment's run id and test
+    # error.
+    command = next(
+        line.split("#")[0].split()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("dvc exp show --drop")
+    )
+    table = repo.run(
+        *(arg.strip("'") for arg in command), env={**repo.env, "COLUMNS": "120"}
+    ).stdout.splitlines()
+    assert table and max(map(len, table)) <= 120, table
+    for r in runs:
+        (line,) = [row for row in table if r.info.run_id in row]
+        assert f"{r.data.metrics['test_error']:.5g}" in line.split(), (
+            line,
+            r.data.metrics["test_error"],
+        )
+
+    # The report of the sweep (params.yaml's noise, 0.4): every measure against width, and its
+    # correlation with test error.
+    repo.run("lipdd", "report", "--params", "params.yaml")
+    with open(repo.path / "results/report/correlation.csv") as f:
+        correlation = {row["measure"]: row for row in csv.DictReader(f)}
+    for measure in (
+        "train_jacobian_operator_norm_none_mean",
+        "train_jacobian_operator_norm_none_max",
+        "distance_from_init",
+        "lipschitz_upper_bound",
+        "lipschitz_upper_bound_over_max",
+        "hessian_top_eigenvalue",
+        "hessian_trace",
+        "gradient_norm",
+        "probe_between_jacobian_operator_norm_none_mean",
+        "probe_worst_jacobian_operator_norm_none_max",
+    ):
+        assert correlation[measure]["n_widths"] == "3", measure
+        assert correlation[measure]["spearman_rho"] != "", measure
+    for figure in (
+        "double_descent.png",
+        "baseline_measures_vs_width.png",
+        "sample_measures_vs_width.png",
+        "network_measures_vs_width.png",
+        "probe_measures_vs_width.png",
+        "smoothness_vs_width.png",
+    ):
+        assert (repo.path / "results/report" / figure).stat().st_size > 10_000

@@ -1,7 +1,8 @@
 """`lipdd sweep --slurm` on a real single-node SLURM cluster (tests/slurm_cluster.py): a grid as
 a job array into one MLflow server, visible to `dvc exp show` and `lipdd report`; a job warned
-with SIGUSR1 checkpoints, requeues and ends bitwise where an uninterrupted training ends; one
-checkpoint's stats sharded over an array and merged equal one process's."""
+with SIGUSR1 checkpoints and requeues, killed outright later it continues, and it ends bitwise
+where an uninterrupted training ends; one checkpoint's stats sharded over an array and merged
+equal one process's."""
 
 from __future__ import annotations
 
@@ -135,27 +136,26 @@ def assert_ends_as_uninterrupted(repo, uninterrupted) -> list[int]:
     return [e for e, _ in list_checkpoints(client, run.info.run_id)]
 
 
-def test_a_warned_job_checkpoints_requeues_and_ends_bitwise(cluster, tmp_path, uninterrupted):
+def test_a_warned_job_requeues_a_killed_one_continues_and_both_end_bitwise(
+    cluster, tmp_path, uninterrupted
+):
+    """One training interrupted both ways SLURM interrupts: warned with USR1 it checkpoints at
+    the end of its epoch and the job requeues itself; killed outright, the same command continues
+    it from its last checkpoint."""
     repo = project(cluster, tmp_path)
-    warned = ["lipdd", "sweep", "--slurm", "--no-wait", "--name", "warned", *LONG]
-    (job,) = job_ids(repo.run(*warned, "-S", "save_checkpoint=0").stderr)
+    command = ["lipdd", "sweep", "--slurm", "--no-wait", "--name", "interrupted", *LONG]
+    command += ["-S", "save_checkpoint=10"]
+    (job,) = job_ids(repo.run(*command).stderr)
     wait_for_epoch(repo, cluster, job, 3)
     subprocess.run(["scancel", "--signal=USR1", job], env=repo.env, check=True)
     # Requeued, a job waits out a begin time SLURM sets (about 2 minutes) to keep a failing job
     # from cycling; the test lets it start at once.
     wait_until(cluster, job, "PENDING", restarts="1")
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=repo.env)
-    wait_until(cluster, job, "COMPLETED")
-    epochs = assert_ends_as_uninterrupted(repo, uninterrupted)
-    assert epochs[0] == 0 and epochs[-1] == 40 and len(epochs) == 3  # + the warned epoch's
-
-
-def test_a_job_killed_outright_continues_from_its_last_checkpoint(cluster, tmp_path, uninterrupted):
-    repo = project(cluster, tmp_path)
-    killed = ["lipdd", "sweep", "--slurm", "--no-wait", "--name", "killed", *LONG]
-    killed += ["-S", "save_checkpoint=5"]
-    (job,) = job_ids(repo.run(*killed).stderr)
-    wait_for_epoch(repo, cluster, job, 7)
+    (run,) = repo.training_runs()
+    warned = list_checkpoints(repo.client(), run.info.run_id)[-1][0]  # the warned epoch's
+    assert warned < 40
+    wait_for_epoch(repo, cluster, job, warned + 1)  # the requeued job trains on
     subprocess.run(["scancel", "--signal=KILL", "--full", job], env=repo.env, check=True)
     wait_until(cluster, job, "CANCELLED")
     (run,) = repo.training_runs()
@@ -163,9 +163,9 @@ def test_a_job_killed_outright_continues_from_its_last_checkpoint(cluster, tmp_p
     # with its process gone: either is a run the same training continues.
     assert run.info.status in ("KILLED", "RUNNING")
     # The same command again: its job finds the workspace and the interrupted run.
-    (again,) = job_ids(repo.run(*killed).stderr)
+    (again,) = job_ids(repo.run(*command).stderr)
     wait_until(cluster, again, "COMPLETED")
-    assert assert_ends_as_uninterrupted(repo, uninterrupted) == list(range(0, 41, 5))
+    assert assert_ends_as_uninterrupted(repo, uninterrupted) == sorted({*range(0, 41, 10), warned})
 
 
 def test_stats_of_one_checkpoint_sharded_over_an_array_equal_one_process(
