@@ -15,6 +15,8 @@ Sources
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +46,14 @@ class Split:
 
 
 def _load_digits() -> tuple[Split, Split, int]:
-    from sklearn.datasets import load_digits  # slow import, only needed here
-
-    digits = load_digits()
-    images = np.round(digits.images * 255 / 16).astype(np.uint8)[..., None]
-    labels = digits.target.astype(np.int64)
+    # The file scikit-learn's load_digits reads, read as it reads it (rows of 64 pixels and the
+    # label) but without importing scikit-learn and SciPy, which would take longer than the rest.
+    sklearn = importlib.util.find_spec("sklearn")
+    path = Path(sklearn.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as f:
+        rows = np.loadtxt(f, delimiter=",")
+    images = np.round(rows[:, :-1].reshape(-1, 8, 8) * 255 / 16).astype(np.uint8)[..., None]
+    labels = rows[:, -1].astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(labels))
     train, test = perm[:DIGITS_N_TRAIN], perm[DIGITS_N_TRAIN:]
     return _split(images[train], labels[train], train), _split(images[test], labels[test], test), 10
