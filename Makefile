@@ -15,8 +15,8 @@ repro: $(VENV)/.installed
 	PATH=$(BIN):$$PATH dvc repro
 
 # The linter first, then the test files in parallel, each whole on one worker (a module's tests
-# may build on each other).
+# may build on each other), in the order tests/conftest.py gives them: the longest first.
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	PATH=$(BIN):$$PATH python -m pytest -q -n auto --dist loadfile
+	PATH=$(BIN):$$PATH python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder

@@ -25,6 +25,25 @@ os.environ.setdefault(
 )
 
 
+# `make test` hands whole files to its workers in collection order (--no-loadscope-reorder): the
+# files that run longest go first, so that none of them is left running alone at the end.
+LONGEST = (
+    "test_pipeline.py",
+    "test_slurm.py",
+    "test_hosts.py",
+    "test_wheelhouse.py",
+    "test_robustness.py",
+    "test_outage.py",
+    "test_distributed.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory):
     """An MLflow SQLite database with its schema migrated once: creating one costs seconds,

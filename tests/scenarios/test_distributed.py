@@ -1,5 +1,5 @@
 """Past one process: `lipdd stats` and `lipdd train` under torchrun (gloo, 2 CPU processes),
-and `lipdd stats --merge` joining the shard files of independent --skip jobs."""
+and `lipdd stats --merge` joining the shard files of --skip jobs."""
 
 import json
 import math
@@ -166,22 +166,10 @@ def test_batch_size_must_divide_over_the_world(workdir, monkeypatch, capsys):
 
 
 def test_merge_joins_skip_shards_into_one_process_result(workdir, run_id, capsys):
-    job = [
-        sys.executable,
-        "-m",
-        "lipdd",
-        "stats",
-        "--run-id",
-        run_id,
-        *STATS,
-        "--output-dir=shards",
-    ]
-    # two independent jobs: samples 0..99 and 100..249
-    run(
-        [*job, "--skip=0", "--num-samples=100"],
-        [*job, "--skip=100", "--num-samples=150"],
-        cwd=workdir,
-    )
+    """Shards computed one after another here (test_slurm runs them as independent jobs)."""
+    job = ["stats", "--run-id", run_id, *STATS, "--output-dir=shards"]
+    for skip, n in ((0, 100), (100, 150)):  # samples 0..99 and 100..249
+        assert cli.main([*job, f"--skip={skip}", f"--num-samples={n}"]) == 0
     assert sorted(results(workdir / "shards"))[:2] == [
         "accuracy-train-checkpoint-0-id-0.json",
         "accuracy-train-checkpoint-0-id-2.json",

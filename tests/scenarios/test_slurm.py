@@ -179,14 +179,14 @@ def test_stats_of_one_checkpoint_sharded_over_an_array_equal_one_process(
     task = "lipdd stats " + " ".join(flags) + " --num-samples 100 --output-dir shards"
     env = {**clean_env(workdir), "SLURM_CONF": str(cluster.conf)}
     subprocess.run(
-        ["sbatch", "--array=0-2", "--wait", "--chdir", str(workdir), "-o", "task-%a.out", "--wrap",
+        ["sbatch", "--array=0-1", "--wait", "--chdir", str(workdir), "-o", "task-%a.out", "--wrap",
          f"{task} --skip $((SLURM_ARRAY_TASK_ID * 100))"],
         env=env, check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     shards = results(workdir / "shards")
     assert sorted(n for n in shards if n.startswith("accuracy")) == [
-        f"accuracy-train-checkpoint-1-id-{i}.json" for i in (0, 2, 4)
+        f"accuracy-train-checkpoint-1-id-{i}.json" for i in (0, 2)
     ]
     assert cli.main(["stats", *flags, "--merge", "--output-dir", "shards"]) == 0
-    assert cli.main(["stats", *flags, "--num-samples", "300", "--output-dir", "one"]) == 0
+    assert cli.main(["stats", *flags, "--num-samples", "200", "--output-dir", "one"]) == 0
     assert_same_results(results(workdir / "shards"), results(workdir / "one"), shards=True)
