@@ -50,9 +50,14 @@ The last line printed is one JSON object: the worst case over configurations of
   upstream_bigmem
   max_rel_err               max |ours - exact| / exact, both our paths, fp32, same linear piece
 and, for information, max_rel_err_vs_float64_net, vs_upstream_frozen, and upstream estimator's worst
-relative error and count of zero estimates. On CUDA also tf32_/bf16_max_rel_err and _min_speedup,
-and best_chunk_cuda: the lipdd.measures.jacobian.CHUNK["cuda"] fastest on cnn5_64 and resnet18_64
-(chunk_sweep).
+relative error and count of zero estimates. For cnn5_64 and resnet18_64, the scale of a checkpoint:
+<model>_samples_per_s (ours), <model>_tflops (those samples/s times the FLOPs of one forward and K
+backward passes to the input, counted by FlopCounterMode), <model>_of_conv_peak (over
+conv_ieee_peak_tflops, bench_device's IEEE fp32 convolution peak on this device),
+<model>_vs_forward_k_backward (ours over upstream_frozen, which does exactly that work) and
+<model>_s_per_49000 (seconds for 49,000 samples, one CIFAR-10 checkpoint's). On CUDA also
+tf32_/bf16_max_rel_err and _min_speedup, and best_chunk_cuda: the
+lipdd.measures.jacobian.CHUNK["cuda"] fastest on cnn5_64 and resnet18_64 (chunk_sweep).
 """
 
 import argparse
@@ -64,7 +69,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
+from bench_device import peaks
 from lipdd.measures import per_sample
 from lipdd.models import build_model
 
@@ -185,6 +192,17 @@ def time_methods(models, x, targets, rounds, device):
 
 def paired_ratio(slow, fast):
     return statistics.median(s / f for s, f in zip(slow, fast))
+
+
+def jacobian_work(frozen, x) -> float:
+    """FLOPs per sample of one forward pass and K backward passes to the input (torch's
+    FlopCounterMode: matmuls and convolutions), the least work a full Jacobian takes that way."""
+    x = x.clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        out = frozen(x)
+        for k in range(out.shape[1]):  # backward(), not autograd.grad(): the counter's module
+            out[:, k].sum().backward(retain_graph=True)  # hooks refuse the latter
+    return counter.get_total_flops() / len(x)
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -400,7 +418,7 @@ def main():
     )
     print("\nsamples/s (median over rounds); ratios: median of per-round ratios ours/upstream")
     print(header)
-    rows, mems, errs, reduced = [], {}, {}, {}
+    rows, mems, errs, reduced, work = [], {}, {}, {}, {}
     for family, width in CONFIGS:
         n = (16 if width == 64 else 32) if args.quick else (32 if width == 64 else 64)
         rounds = 2 if args.quick else (3 if width == 64 else 5)
@@ -421,6 +439,9 @@ def main():
             + f" {row['vs_low']:>7.2f} {row['vs_big']:>7.2f} {row['vs_frozen']:>7.2f}",
             flush=True,
         )
+        if width == 64:
+            rate = n / statistics.median(times["ours"])
+            work[row["model"]] = (rate, rate * jacobian_work(models[1], x) / 1e12, row["vs_frozen"])
         errs[row["model"]] = accuracy(model, x, targets, upstream_jacobian_lowmem(model, x))
         if device.type == "cuda":
             reduced[row["model"]] = reduced_precision(model, x, targets, device)
@@ -485,6 +506,27 @@ def main():
                 )
             )
 
+    peak = peaks(device, args.quick)["conv_ieee_tflops"]
+    print(
+        f"\nours at width 64: samples/s; TFLOP/s at the work of one forward and K backward passes "
+        f"(FlopCounterMode), its share of the IEEE fp32 convolution peak ({peak} TFLOP/s), and "
+        "over that work done as upstream_frozen does it; seconds for 49,000 samples (a CIFAR-10 "
+        "checkpoint)"
+    )
+    scale = {}
+    for name, (rate, tflops, vs_frozen) in work.items():
+        print(
+            f"{name:12} {rate:>9.1f} {tflops:>8.3g} {tflops / peak:>7.1%} x{vs_frozen:.2f} "
+            f"{49_000 / rate:>8.0f} s"
+        )
+        scale |= {
+            f"{name}_samples_per_s": round(rate, 1),
+            f"{name}_tflops": float(f"{tflops:.3g}"),
+            f"{name}_of_conv_peak": float(f"{tflops / peak:.3g}"),
+            f"{name}_vs_forward_k_backward": round(vs_frozen, 3),
+            f"{name}_s_per_49000": round(49_000 / rate),
+        }
+
     cuda = {}
     if reduced:
         for precision in ("tf32", "bf16"):
@@ -508,6 +550,8 @@ def main():
                 "upstream_max_rel_err": float(f"{max(e['upstream'] for e in all_errs):.3g}"),
                 "upstream_zero_estimates": sum(e["upstream_zeros"] for e in all_errs),
                 "samples": sum(r["n"] for r in rows),
+                "conv_ieee_peak_tflops": peak,
+                **scale,
                 **cuda,
             }
         )

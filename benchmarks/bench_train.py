@@ -32,8 +32,10 @@
    on a shared machine.
 
 The last line is one JSON object: vs_upstream_pipeline_cnn5_4 and vs_upstream_pipeline_resnet18_64
-(lipdd as configured by default over upstream; the _compiled keys with --compile), logging_overhead
-and eval_vs_upstream_cnn5_4.
+(lipdd as configured by default over upstream with the first --upstream-workers; the _compiled keys
+with --compile), logging_overhead and eval_vs_upstream_cnn5_4; images_per_s_<model>_<row> of every
+row, and vs_upstream_pipeline_<model>_upstream_w<N> (ours over upstream with N workers) for each
+further --upstream-workers (benchmarks/gpu_check.sh passes 0 4).
 """
 
 import argparse
@@ -93,13 +95,14 @@ class UpstreamDataset(Dataset):
 
 
 class UpstreamTrainer:
-    def __init__(self, model, split, mean, std):
+    def __init__(self, model, split, mean, std, workers=0):
         self.model, self.opt = model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        self.loader = DataLoader(
+        self.loader = DataLoader(  # workers kept between rounds: their start is not timed
             UpstreamDataset(split, mean, std, augment=True),
             batch_size=BATCH,
             shuffle=True,
-            num_workers=0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
         )
 
     def run(self, batches, device):
@@ -172,13 +175,14 @@ def paired(fast, slow):
 def bench_pipelines(args, device):
     split, mean, std = cifar_like(2048)
 
-    ratios = {}
+    ratios, rates = {}, {}
     print(f"\ntraining images/s (median over rounds), batch {BATCH}, augmentation on")
-    names = ("upstream", "ours", "ours_compiled")
+    upstreams = [f"upstream_w{w}" for w in args.upstream_workers]  # DataLoader num_workers
+    names = (*upstreams, "ours", "ours_compiled")
     print(
         f"{'model':14} "
         + " ".join(f"{n:>15}" for n in names)
-        + f" {'ours/seed':>10} {'compiled/seed':>14}"
+        + f" {'ours/seed':>10} {'compiled/seed':>14}  (seed: {upstreams[0]})"
     )
     for family, width, batches, rounds in (("cnn5", 4, 16, 5), ("resnet18", 64, 2, 5)):
         if args.quick:
@@ -189,14 +193,20 @@ def bench_pipelines(args, device):
             return build_model(family, width, 3, 10).to(device)
 
         trainers = {
-            "upstream": UpstreamTrainer(model(), split, mean, std),
+            **{
+                f"upstream_w{w}": UpstreamTrainer(model(), split, mean, std, workers=w)
+                for w in args.upstream_workers
+            },
             "ours": OurTrainer(model(), split, mean, std, device, batches),
             "ours_compiled": OurTrainer(model(), split, mean, std, device, batches, compile=True),
         }
         ips = throughput(trainers, batches, rounds, device)
         key = f"{family}_{width}"
-        ratios[key] = paired(ips["ours"], ips["upstream"])
-        ratios[key + "_compiled"] = paired(ips["ours_compiled"], ips["upstream"])
+        ratios[key] = paired(ips["ours"], ips[upstreams[0]])
+        ratios[key + "_compiled"] = paired(ips["ours_compiled"], ips[upstreams[0]])
+        rates |= {f"{key}_{name}": statistics.median(ips[name]) for name in names}
+        for name in upstreams[1:]:
+            ratios[f"{key}_{name}"] = paired(ips["ours"], ips[name])
         print(
             f"{key:14} "
             + " ".join(f"{statistics.median(ips[n]):>15.0f}" for n in names)
@@ -233,7 +243,7 @@ def bench_pipelines(args, device):
         f"lipdd.train.evaluate {statistics.median(times['ours']):.0f} img/s, ratio "
         f"{ratios['eval_cnn5_4']:.2f}"
     )
-    return ratios
+    return ratios, rates
 
 
 # -------------------------------------------------------------------------- MLflow logging overhead
@@ -322,12 +332,20 @@ def main():
         action="store_true",
         help="fewer batches and rounds (a smoke test; quote the full run)",
     )
+    parser.add_argument(
+        "--upstream-workers",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="DataLoader worker processes of upstream's pipeline, one row each; ratios are "
+        "against the first (default 0)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
         retain_freed_memory()
     print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    ratios = bench_pipelines(args, device)
+    ratios, rates = bench_pipelines(args, device)
     overhead = bench_logging(args, device)
     print(
         json.dumps(
@@ -340,6 +358,12 @@ def main():
                 ),
                 "logging_overhead": round(overhead, 4),
                 "eval_vs_upstream_cnn5_4": round(ratios["eval_cnn5_4"], 3),
+                **{
+                    f"vs_upstream_pipeline_{k}": round(v, 3)
+                    for k, v in ratios.items()
+                    if "_upstream_w" in k
+                },
+                **{f"images_per_s_{k}": round(v) for k, v in rates.items()},
             }
         )
     )

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # lipdd on a CUDA machine, in one go: at most 8 minutes, each step stopped at its own limit (exit 124):
-#   gpu        the device, torch and CUDA versions
-#   pipeline   the default pipeline's commands (prepare, train, stats: params.yaml) on CUDA
+#   gpu        the device; torch, CUDA and cuDNN versions; what float32 products and convolutions
+#              run in as imported and as lipdd sets them (precision fp32, tf32)
+#   pipeline   the default pipeline's commands (prepare, train, stats: params.yaml) on CUDA, each
+#              one's seconds
 #   leases     two trainings started at once with device cuda and runs_per_gpu 1, both shown only
 #              GPU 0, one by index and one by UUID (CUDA_VISIBLE_DEVICES): one waits for the other
 #              ("waited": 1), whatever the spelling
 #   torchrun   stats of the pipeline's run under torchrun, one process per GPU, NCCL (needs 2 GPUs)
-#   bench_train, bench_stats   both benchmarks with --device cuda (bench_stats adds the TF32 and bf16
-#              errors and speed-ups, and the fastest jacobian.CHUNK["cuda"])
+#   bench_train, bench_stats   both benchmarks with --device cuda: bench_train's images/s against
+#              upstream's pipeline with 0 and 4 DataLoader workers; bench_stats adds the TF32 and
+#              bf16 errors and speed-ups, the fastest jacobian.CHUNK["cuda"], and cnn5_64's and
+#              resnet18_64's samples/s, TFLOP/s against one forward + K backward passes and against
+#              the convolution peak, and seconds for 49,000 samples
 #   bench_device   matmul and conv peaks (IEEE, TF32, bf16), the device's per-sample norms, bound
 #              and Hessian against the CPU's, resnet18_64's curvature and bound: time, peak memory
 # Each step prints its JSON line as it ends (`gpu_check: NAME {...}` on stderr); at the end one JSON
@@ -84,15 +89,30 @@ print(json.dumps(out[sys.argv[2]] if len(sys.argv) > 2 else out))
 EOF
 }
 
-step gpu 30 "$PY" -c 'import json, torch; print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
-  "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}))'
+# What float32 products and convolutions run in, as imported and as each lipdd stage sets them
+# (lipdd.runtime.matmul_precision; the measures always fp32).
+step gpu 30 "$PY" -c 'import json, torch
+from lipdd.runtime import matmul_precision
+flags = lambda: {"matmul": torch.backends.cuda.matmul.fp32_precision, "conv": torch.backends.cudnn.conv.fp32_precision}
+out = {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())], "precision_as_imported": flags()}
+for precision in ("fp32", "tf32"):
+    matmul_precision(precision)
+    out[f"precision_{precision}"] = flags()
+print(json.dumps(out))'
 
 pipeline() {
-    "$PY" -m lipdd prepare "${COMMON[@]}" && "$PY" -m lipdd train "${COMMON[@]}" &&
-        "$PY" -m lipdd stats "${COMMON[@]}" --output-dir "$WORK/stats" || return 1
-    "$PY" -c 'import json, sys; t, s = (json.load(open(f)) for f in sys.argv[1:]); print(json.dumps({
-        "test_error": t["test_error"], "operator_norm_mean": s["jacobian_operator_norm_none"]["mean"]}))' \
-        "$WORK/results/train/metrics.json" "$WORK/results/stats/metrics.json"
+    local stage start times=()
+    for stage in prepare train stats; do
+        start=$(date +%s.%N)
+        "$PY" -m lipdd $stage "${COMMON[@]}" $([ $stage = stats ] && echo --output-dir "$WORK/stats") ||
+            return 1
+        times+=("$start" "$(date +%s.%N)")
+    done
+    "$PY" -c 'import json, sys; t, s = (json.load(open(f)) for f in sys.argv[1:3]); e = [float(v) for v in sys.argv[3:]]
+print(json.dumps({"test_error": t["test_error"], "operator_norm_mean": s["jacobian_operator_norm_none"]["mean"],
+    **{f"{n}_s": round(e[2 * i + 1] - e[2 * i], 1) for i, n in enumerate(("prepare", "train", "stats"))}}))' \
+        "$WORK/results/train/metrics.json" "$WORK/results/stats/metrics.json" "${times[@]}"
 }
 step pipeline 120 pipeline
 
@@ -119,7 +139,7 @@ else
     echo "gpu_check: torchrun $(summary torchrun)" >&2
 fi
 
-step bench_train 90 "$PY" benchmarks/bench_train.py --device "$DEVICE" $QUICK
+step bench_train 90 "$PY" benchmarks/bench_train.py --device "$DEVICE" --upstream-workers 0 4 $QUICK
 step bench_stats 120 "$PY" benchmarks/bench_stats.py --device "$DEVICE" $QUICK
 step bench_device 150 "$PY" benchmarks/bench_device.py --device "$DEVICE" $QUICK
 

@@ -50,6 +50,20 @@ def test_upstream_power_iteration_as_upstream_has_it():
     assert (estimate[3:] > 0).all() and (estimate[3:] <= sigma[3:] * (1 + 1e-12)).all()
 
 
+def test_jacobian_work_counts_one_forward_and_k_backward_passes_to_the_input():
+    """A convolution (3 out of 2 channels, 3x3, 4x4 outputs) and a linear layer to K = 4 logits:
+    each backward pass to the input costs what the forward pass costs, with no weight gradient."""
+    c_in, c_out, side, k = 2, 3, 4, 4
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(c_in, c_out, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(c_out * side * side, k),
+    ).requires_grad_(False)
+    forward = 2 * c_out * c_in * 9 * side * side + 2 * c_out * side * side * k
+    work = bench_stats.jacobian_work(net, torch.randn(5, c_in, side, side))
+    assert work == forward * (1 + k)
+
+
 def test_both_training_pipelines_train():
     split, mean, std = bench_train.cifar_like(2 * bench_train.BATCH)
     device = torch.device("cpu")
