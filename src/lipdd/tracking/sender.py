@@ -245,8 +245,9 @@ class Patience:
 def send_to_run(run_id: str, fd: str, spool: str, outage_limit: str) -> None:
     """The sender process of a BackgroundLogger: writes each batch of rows and uploads each file
     that arrives on the pipe at file descriptor fd, in order; answers _SYNC once everything before
-    it is done; stops at None, at its first failure (after reporting it), or when the trainer is
-    gone and everything it handed over is written (or the server fails once)."""
+    it is done; stops at None, or when the trainer is gone and everything it handed over is
+    written (or the server fails once). After a failure it only reports it, until the trainer
+    hangs up."""
     pipe = Connection(int(fd))
     outbox = Outbox(Path(spool))
     threading.Thread(target=outbox.receive, args=(pipe,), daemon=True).start()
@@ -267,8 +268,14 @@ def send_to_run(run_id: str, fd: str, spool: str, outage_limit: str) -> None:
                 patience.call(lambda: client.log_artifact(run_id, item[1], item[2]), give_up)
                 os.unlink(item[1])
     except Exception as e:
+        # The trainer may be saving a checkpoint into the spool until it reads the failure, which
+        # each of its later flushes hears again: the sender stays until the trainer hangs up.
+        failure = f"{type(e).__name__}: {e}"
         with contextlib.suppress(OSError):  # unless the trainer is gone too
-            pipe.send(f"{type(e).__name__}: {e}")
+            pipe.send(failure)
+            while (item := outbox.take()) is not None:
+                if item == _SYNC:
+                    pipe.send(failure)
     shutil.rmtree(outbox.spool, ignore_errors=True)  # a trainer killed by SIGKILL cannot remove it
     # Every write is committed: skip tearing down MLflow's import graph, which the trainer's
     # close() would wait for.

@@ -2,6 +2,7 @@
 run by each flush, and a sender that fails or dies is reported, never waited for forever."""
 
 import pickle
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,26 @@ def test_a_failed_write_is_raised_by_the_next_flush(run):
         MlflowException, match=rf"writing metrics to run {run_id} failed: MlflowException: .*name"
     ):
         logger.flush()
-    with pytest.raises(MlflowException, match="exited with status 0"):
+    with pytest.raises(MlflowException, match="name"):  # and by each flush after it
         logger.close()
-    assert logger.pipe.closed
+    assert logger.pipe.closed and logger.sender.returncode == 0
+
+
+def test_a_checkpoint_saved_after_a_failure_reports_the_failure(run):
+    """The trainer learns of a failure only at its next call, which may be saving a checkpoint
+    into the spool: the spool stays until the trainer hangs up."""
+    client, run_id = run
+    logger = BackgroundLogger(client, run_id)
+    logger.log("../outside", 1.0, 0)
+    logger.send()
+    assert logger.pipe.poll(timeout=60)  # the sender has failed and said so
+    with pytest.raises(subprocess.TimeoutExpired):
+        logger.sender.wait(timeout=1)
+    with pytest.raises(MlflowException, match="name"):
+        logger.log_checkpoint({"epoch": 0}, 0)
+    with pytest.raises(MlflowException, match="name"):
+        logger.close()
+    assert logger.sender.returncode == 0 and not logger.spool.exists()
 
 
 def test_a_killed_sender_is_reported(run):
