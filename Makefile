@@ -15,8 +15,9 @@ repro: $(VENV)/.installed
 	PATH=$(BIN):$$PATH dvc repro
 
 # The linter first, then the test files in parallel, each whole on one worker (a module's tests
-# may build on each other), in the order tests/conftest.py gives them: the longest first.
+# may build on each other), in the order tests/conftest.py gives them: the longest first. The
+# slowest tests are listed at the end, where the suite's time goes.
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	PATH=$(BIN):$$PATH python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
+	PATH=$(BIN):$$PATH python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=15
